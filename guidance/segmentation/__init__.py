@@ -1,0 +1,1 @@
+"""Segmentation: frame -> per-pixel classes (background, vertebral body, cement, needle)."""
