@@ -88,7 +88,7 @@ class AlertSettings:
 @dataclass
 class LoopSettings:
     max_frames: int | None = None
-    latency_budget_ms: float = 50.0  # capture-to-publish over this for overrun_frames -> alert
+    latency_budget_ms: float | None = 50.0  # c2p over this for overrun_frames -> alert; None: off
     overrun_frames: int = 5
     print_every_s: float = 1.0
 

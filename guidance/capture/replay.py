@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from guidance.capture.base import ReplaySource, SourceInfo, quiet_opencv
+from guidance.capture.base import ReplaySource, SourceInfo, quiet_opencv, to_grey
 from guidance.errors import BadInputError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv")
@@ -68,7 +68,7 @@ class VideoFileSource(ReplaySource):
             ok, image = self._cap.read()
             if not ok:
                 return  # FFmpeg skips undecodable packets itself; a read failure is the end
-            yield image
+            yield to_grey(image)  # the spec: colour video is converted to grey
 
     def _release(self) -> None:
         cap = getattr(self, "_cap", None)
@@ -105,7 +105,10 @@ class PngFolderSource(ReplaySource):
         for file in self._files:
             with quiet_opencv():  # a bad frame becomes a frame_error alert, not a stray line
                 image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
-            yield image if image is not None else ValueError(f"{file.name}: unreadable PNG frame")
+            if image is None:
+                yield ValueError(f"{file.name}: unreadable PNG frame")
+            else:
+                yield to_grey(image)
 
 
 class DicomSource(ReplaySource):

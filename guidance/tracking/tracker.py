@@ -135,66 +135,90 @@ def _dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
     return cv2.dilate(mask.view(np.uint8), kernel).astype(bool)
 
 
+def _points(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys) of a bool mask's pixels (OpenCV's scan is several times numpy's nonzero)."""
+    pts = cv2.findNonZero(mask.view(np.uint8))
+    if pts is None:
+        empty = np.zeros(0, np.int32)
+        return empty, empty
+    pts = pts.reshape(-1, 2)
+    return pts[:, 0], pts[:, 1]
+
+
 def _main_needles(needle: np.ndarray) -> np.ndarray:
     """The cannula(s): needle blobs at least a quarter the size of the largest. Stray needle
     pixels on bright edges must not shield a leak from the venous check."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(needle.view(np.uint8), connectivity=8)
+    u8 = needle.view(np.uint8)
+    x, y, w, h = cv2.boundingRect(u8)
+    if w == 0:
+        return needle
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(u8[y : y + h, x : x + w], connectivity=8)
     if count <= 2:
         return needle
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.flatnonzero(areas >= max(4, 0.25 * areas.max())) + 1
-    return np.isin(comp, keep)
+    out = np.zeros_like(needle)
+    out[y : y + h, x : x + w] = np.isin(comp, keep)
+    return out
 
 
-def _treated_body(body: np.ndarray, hint: np.ndarray, min_px: int) -> np.ndarray | None:
-    """The vertebral body the needle/cement is in (largest blob touching them, else largest)."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(body.view(np.uint8), connectivity=8)
-    if count <= 1:
-        return None
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    candidates = [i + 1 for i in np.argsort(areas)[::-1] if areas[i] >= min_px]
-    if not candidates:
-        return None
-    if hint.any():
-        touched = set(np.unique(comp[hint]).tolist())
-        for i in candidates:
-            if i in touched:
-                return comp == i
-    return comp == candidates[0]
+def _treated_body(body: np.ndarray, hint: np.ndarray, min_px: int):
+    """The vertebral body the needle/cement is in (the largest blob whose outline holds some of
+    them, else the largest) -> (filled outline as a mask, its outline) or (None, None). The
+    filled outline includes the cement inside the body, which the model labels cement."""
+    contours, _ = cv2.findContours(body.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    blobs = sorted(((cv2.contourArea(c), c) for c in contours), key=lambda t: -t[0])
+    blobs = [c for area, c in blobs if area >= min_px]
+    if not blobs:
+        return None, None
+    chosen = blobs[0]
+    if len(blobs) > 1 and hint.any():
+        for c in blobs:
+            x, y, w, h = cv2.boundingRect(c)
+            inside = np.zeros((h, w), np.uint8)
+            cv2.drawContours(inside, [c - np.array([x, y], c.dtype)], -1, 1, -1)
+            if (inside.view(bool) & hint[y : y + h, x : x + w]).any():
+                chosen = c
+                break
+    filled = np.zeros(body.shape, np.uint8)
+    cv2.drawContours(filled, [chosen], -1, 1, -1)
+    return filled.view(bool), chosen
 
 
 def _infer_side(needle: np.ndarray, body_centroid_x: float, hull: np.ndarray) -> str | None:
     """The needle enters from the posterior side: where its extravertebral part lies."""
     outside = needle & ~hull
-    if outside.sum() < 3:
+    if np.count_nonzero(outside) < 3:
         return None
-    xs = np.nonzero(outside)[1]
+    xs, _ = _points(outside)
     return "right" if xs.mean() > body_centroid_x else "left"
 
 
 def _wall_line(filled: np.ndarray, side: str) -> tuple[float, float, float, float] | None:
     """Robust (Huber) line through the posterior boundary, the middle 80 % of the body's
     height (the endplate corners round off)."""
-    rows = np.nonzero(filled.any(axis=1))[0]
+    rows = np.flatnonzero(filled.any(axis=1))
     if rows.size < 4:
         return None
     lo, hi = np.percentile(rows, [10, 90])
-    pts = []
-    for y in rows[(rows >= lo) & (rows <= hi)]:
-        xs = np.flatnonzero(filled[y])
-        pts.append((xs.max() if side == "right" else xs.min(), y))
-    if len(pts) < 3:
+    rows = rows[(rows >= lo) & (rows <= hi)]
+    if rows.size < 3:
         return None
-    vx, vy, x0, y0 = cv2.fitLine(np.asarray(pts, np.float32), cv2.DIST_HUBER, 0, 0.01, 0.01).ravel()
+    band = filled[rows]
+    # the posterior boundary: last body pixel of each row on the right, first on the left
+    last = band.shape[1] - 1 - np.argmax(band[:, ::-1], axis=1)
+    xs = last if side == "right" else np.argmax(band, axis=1)
+    pts = np.stack([xs, rows], axis=1).astype(np.float32)
+    vx, vy, x0, y0 = cv2.fitLine(pts, cv2.DIST_HUBER, 0, 0.01, 0.01).ravel()
     return float(vx), float(vy), float(x0), float(y0)
 
 
 def _evidence(mask: np.ndarray, depth: float, geo: TrackGeometry) -> Evidence:
-    ys, xs = np.nonzero(mask)
+    xs, ys = _points(mask)
     cx, cy = geo.to_frame(float(xs.mean()), float(ys.mean()))
     x0, y0 = geo.to_frame(float(xs.min()) - 0.5, float(ys.min()) - 0.5)
     x1, y1 = geo.to_frame(float(xs.max()) + 0.5, float(ys.max()) + 0.5)
-    area = float(mask.sum()) * geo.unit_per_px**2
+    area = float(xs.size) * geo.unit_per_px**2
     return Evidence(area, depth, (cx, cy), (x0, y0, x1, y1), geo.units)
 
 
@@ -238,7 +262,7 @@ def track(
         tol = cfg.hull_tolerance_px * px_per_unit_len
         margin = cfg.needle_margin_px * px_per_unit_len
         threshold = cfg.area_threshold_px
-    cement_area = float(cement.sum()) * unit**2
+    cement_area = float(np.count_nonzero(cement)) * unit**2
 
     empty = np.zeros_like(body)
     posterior_mask, venous_mask, depth = empty, empty, 0.0
@@ -247,24 +271,24 @@ def track(
     # would otherwise pull a nearby leak into the body's hull
     body = cv2.morphologyEx(body.view(np.uint8), cv2.MORPH_OPEN, _OPEN_KERNEL).astype(bool)
     needle = _main_needles(needle)
-    chosen = _treated_body(body, cement | needle, cfg.min_body_px)
-    if chosen is not None:
-        pts = cv2.findNonZero(chosen.view(np.uint8))
+    filled, outline = _treated_body(body, cement | needle, cfg.min_body_px)
+    if filled is not None:
         hull = np.zeros(labels.shape, np.uint8)
-        cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
-        hull = hull.astype(bool)
-        ys, xs = np.nonzero(chosen)
+        cv2.fillConvexPoly(hull, cv2.convexHull(outline), 1)
+        hull = hull.view(bool)
+        m = cv2.moments(outline)
+        cx = m["m10"] / m["m00"] if m["m00"] else float(outline.reshape(-1, 2)[:, 0].mean())
         if geo.posterior_side is None:
-            side = _infer_side(needle, float(xs.mean()), hull) or side
+            side = _infer_side(needle, cx, hull) or side
         extra = cement & ~_dilate(hull, tol)
         if side in ("left", "right"):
-            wall = _wall_line(chosen | (hull & cement), side)
+            wall = _wall_line(filled, side)
         if wall is not None and extra.any():
             vx, vy, x0, y0 = wall
             nx, ny = vy, -vx  # normal to the wall; orient it towards the posterior side
             if (nx > 0) != (side == "right"):
                 nx, ny = -nx, -ny
-            ey, ex = np.nonzero(extra)
+            ex, ey = _points(extra)
             dist = (ex - x0) * nx + (ey - y0) * ny  # >0: behind the wall
             behind = dist > 0
             posterior_mask = empty.copy()
@@ -277,8 +301,8 @@ def track(
 
     areas = {
         "cement": cement_area,
-        "posterior": float(posterior_mask.sum()) * unit**2,
-        "venous": float(venous_mask.sum()) * unit**2,
+        "posterior": float(np.count_nonzero(posterior_mask)) * unit**2,
+        "venous": float(np.count_nonzero(venous_mask)) * unit**2,
     }
     masks = {"posterior": posterior_mask, "venous": venous_mask}
     states = {}
@@ -305,7 +329,7 @@ def track(
         candidate={k: states[k].over > 0 for k in KINDS},
         evidence=evidence,
         events=tuple(events),
-        body_found=chosen is not None,
+        body_found=filled is not None,
         posterior_side=side,
         wall=wall,
     )
