@@ -19,8 +19,9 @@ def calib_file(tmp_path_factory):
     from calibration.fit import calibrate_image
     from calibration.store import write_angulation
 
-    spec = phantom.PhantomSpec(size=(320, 320), fov_center_xy=(160.0, 158.0), fov_radius_px=150.0,
-                               pitch_mm=4.0, s_twist_rad=0.04, seed=11)
+    spec = phantom.PhantomSpec(
+        size=(320, 320), fov_center_xy=(160.0, 158.0), fov_radius_px=150.0, pitch_mm=4.0, s_twist_rad=0.04, seed=11
+    )
     image, _ = phantom.render_phantom(spec)
     path = tmp_path_factory.mktemp("cal") / "calib.json"
     write_angulation(path, "lateral", calibrate_image(image, spec.pitch_mm).entry)
@@ -31,7 +32,8 @@ def settings_for(stand_in, calib: str) -> Settings:
     onnx_path, sums = stand_in
     return Settings().replace(
         segmentation={"model": str(onnx_path), "sha256sums": str(sums)},
-        alerts={"address": None}, calibration={"file": calib},
+        alerts={"address": None},
+        calibration={"file": calib},
     )
 
 

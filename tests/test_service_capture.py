@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-import cv2
 import numpy as np
 import pytest
 from conftest import scene_frames, write_dicom, write_labels, write_pngs, write_video
@@ -103,9 +102,7 @@ def test_dicom_multiframe(tmp_path, photometric, bits, syntax):
 
 
 def test_dicom_single_frame_and_no_frame_time(tmp_path):
-    path = write_dicom(
-        tmp_path / "one.dcm", scene_frames(1, size=(32, 32)), frame_time_ms=None, spacing=None
-    )
+    path = write_dicom(tmp_path / "one.dcm", scene_frames(1, size=(32, 32)), frame_time_ms=None, spacing=None)
     source = open_source(str(path), pace=False)
     assert source.info.frame_count == 1 and source.info.fps is None
     assert source.info.pixel_spacing_mm is None

@@ -155,9 +155,7 @@ class Source:
 
     # -- shared -------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._guarded_run, name=f"capture-{self.info.kind}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._guarded_run, name=f"capture-{self.info.kind}", daemon=True)
         self._thread.start()
 
     def _guarded_run(self) -> None:

@@ -16,9 +16,7 @@ EXPECTED = "a capture device index, a /dev/video device, a video path or a strea
 
 
 class LiveSource(Source):
-    def __init__(
-        self, target: str | int, reconnect_s: float = 0.5, fps: float | None = None
-    ) -> None:
+    def __init__(self, target: str | int, reconnect_s: float = 0.5, fps: float | None = None) -> None:
         super().__init__(lossy=True)
         self.target = target
         self.reconnect_s = reconnect_s

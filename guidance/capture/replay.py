@@ -124,9 +124,7 @@ class DicomSource(ReplaySource):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=False, defer_size="1 KB")
         except (InvalidDicomError, OSError, ValueError) as exc:
-            raise BadInputError(
-                f"{path}: not a readable DICOM file ({exc}); expected {EXPECTED}"
-            ) from None
+            raise BadInputError(f"{path}: not a readable DICOM file ({exc}); expected {EXPECTED}") from None
         if "PixelData" not in ds:
             raise BadInputError(f"{path}: DICOM without pixel data (expected an image or cine)")
         self._ds = ds
@@ -179,9 +177,7 @@ def dicom_pixel_spacing(ds) -> float | None:
         value = ds.get(keyword)
         if value:
             spacing = float(value[0])
-            if keyword == "ImagerPixelSpacing" and ds.get(
-                "EstimatedRadiographicMagnificationFactor"
-            ):
+            if keyword == "ImagerPixelSpacing" and ds.get("EstimatedRadiographicMagnificationFactor"):
                 spacing /= float(ds.EstimatedRadiographicMagnificationFactor)
             return spacing if spacing > 0 else None
     return None
