@@ -180,10 +180,13 @@ def _treated_body(body: np.ndarray, cement: np.ndarray, needle: np.ndarray, core
     The treated body is the one around the cement core: the cement opened so that veins and
     thin leaks are gone (they must not join a neighbouring vertebra to it). The needle and
     the cement often cut the body's label into several parts, all of which are joined here."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(cement.view(np.uint8), connectivity=8)
-    if count <= 1:
+    x, y, w, h = cv2.boundingRect(cement.view(np.uint8))
+    if w == 0:
         return None, None
-    main = comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    roi = np.ascontiguousarray(cement[y : y + h, x : x + w]).view(np.uint8)
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(roi, connectivity=8)
+    main = np.zeros_like(cement)
+    main[y : y + h, x : x + w] = comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     kernel = _disk(core_radius)
     core = main if kernel is None else cv2.morphologyEx(main.view(np.uint8), cv2.MORPH_OPEN, kernel).view(bool)
     if not core.any():
