@@ -147,9 +147,7 @@ def test_cement_within_hull_tolerance_is_not_a_leak():
     labels = scene()
     labels[20:24, 40] = CEMENT  # touching the wall: within 1 mm of the hull
     tolerant = TrackerConfig(hull_tolerance_mm=1.0)
-    assert not any(
-        s.candidate["posterior"] or s.candidate["venous"] for s in run([labels] * 3, cfg=tolerant)
-    )
+    assert not any(s.candidate["posterior"] or s.candidate["venous"] for s in run([labels] * 3, cfg=tolerant))
     strict = TrackerConfig(hull_tolerance_mm=0.0)
     assert run([labels] * 3, cfg=strict)[-1].posterior  # the same pixels, no tolerance
 
