@@ -4,7 +4,7 @@
     (Source)    grey, undistort,  onnxruntime  pure       status every frame, alerts on
                 mm/px, FOV        class map    tracker    raise/clear; heartbeat thread
 
-The same composed pipeline runs live (`run_loop`) and offline (`run_replay`, as fast as
+The same composed pipeline runs live (`GuidanceLoop.run`) and offline (`run_replay`, as fast as
 possible, optionally without a socket). A bad frame or a model failure on one frame becomes a
 technical alert and the frame is skipped; silence from the video becomes `video_lost` and
 clears when frames come back.

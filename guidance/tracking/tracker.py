@@ -36,6 +36,7 @@ class TrackerConfig:
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
+    min_leak_depth_mm: float = 1.0  # an extravertebral blob must reach this far from the body
     roi_margin_mm: float = 30.0  # work around the cement: a vertebral body's size
     breathing_mm: float = 4.0  # the treated body moves this much at most (breathing)
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
@@ -398,6 +399,15 @@ def _track(
         if geo.posterior_side is None:
             side = _infer_side(needle, float(xs.mean()), hull) or side
         extra = cement & ~_dilate(hull, tol)
+        if extra.any():
+            # a leak goes somewhere: blobs that only hug the cortex (label edges, rounding
+            # of the letterbox) never get `min_leak_depth` away from the body, so they go
+            away = cv2.distanceTransform((~hull).view(np.uint8), cv2.DIST_L2, 3)
+            count, comp = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
+            reach = np.zeros(count, np.float32)
+            np.maximum.at(reach, comp[extra], away[extra])
+            min_depth = cfg.min_leak_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 2.0
+            extra &= (reach >= min_depth)[comp]
         if side in ("left", "right"):
             wall = _wall_line(filled, side)
         if wall is not None and extra.any():
