@@ -402,7 +402,7 @@ def _track(
         if extra.any():
             # a leak goes somewhere: blobs that only hug the cortex (label edges, rounding
             # of the letterbox) never get `min_leak_depth` away from the body, so they go
-            away = cv2.distanceTransform((~hull).view(np.uint8), cv2.DIST_L2, 3)
+            away = cv2.distanceTransform((~hull).view(np.uint8), cv2.DIST_L2, 5)
             count, comp = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
             reach = np.zeros(count, np.float32)
             np.maximum.at(reach, comp[extra], away[extra])
