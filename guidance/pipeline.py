@@ -24,6 +24,7 @@ import numpy as np
 
 from guidance.alerts.publisher import EventPublisher
 from guidance.capture import Frame, Source, SourceInfo, open_source
+from guidance.errors import GuidanceError
 from guidance.segmentation.model import Model
 from guidance.segmentation.preprocess import LetterboxGeometry
 from guidance.settings import Settings
@@ -70,7 +71,8 @@ class Context:
     label_valid: np.ndarray | None = None
     status: TrackStatus | None = None
     messages: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # the stages, as published
+    detail: dict[str, float] = field(default_factory=dict)  # finer timings, kept off the wire
 
 
 # -- operators ---------------------------------------------------------------------------------
@@ -88,7 +90,12 @@ class CalibrateOp:
         if settings.calibration.file:
             from calibration import load_calibration  # only when asked: calibration is optional
 
-            self.calibration = load_calibration(settings.calibration.file)
+            angulation = settings.calibration.angulation
+            self.calibration = (
+                load_calibration(settings.calibration.file, angulation=angulation)
+                if angulation
+                else load_calibration(settings.calibration.file)
+            )
         self.mm_per_px = (
             settings.calibration.pixel_spacing_mm
             or (self.calibration.pixel_spacing_mm if self.calibration else None)
@@ -118,13 +125,16 @@ class CalibrateOp:
     def compute(self, ctx: Context) -> None:
         image = self.grey(ctx.frame.image)
         if self.calibration is not None:
-            image = self.calibration.undistort(image)
+            try:
+                image = self.calibration.undistort(image)
+            except (GuidanceError, ValueError, cv2.error) as exc:  # e.g. a frame of another size
+                raise FrameError(f"frame does not fit the calibration: {exc}") from exc
             key = image.shape[:2]
             if key not in self._valid_cache:  # FOV and burned-in text are fixed per set-up
                 from calibration import intensity
 
                 valid = np.asarray(self.calibration.fov_mask(key), bool)
-                valid &= ~np.asarray(intensity.text_mask(image), bool)
+                valid = valid & ~np.asarray(intensity.text_mask(image), bool)
                 self._valid_cache[key] = valid
                 self.polarity = intensity.detect_polarity(image, valid)
                 log.info("calibration: %s, polarity %s", self.calibration, self.polarity)
@@ -143,22 +153,24 @@ class SegmentOp:
         self._label_valid: dict[tuple, np.ndarray] = {}
 
     def compute(self, ctx: Context) -> None:
+        t0 = time.perf_counter()
         try:
             x, geometry = self.model.preprocess(ctx.image)
         except (ValueError, cv2.error) as exc:
             raise FrameError(f"frame cannot be preprocessed: {exc}") from exc
+        t1 = time.perf_counter()
         try:
             labels = geometry.crop(self.model.infer(x))
         except Exception as exc:  # onnxruntime raises its own types  # noqa: BLE001
             raise ModelRunError(f"model failed on the frame: {exc}") from exc
+        ctx.detail["preprocess"] = (t1 - t0) * 1e3
+        ctx.detail["inference"] = (time.perf_counter() - t1) * 1e3
         ctx.labels, ctx.geometry = labels, geometry
         if ctx.valid is not None:
             key = (id(ctx.valid), labels.shape)
             if key not in self._label_valid:
                 h, w = labels.shape
-                small = cv2.resize(
-                    ctx.valid.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST
-                )
+                small = cv2.resize(ctx.valid.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
                 self._label_valid[key] = small.astype(bool)
             ctx.label_valid = self._label_valid[key]
 
@@ -267,9 +279,7 @@ class Pipeline:
         return ctx
 
 
-def compose(
-    settings: Settings, source: Source, model: Model, publisher: EventPublisher
-) -> Pipeline:
+def compose(settings: Settings, source: Source, model: Model, publisher: EventPublisher) -> Pipeline:
     """capture -> calibrate -> segment -> track -> publish, in one readable place."""
     info = source.info
     return Pipeline(
@@ -380,8 +390,7 @@ class GuidanceLoop:
                     self.publisher.raise_alert(
                         "latency_overrun",
                         index,
-                        f"Capture-to-publish latency over {budget:.0f} ms for {n} frames "
-                        f"(last {c2p:.0f} ms).",
+                        f"Capture-to-publish latency over {budget:.0f} ms for {n} frames (last {c2p:.0f} ms).",
                     ),
                     into,
                 )
@@ -389,9 +398,7 @@ class GuidanceLoop:
             self._overruns, self._in_budget = 0, self._in_budget + 1
             if self._in_budget >= n and self.publisher.is_active("latency_overrun"):
                 self._emit(
-                    self.publisher.clear_alert(
-                        "latency_overrun", index, f"Latency back within {budget:.0f} ms."
-                    ),
+                    self.publisher.clear_alert("latency_overrun", index, f"Latency back within {budget:.0f} ms."),
                     into,
                 )
 
@@ -402,20 +409,12 @@ class GuidanceLoop:
             ctx = self.pipeline.process(frame)
         except FrameError as exc:
             s.frames_skipped += 1
-            self._emit(
-                pub.raise_alert(
-                    "frame_error", frame.index, f"Frame {frame.index} skipped: {exc}"[:300]
-                )
-            )
+            self._emit(pub.raise_alert("frame_error", frame.index, f"Frame {frame.index} skipped: {exc}"[:300]))
             log.warning("frame %d skipped: %s", frame.index, exc)
             return
         except ModelRunError as exc:
             s.frames_skipped += 1
-            self._emit(
-                pub.raise_alert(
-                    "model_error", frame.index, f"Frame {frame.index} not segmented: {exc}"[:300]
-                )
-            )
+            self._emit(pub.raise_alert("model_error", frame.index, f"Frame {frame.index} not segmented: {exc}"[:300]))
             log.warning("frame %d: %s", frame.index, exc)
             return
         for msg in ctx.messages:
@@ -424,9 +423,7 @@ class GuidanceLoop:
         for kind in ("frame_error", "model_error"):  # a good frame ends those episodes
             if pub.is_active(kind):
                 self._emit(
-                    pub.clear_alert(
-                        kind, frame.index, f"Frame {frame.index} processed normally again."
-                    ),
+                    pub.clear_alert(kind, frame.index, f"Frame {frame.index} processed normally again."),
                     extra,
                 )
         status_msg = next(m for m in ctx.messages if m["type"] == "status")
@@ -434,7 +431,7 @@ class GuidanceLoop:
         self._latency_watch(frame.index, latency["capture_to_publish"], extra)
         ctx.messages.extend(extra)
         s.frames_processed += 1
-        for key, value in latency.items():
+        for key, value in {**latency, **ctx.detail}.items():
             s.latency_ms.setdefault(key, []).append(value)
         if self.on_result is not None:
             self.on_result(
@@ -473,8 +470,7 @@ class GuidanceLoop:
                             pub.raise_alert(
                                 "video_lost",
                                 pub.last_frame,
-                                f"No video from {source.info.name} for "
-                                f"{now - last_frame_at:.1f} s.",
+                                f"No video from {source.info.name} for {now - last_frame_at:.1f} s.",
                             )
                         )
                         log.warning("video lost: %s", source.info.name)
@@ -482,16 +478,9 @@ class GuidanceLoop:
                 last_frame_at = now
                 if pub.is_active("video_lost"):
                     pub.state = "running"
-                    self._emit(
-                        pub.clear_alert(
-                            "video_lost", frame.index, f"Video from {source.info.name} is back."
-                        )
-                    )
+                    self._emit(pub.clear_alert("video_lost", frame.index, f"Video from {source.info.name} is back."))
                 self._handle(frame)
-                if (
-                    cfg.loop.max_frames
-                    and s.frames_processed + s.frames_skipped >= cfg.loop.max_frames
-                ):
+                if cfg.loop.max_frames and s.frames_processed + s.frames_skipped >= cfg.loop.max_frames:
                     s.stopped_by = "max_frames"
                     break
             else:
