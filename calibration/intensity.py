@@ -201,6 +201,23 @@ def estimate_fov(frame: np.ndarray) -> tuple[float, float, float] | None:
         return None
     if r < 0.2 * min(h, w):
         return None
+    # a real field edge is a step all along its visible arc: flat background just outside,
+    # signal just inside (dark anatomy may touch the rim in places)
+    t = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+    ct, st_ = np.cos(t), np.sin(t)
+    ox, oy = cx + (r + 3) * ct, cy + (r + 3) * st_
+    ix, iy = cx + (r - 4) * ct, cy + (r - 4) * st_
+    seen = (ox >= 0) & (oy >= 0) & (ox <= w - 1) & (oy <= h - 1)
+    if seen.sum() < 20:
+        return None
+    out_v = g[np.round(oy[seen]).astype(int), np.round(ox[seen]).astype(int)]
+    in_v = g[
+        np.clip(np.round(iy[seen]), 0, h - 1).astype(int),
+        np.clip(np.round(ix[seen]), 0, w - 1).astype(int),
+    ]
+    step = (np.abs(out_v - bg) < thr) & (np.abs(in_v - bg) > thr)
+    if step.mean() < 0.6:
+        return None
     # the contour of the thresholded region runs through the outermost inside pixels
     r += 0.5
     return (cx + 0.5) * f - 0.5, (cy + 0.5) * f - 0.5, r * f

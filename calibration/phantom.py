@@ -77,6 +77,8 @@ class PhantomTruth:
             g = r * (1 + s.k1 * r**2 + s.k2 * r**4) - rd
             dg = 1 + 3 * s.k1 * r**2 + 5 * s.k2 * r**4
             r -= g / dg
+            if float(np.max(np.abs(g))) < 1e-12:
+                break
         ang = np.arctan2(dy, dx) - s.s_twist_rad * r**2
         ru = r * self.radius_px
         return np.column_stack(
@@ -132,3 +134,98 @@ def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, PhantomTruth]:
     full = 255.0 if spec.dtype == "uint8" else 4095.0  # 12 bits stored in uint16
     out = np.clip(np.round(img * full), 0, full).astype(spec.dtype)
     return out, truth
+
+
+@dataclass(frozen=True)
+class FluoroSpec:
+    """A crude lateral-spine fluoroscopy frame: enough anatomy for the intensity heuristics."""
+
+    size: tuple[int, int] = (512, 512)  # (height, width)
+    polarity: str = "bone_bright"  # or "bone_dark" (raw intensifier output: bone dark)
+    fov: bool = True  # circular intensifier field, black outside
+    fov_radius_frac: float = 0.48  # of the shorter side; > 0.5 cuts the circle at the edges
+    text: tuple[tuple[str, tuple[int, int]], ...] = (
+        ("L3 LAT 72kV 2.1mA", (10, 24)),
+        ("12:41:07", (10, 500)),
+    )
+    text_value: float = 1.0  # fraction of full scale (1.0: saturated white)
+    noise_sigma: float = 0.015
+    cement: bool = True
+    needle: bool = True
+    dtype: str = "uint8"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FluoroTruth:
+    fov: tuple[float, float, float] | None
+    text: np.ndarray  # bool: pixels drawn by the text overlay
+    cement: np.ndarray  # bool
+    needle: np.ndarray  # bool
+
+
+def render_fluoro(spec: FluoroSpec) -> tuple[np.ndarray, FluoroTruth]:
+    import cv2
+
+    h, w = spec.size
+    rng = np.random.default_rng(spec.seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cx, cy = w / 2 + rng.uniform(-0.03, 0.03) * w, h / 2 + rng.uniform(-0.03, 0.03) * h
+    mu = 1.2 + 0.5 * np.cos((xx - cx) / w * np.pi)  # soft tissue, thicker in the middle
+    # vertebral bodies stacked vertically, discs between; the central one is treated
+    vb_w, vb_h = 0.30 * w, 0.17 * h
+    for k in (-2, -1, 0, 1, 2):
+        yc = cy + k * (vb_h * 1.35)
+        body = (np.abs(xx - cx) / (vb_w / 2)) ** 4 + (np.abs(yy - yc) / (vb_h / 2)) ** 4 <= 1
+        rim = body & ~(
+            (np.abs(xx - cx) / (vb_w / 2 - 4)) ** 4 + (np.abs(yy - yc) / (vb_h / 2 - 4)) ** 4 <= 1
+        )
+        mu += 0.9 * body + 0.5 * rim
+        # pedicle / posterior elements to the right
+        post = ((xx - cx - 0.26 * w) / (0.08 * w)) ** 2 + ((yy - yc) / (0.05 * h)) ** 2 <= 1
+        mu += 0.6 * post
+    cement = ((xx - cx + 0.02 * w) / (0.06 * w)) ** 2 + ((yy - cy) / (0.045 * h)) ** 2 <= 1
+    cement &= spec.cement
+    needle = np.zeros((h, w), dtype=np.uint8)
+    if spec.needle:
+        cv2.line(needle, (int(cx), int(cy)), (int(cx + 0.45 * w), int(cy - 0.2 * h)), 1, 5)
+    needle_b = needle.astype(bool)
+    mu += 3.0 * cement + 4.0 * needle_b
+    mu = cv2.GaussianBlur(mu.astype(np.float32), (0, 0), 1.5).astype(np.float64)
+    raw = np.exp(-0.8 * (mu - 1.0))  # transmitted fraction (bone dark)
+    if spec.fov:
+        r = spec.fov_radius_frac * min(h, w)
+        fcx, fcy = w / 2 - 0.5, h / 2 - 0.5
+        fr = np.hypot(xx - fcx, yy - fcy) / r
+        raw *= 1.0 - 0.2 * np.clip(fr, 0, 1) ** 2
+        fov: tuple[float, float, float] | None = (fcx, fcy, r)
+    else:
+        fr = np.zeros((h, w))
+        fov = None
+    shown = np.clip(raw, 0, 1) ** 0.6
+    if spec.polarity == "bone_bright":
+        shown = 1.0 - shown
+    elif spec.polarity != "bone_dark":
+        raise ValueError(f"polarity must be bone_bright or bone_dark, got {spec.polarity!r}")
+    shown = 0.1 + 0.8 * shown + rng.normal(0.0, spec.noise_sigma, (h, w))
+    if spec.fov:
+        shown = np.where(fr <= 1.0, shown, 0.0)
+    text = np.zeros((h, w), dtype=np.uint8)
+    scale = max(h, w) / 512
+    for s, (x, y) in spec.text:
+        org = (int(x * scale), int(y * scale))
+        cv2.putText(
+            text,
+            s,
+            org,
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.6 * scale,
+            255,
+            max(1, round(scale)),
+            cv2.LINE_AA,
+        )
+    alpha = text.astype(np.float64) / 255.0
+    shown = shown * (1 - alpha) + spec.text_value * alpha
+    full = 255.0 if spec.dtype == "uint8" else 4095.0
+    out = np.clip(np.round(shown * full), 0, full).astype(spec.dtype)
+    return out, FluoroTruth(fov, alpha > 0.5, cement, needle_b)
