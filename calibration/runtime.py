@@ -27,6 +27,8 @@ from guidance.errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
+_OFF_FRAME = -16.0  # map value for "no source pixel" (outside the field of view)
+
 
 @dataclass
 class Calibration:
@@ -54,13 +56,16 @@ class Calibration:
         w, h = self.image_size
         mx, my = self.distorted_from_ideal.evaluate_grid(np.arange(w), np.arange(h))
         if self.fov_center_xy is not None and self.fov_radius_px is not None:
-            # outside the field the polynomial extrapolates: map to nothing (border value 0)
+            # outside the field the polynomial extrapolates: send those pixels well off the
+            # frame (not to -1: a source 1 px outside takes OpenCV's slow partial-border path,
+            # one entirely outside is a fast constant fill)
             outside = ~circle_mask((h, w), *self.fov_center_xy, self.fov_radius_px)
-            mx[outside] = -1.0
-            my[outside] = -1.0
-        # fixed-point maps: ~2x faster remap than float maps, 1/32 px interpolation grid
-        m1, m2 = cv2.convertMaps(mx, my, cv2.CV_16SC2)
-        return m1, m2
+            mx[outside] = _OFF_FRAME
+            my[outside] = _OFF_FRAME
+        # Float32 maps, not cv2.convertMaps fixed-point ones: with OpenCV >= 4.11 / 5 the SIMD
+        # remap path is the float one, and fixed-point maps measured ~2x slower
+        # (bench/undistort.py prints both side by side).
+        return np.ascontiguousarray(mx), np.ascontiguousarray(my)
 
     def prepare(self) -> None:
         """Precompute the remap tables (done once; `undistort` calls it on first use)."""
