@@ -35,7 +35,8 @@ from calibration.store import write_angulation  # noqa: E402
 def percentiles(ms: list[float]) -> str:
     a = np.asarray(ms)
     return (
-        f"p50 {np.percentile(a, 50):6.3f}  p99 {np.percentile(a, 99):6.3f}  max {a.max():6.3f} ms"
+        f"min {a.min():6.3f}  p50 {np.percentile(a, 50):6.3f}  "
+        f"p99 {np.percentile(a, 99):6.3f}  max {a.max():6.3f} ms"
     )
 
 
