@@ -55,10 +55,23 @@ def estimate_pitch_px(grey: np.ndarray, center_xy: tuple[float, float], half: in
         r += 1
     if r >= rmax - 2:
         raise CalibrationError("no regular bead grid found: the image shows no periodic pattern")
-    ring = (rr > r) & (rr < rmax)
+    # the nearest strong peak: farther lattice peaks can be as high (a grid that is not
+    # exactly periodic under the window), the nearest one is the pitch
+    rest = prof[r:]
+    strong = 0.6 * float(rest.max()) if rest.max() > 0 else 0.0
+    peak = next(
+        (
+            k
+            for k in range(r + 1, rmax - 1)
+            if prof[k] >= prof[k - 1] and prof[k] >= prof[k + 1] and prof[k] >= strong
+        ),
+        None,
+    )
+    if peak is None or prof[peak] <= 0:
+        raise CalibrationError("no regular bead grid found: the image shows no periodic pattern")
+    ring = (rr > peak - 1.5) & (rr < peak + 1.5)
     k = np.argmax(np.where(ring, ac, -np.inf))
     py, px = divmod(int(k), n)
-    # refine radius by a parabola through the peak and its neighbours along the ray
     return float(math.hypot(px - n // 2, py - n // 2))
 
 
@@ -107,10 +120,11 @@ def detect_beads(
     resp = cv2.GaussianBlur(img - opened, (0, 0), max(0.7, pitch / 16))
     resp[~inside] = 0.0
     rv = resp[inside]
-    med = float(np.median(rv))
-    noise = float(np.median(np.abs(rv - med))) * 1.4826
-    top = float(np.percentile(rv, 99.5))
-    thr = max(med + 0.35 * (top - med), med + 4.0 * noise)
+    # background level and noise from the lower part of the distribution: beads may cover
+    # up to about half the field, so the median can already sit on the beads
+    p5, p25, top = (float(v) for v in np.percentile(rv, [5, 25, 99.5]))
+    noise = max((p25 - p5) / 0.97, 1e-6)  # Gaussian: p25 - p5 = 0.97 sigma
+    thr = max(p25 + 0.35 * (top - p25), p25 + 4.0 * noise)
     cand = (resp > thr).astype(np.uint8)
     n, labels, st, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
     if n <= 1:

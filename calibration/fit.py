@@ -69,7 +69,7 @@ def calibrate_image(
     if len(det.xy) < need:
         raise CalibrationError(
             f"too few beads: found {len(det.xy)}, a order-{order} fit needs at least {need} "
-            "(does the phantom fill the field, and is the image of a bead grid?)"
+            "(does the phantom fill the field, is this a bead grid? a lower --order needs fewer)"
         )
     ij, idx = index_grid(det.xy, det.center_xy, det.pitch_px)
     xy = det.xy[idx]

@@ -46,6 +46,25 @@ CASES = {
         noise_sigma=0.02,
         seed=3,
     ),
+    # fine grid of small beads (8 px pitch, 3 px beads)
+    "fine_pitch": PhantomSpec(
+        fov_center_xy=(250.0, 262.0),
+        fov_radius_px=238.0,
+        pitch_mm=2.0,
+        bead_radius_mm=0.4,
+        noise_sigma=0.02,
+        seed=6,
+    ),
+    # large beads (72 % of the pitch), grid at 45 degrees, 15 % of beads missing
+    "big_beads_45deg": PhantomSpec(
+        fov_center_xy=(250.0, 262.0),
+        fov_radius_px=238.0,
+        bead_radius_mm=1.8,
+        grid_angle_deg=45.0,
+        missing_fraction=0.15,
+        noise_sigma=0.02,
+        seed=7,
+    ),
     # flat panel: no circular field, faint distortion, grid running off the frame
     "flat_panel": PhantomSpec(
         size=(400, 400),
