@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _OFF_FRAME = -16.0  # map value for "no source pixel" (outside the field of view)
 
 
-@dataclass
+@dataclass(repr=False)
 class Calibration:
     angulation: str
     image_size: tuple[int, int]  # (width, height) of the frames it applies to
@@ -46,6 +46,16 @@ class Calibration:
     entry: dict[str, Any] = field(default_factory=dict, repr=False)
     _maps: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _mask_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        fov = "none" if self.fov_radius_px is None else f"r={self.fov_radius_px:.1f} px"
+        return (
+            f"Calibration({self.source or '?'}[{self.angulation}]: {self.image_size[0]}x"
+            f"{self.image_size[1]}, {self.pixel_spacing_mm:.5f} mm/px, residual RMS "
+            f"{self.residual_rms_px:.3f} px, FOV {fov})"
+        )
+
+    __str__ = __repr__
 
     @property
     def mm_from_ideal(self) -> Similarity2D:
