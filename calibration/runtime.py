@@ -110,7 +110,7 @@ class Calibration:
         h, w = int(shape[0]), int(shape[1])
         cached = self._mask_cache.get((h, w))
         if cached is not None:
-            return cached
+            return cached.copy()  # callers may combine masks in place; the cache stays intact
         if self.fov_center_xy is None or self.fov_radius_px is None:
             mask = np.ones((h, w), dtype=bool)
         else:
@@ -125,7 +125,7 @@ class Calibration:
             mask = ((xx - cx) / (r * sx)) ** 2 + ((yy - cy) / (r * sy)) ** 2 <= 1.0
         mask.setflags(write=False)
         self._mask_cache[(h, w)] = mask
-        return mask
+        return mask.copy()
 
 
 def angulation_names(path: str | os.PathLike) -> list[str]:
