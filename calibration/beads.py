@@ -60,11 +60,7 @@ def estimate_pitch_px(grey: np.ndarray, center_xy: tuple[float, float], half: in
     rest = prof[r:]
     strong = 0.6 * float(rest.max()) if rest.max() > 0 else 0.0
     peak = next(
-        (
-            k
-            for k in range(r + 1, rmax - 1)
-            if prof[k] >= prof[k - 1] and prof[k] >= prof[k + 1] and prof[k] >= strong
-        ),
+        (k for k in range(r + 1, rmax - 1) if prof[k] >= prof[k - 1] and prof[k] >= prof[k + 1] and prof[k] >= strong),
         None,
     )
     if peak is None or prof[peak] <= 0:
@@ -100,9 +96,7 @@ def detect_beads(
         raise CalibrationError("the field of view is empty")
     pitch = estimate_pitch_px(work, center, min(half, 128))
     if pitch < 6.0:
-        raise CalibrationError(
-            f"bead grid pitch of {pitch:.1f} px is too fine to locate beads (need >= 6 px)"
-        )
+        raise CalibrationError(f"bead grid pitch of {pitch:.1f} px is too fine to locate beads (need >= 6 px)")
     # polarity: beads are a minority of the field, so the tail of the high-passed image
     # points toward the beads
     hp = work - cv2.GaussianBlur(work, (0, 0), 2 * pitch)
@@ -114,9 +108,7 @@ def detect_beads(
         raise CalibrationError(f"bead polarity must be bright, dark or auto, got {polarity!r}")
     img = work if polarity == "bright" else -work
     k = int(round(pitch)) | 1
-    opened = cv2.morphologyEx(
-        img, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-    )
+    opened = cv2.morphologyEx(img, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
     resp = cv2.GaussianBlur(img - opened, (0, 0), max(0.7, pitch / 16))
     resp[~inside] = 0.0
     rv = resp[inside]

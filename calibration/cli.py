@@ -32,13 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="name of this C-arm position, e.g. lateral, ap, or 90 (adds/replaces it in OUTPUT; "
         f"default {DEFAULT_ANGULATION!r})",
     )
-    cal.add_argument(
-        "--beads", choices=("auto", "bright", "dark"), default="auto", help="bead polarity"
-    )
+    cal.add_argument("--beads", choices=("auto", "bright", "dark"), default="auto", help="bead polarity")
     cal.add_argument("--order", default="5", help="polynomial order, 1..7 (default 5)")
-    cal.add_argument(
-        "--no-fov", action="store_true", help="no circular field (flat-panel detector)"
-    )
+    cal.add_argument("--no-fov", action="store_true", help="no circular field (flat-panel detector)")
     cal.set_defaults(func=run_calibrate)
 
     und = subparsers.add_parser(
@@ -47,13 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Correct one raw image with a calibration file (output: same size and type).",
     )
     und.add_argument("image", help="raw image (PNG, TIFF, JPEG, BMP or single-frame DICOM)")
-    und.add_argument(
-        "--calibration", required=True, help="calibration JSON written by `guidance calibrate`"
-    )
+    und.add_argument("--calibration", required=True, help="calibration JSON written by `guidance calibrate`")
     und.add_argument("-o", "--output", required=True, help="corrected image (.png or .tif)")
-    und.add_argument(
-        "--angulation", default=None, help="which angulation (needed if the file has several)"
-    )
+    und.add_argument("--angulation", default=None, help="which angulation (needed if the file has several)")
     und.set_defaults(func=run_undistort)
 
 
@@ -105,8 +97,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         + (
             "none"
             if fov is None
-            else f"centre ({fov['center_xy'][0]:.1f}, {fov['center_xy'][1]:.1f}) "
-            f"radius {fov['radius_px']:.1f} px"
+            else f"centre ({fov['center_xy'][0]:.1f}, {fov['center_xy'][1]:.1f}) radius {fov['radius_px']:.1f} px"
         )
         + f"; angulations in file: {', '.join(names)}"
     )
@@ -124,8 +115,5 @@ def run_undistort(args: argparse.Namespace) -> int:
     except CalibrationError as exc:
         raise BadInputError(f"{args.image}: {exc}") from None
     write_image(args.output, cal.undistort(image))
-    print(
-        f"{args.output}: corrected with {args.calibration} [{cal.angulation}], "
-        f"{cal.pixel_spacing_mm:.5f} mm/px"
-    )
+    print(f"{args.output}: corrected with {args.calibration} [{cal.angulation}], {cal.pixel_spacing_mm:.5f} mm/px")
     return 0

@@ -58,9 +58,7 @@ def calibrate_image(
     source: dict[str, Any] | None = None,
 ) -> FitReport:
     if not (math.isfinite(pitch_mm) and pitch_mm > 0):
-        raise CalibrationError(
-            f"--pitch-mm must be a positive number of millimetres, got {pitch_mm}"
-        )
+        raise CalibrationError(f"--pitch-mm must be a positive number of millimetres, got {pitch_mm}")
     if not 1 <= order <= 7:
         raise CalibrationError(f"polynomial order must be 1..7, got {order}")
     h, w = image.shape[:2]
@@ -132,9 +130,7 @@ def calibrate_image(
             "beads_rejected": rejected,
             "beads_cut_by_fov": int(det.dropped_at_edge),
         },
-        "fov": None
-        if fov_ideal is None
-        else {"center_xy": list(fov_ideal[:2]), "radius_px": fov_ideal[2]},
+        "fov": None if fov_ideal is None else {"center_xy": list(fov_ideal[:2]), "radius_px": fov_ideal[2]},
         "fov_distorted": None
         if det.fov is None
         else {"center_xy": [float(det.fov[0]), float(det.fov[1])], "radius_px": float(det.fov[2])},
@@ -173,9 +169,7 @@ def _fit(
     return poly, sim, _residuals(poly, sim, xy, ij, pitch_mm)
 
 
-def _residuals(
-    poly: Polynomial2D, sim: Similarity2D, xy: np.ndarray, ij: np.ndarray, pitch_mm: float
-) -> np.ndarray:
+def _residuals(poly: Polynomial2D, sim: Similarity2D, xy: np.ndarray, ij: np.ndarray, pitch_mm: float) -> np.ndarray:
     return (poly(xy) - ij * pitch_mm) / sim.scale
 
 

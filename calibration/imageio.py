@@ -24,15 +24,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if img is None:
         img = _read_dicom(p)
     if img is None:
-        raise BadInputError(
-            f"{p}: not an image (expected PNG, TIFF, JPEG, BMP or single-frame DICOM)"
-        )
+        raise BadInputError(f"{p}: not an image (expected PNG, TIFF, JPEG, BMP or single-frame DICOM)")
     if img.ndim == 3 and img.shape[2] == 4:
         img = img[..., :3]
     if img.dtype not in (np.uint8, np.uint16):
-        raise BadInputError(
-            f"{p}: {img.dtype} pixels are not supported (expected 8-16 bit integers)"
-        )
+        raise BadInputError(f"{p}: {img.dtype} pixels are not supported (expected 8-16 bit integers)")
     return img
 
 
@@ -66,9 +62,7 @@ def _read_dicom(p: Path) -> np.ndarray | None:
 def write_image(path: str | os.PathLike, image: np.ndarray) -> None:
     p = Path(path)
     if p.suffix.lower() not in _WRITABLE:
-        raise BadInputError(
-            f"{p}: cannot write {p.suffix or 'files without extension'}; use .png or .tif"
-        )
+        raise BadInputError(f"{p}: cannot write {p.suffix or 'files without extension'}; use .png or .tif")
     if not p.parent.is_dir() and str(p.parent):
         raise BadInputError(f"{p}: the folder {p.parent} does not exist")
     if image.dtype == np.uint16 and p.suffix.lower() in {".jpg", ".jpeg", ".bmp"}:

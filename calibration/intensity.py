@@ -60,9 +60,7 @@ def to_unit_float(frame: np.ndarray, bits_stored: int | None = None) -> np.ndarr
     return np.clip(to_float_grey(arr) / float((1 << bits) - 1), 0.0, 1.0)
 
 
-def window_unit(
-    frame: np.ndarray, valid: np.ndarray | None = None, low: float = 1.0, high: float = 99.5
-) -> np.ndarray:
+def window_unit(frame: np.ndarray, valid: np.ndarray | None = None, low: float = 1.0, high: float = 99.5) -> np.ndarray:
     """Percentile window over the valid pixels -> float32 in [0, 1]; invalid pixels -> 0."""
     grey = to_float_grey(frame)
     values = grey[valid] if valid is not None and valid.any() else grey.ravel()
@@ -95,10 +93,45 @@ def _work_copy(grey: np.ndarray) -> tuple[np.ndarray, float]:
     return small, f
 
 
-def fit_circle(xy: np.ndarray, iterations: int = 4) -> tuple[float, float, float, np.ndarray]:
-    """Algebraic (Kasa) circle fit with trimming of outliers -> (cx, cy, r, inlier mask)."""
+def _ransac_circle(pts: np.ndarray, tol: float, trials: int = 300, seed: int = 0) -> np.ndarray:
+    """Inlier mask of the circle through 3 boundary points that most points agree with
+    (outliers: text, anatomy touching the rim, the frame edge)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(pts), (trials, 3))
+    p1, p2, p3 = pts[idx[:, 0]], pts[idx[:, 1]], pts[idx[:, 2]]
+    # circumcentre of each triple
+    ax, ay, bx, by, qx, qy = p1[:, 0], p1[:, 1], p2[:, 0], p2[:, 1], p3[:, 0], p3[:, 1]
+    d = 2 * (ax * (by - qy) + bx * (qy - ay) + qx * (ay - by))
+    ok = np.abs(d) > 1e-6
+    a2, b2, q2 = ax**2 + ay**2, bx**2 + by**2, qx**2 + qy**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ux = (a2 * (by - qy) + b2 * (qy - ay) + q2 * (ay - by)) / d
+        uy = (a2 * (qx - bx) + b2 * (ax - qx) + q2 * (bx - ax)) / d
+    rr = np.hypot(ax - ux, ay - uy)
+    best, best_count = None, -1
+    sub = pts[:: max(1, len(pts) // 2000)]  # score on at most ~2000 points
+    for k in np.flatnonzero(ok):
+        res = np.abs(np.hypot(sub[:, 0] - ux[k], sub[:, 1] - uy[k]) - rr[k])
+        count = int((res < tol).sum())
+        if count > best_count:
+            best, best_count = k, count
+    if best is None:
+        return np.ones(len(pts), dtype=bool)
+    res = np.abs(np.hypot(pts[:, 0] - ux[best], pts[:, 1] - uy[best]) - rr[best])
+    return res < tol
+
+
+def fit_circle(
+    xy: np.ndarray, iterations: int = 4, ransac_tol: float | None = None
+) -> tuple[float, float, float, np.ndarray]:
+    """Algebraic (Kasa) circle fit with trimming of outliers -> (cx, cy, r, inlier mask).
+    With `ransac_tol` (px), start from a RANSAC consensus: many outliers allowed."""
     pts = np.asarray(xy, dtype=np.float64)
     keep = np.ones(len(pts), dtype=bool)
+    if ransac_tol is not None and len(pts) >= 10:
+        keep = _ransac_circle(pts, ransac_tol)
+        if keep.sum() < 10:
+            keep = np.ones(len(pts), dtype=bool)
     cx = cy = r = 0.0
     for _ in range(iterations):
         p = pts[keep]
@@ -162,42 +195,39 @@ def estimate_fov(frame: np.ndarray) -> tuple[float, float, float] | None:
         return None
     contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     boundary = np.concatenate([c[:, 0, :] for c in contours]).astype(np.float64)
-    on_edge = (
-        (boundary[:, 0] <= 1)
-        | (boundary[:, 1] <= 1)
-        | (boundary[:, 0] >= w - 2)
-        | (boundary[:, 1] >= h - 2)
-    )
+    on_edge = (boundary[:, 0] <= 1) | (boundary[:, 1] <= 1) | (boundary[:, 0] >= w - 2) | (boundary[:, 1] >= h - 2)
     boundary = boundary[~on_edge]
     if len(boundary) < 30:
         return None
-    cx, cy, r, keep = fit_circle(boundary)
+    cx, cy, r, keep = fit_circle(boundary, ransac_tol=1.5)
     # second pass at the half-way level between outside and the inside rim: the edge of the
     # field is soft (blur, vignetting), and the first threshold sits on its outer foot
-    ring = circle_mask((h, w), cx, cy, max(r - 3.0, 1.0)) & ~circle_mask(
-        (h, w), cx, cy, max(r - 8.0, 0.0)
-    )
+    ring = circle_mask((h, w), cx, cy, max(r - 3.0, 1.0)) & ~circle_mask((h, w), cx, cy, max(r - 8.0, 0.0))
     ring &= region.astype(bool)
     if ring.sum() > 50:
         level = float(np.median(np.abs(g[ring] - bg)))
         half = (np.abs(g - bg) > 0.5 * level).astype(np.uint8)
         half = cv2.morphologyEx(half, cv2.MORPH_OPEN, kernel)
-        near = circle_mask((h, w), cx, cy, r + 6.0) & ~circle_mask(
-            (h, w), cx, cy, max(r - 6.0, 0.0)
-        )
+        near = circle_mask((h, w), cx, cy, r + 6.0) & ~circle_mask((h, w), cx, cy, max(r - 6.0, 0.0))
         edge = cv2.morphologyEx(half, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
         ys, xs = np.nonzero(edge & near & (half == 0))  # outside pixels touching the inside
         pts = np.column_stack([xs, ys]).astype(np.float64)
         pts = pts[(pts[:, 0] > 1) & (pts[:, 1] > 1) & (pts[:, 0] < w - 2) & (pts[:, 1] < h - 2)]
         if len(pts) >= 30:
-            cx2, cy2, r2, keep2 = fit_circle(pts)
+            cx2, cy2, r2, keep2 = fit_circle(pts, ransac_tol=1.5)
             if abs(r2 - r) < 6.0:
                 boundary, cx, cy, r, keep = pts, cx2, cy2, r2 - 0.5, keep2
     # an arc too short to pin a circle, or a "circle" that is really a polygon/rectangle
-    angles = np.arctan2(boundary[keep, 1] - cy, boundary[keep, 0] - cx)
-    covered = np.unique(np.floor((angles + np.pi) / (2 * np.pi) * 36).astype(int)).size
+    # (a field much wider than the frame shows only four short corner arcs: enough, as long
+    # as the arcs are spread around the circle)
+    angles = np.degrees(np.arctan2(boundary[keep, 1] - cy, boundary[keep, 0] - cx)) % 360.0
+    covered = np.unique(np.floor(angles / 5.0).astype(int)).size * 5.0
+    srt = np.sort(angles)
+    largest_gap = float(np.max(np.diff(np.concatenate([srt, srt[:1] + 360.0])))) if srt.size else 360.0
     res = np.abs(np.hypot(boundary[keep, 0] - cx, boundary[keep, 1] - cy) - r)
-    if covered < 8 or keep.mean() < 0.6 or float(np.median(res)) > 0.02 * r:
+    if covered < 40.0 or largest_gap > 270.0:
+        return None
+    if keep.mean() < 0.3 or float(np.median(res)) > 0.02 * r:
         return None
     if r < 0.2 * min(h, w):
         return None
@@ -215,8 +245,9 @@ def estimate_fov(frame: np.ndarray) -> tuple[float, float, float] | None:
         np.clip(np.round(iy[seen]), 0, h - 1).astype(int),
         np.clip(np.round(ix[seen]), 0, w - 1).astype(int),
     ]
-    step = (np.abs(out_v - bg) < thr) & (np.abs(in_v - bg) > thr)
-    if step.mean() < 0.6:
+    flat_outside = float(np.mean(np.abs(out_v - bg) < thr))
+    signal_inside = float(np.mean(np.abs(in_v - bg) > thr))
+    if flat_outside < 0.8 or signal_inside < 0.3:
         return None
     # the contour of the thresholded region runs through the outermost inside pixels
     r += 0.5
@@ -318,13 +349,9 @@ def text_mask(frame: np.ndarray, max_glyph_px: int | None = None) -> np.ndarray:
     if not mask_small.any():
         return np.zeros((h, w), dtype=bool)
     if f != 1.0:
-        mask_small = (
-            cv2.resize(mask_small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-        )
+        mask_small = cv2.resize(mask_small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
     grow = max(3, 2 * round(f) + 3)
-    grown = cv2.dilate(
-        mask_small.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_RECT, (grow, grow))
-    )
+    grown = cv2.dilate(mask_small.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_RECT, (grow, grow)))
     return grown > 0
 
 

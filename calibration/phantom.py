@@ -63,9 +63,7 @@ class PhantomTruth:
         r = np.hypot(dx, dy) / self.radius_px
         ang = np.arctan2(dy, dx) + s.s_twist_rad * r**2
         rd = r * (1 + s.k1 * r**2 + s.k2 * r**4) * self.radius_px
-        return np.column_stack(
-            [self.center_xy[0] + rd * np.cos(ang), self.center_xy[1] + rd * np.sin(ang)]
-        )
+        return np.column_stack([self.center_xy[0] + rd * np.cos(ang), self.center_xy[1] + rd * np.sin(ang)])
 
     def undistorted_from_distorted(self, xy: np.ndarray) -> np.ndarray:
         s = self.spec
@@ -81,9 +79,7 @@ class PhantomTruth:
                 break
         ang = np.arctan2(dy, dx) - s.s_twist_rad * r**2
         ru = r * self.radius_px
-        return np.column_stack(
-            [self.center_xy[0] + ru * np.cos(ang), self.center_xy[1] + ru * np.sin(ang)]
-        )
+        return np.column_stack([self.center_xy[0] + ru * np.cos(ang), self.center_xy[1] + ru * np.sin(ang)])
 
     def phantom_from_distorted(self, xy: np.ndarray) -> np.ndarray:
         return self.phantom_from_undistorted(self.undistorted_from_distorted(xy))
@@ -177,9 +173,7 @@ def render_fluoro(spec: FluoroSpec) -> tuple[np.ndarray, FluoroTruth]:
     for k in (-2, -1, 0, 1, 2):
         yc = cy + k * (vb_h * 1.35)
         body = (np.abs(xx - cx) / (vb_w / 2)) ** 4 + (np.abs(yy - yc) / (vb_h / 2)) ** 4 <= 1
-        rim = body & ~(
-            (np.abs(xx - cx) / (vb_w / 2 - 4)) ** 4 + (np.abs(yy - yc) / (vb_h / 2 - 4)) ** 4 <= 1
-        )
+        rim = body & ~((np.abs(xx - cx) / (vb_w / 2 - 4)) ** 4 + (np.abs(yy - yc) / (vb_h / 2 - 4)) ** 4 <= 1)
         mu += 0.9 * body + 0.5 * rim
         # pedicle / posterior elements to the right
         post = ((xx - cx - 0.26 * w) / (0.08 * w)) ** 2 + ((yy - yc) / (0.05 * h)) ** 2 <= 1

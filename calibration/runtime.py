@@ -141,14 +141,10 @@ def load_calibration(path: str | os.PathLike, angulation: str | None = None) -> 
     angs: dict[str, Any] = doc["angulations"]
     if angulation is None:
         if len(angs) != 1:
-            raise CalibrationError(
-                f"{path}: holds several angulations ({', '.join(angs)}); choose one"
-            )
+            raise CalibrationError(f"{path}: holds several angulations ({', '.join(angs)}); choose one")
         angulation = next(iter(angs))
     elif angulation not in angs:
-        raise CalibrationError(
-            f"{path}: no calibration for angulation {angulation!r} (has: {', '.join(angs)})"
-        )
+        raise CalibrationError(f"{path}: no calibration for angulation {angulation!r} (has: {', '.join(angs)})")
     entry = angs[angulation]
     v = validate_entry(angulation, entry)
     fov = v["fov"]

@@ -41,9 +41,7 @@ class _Bad(Exception):
     pass
 
 
-def _num(
-    obj: dict, key: str, where: str, positive: bool = False, minimum: float | None = None
-) -> float:
+def _num(obj: dict, key: str, where: str, positive: bool = False, minimum: float | None = None) -> float:
     if key not in obj:
         raise _Bad(f"{where}.{key} is missing")
     v = obj[key]
@@ -79,9 +77,7 @@ def _pair(obj: dict, key: str, where: str) -> tuple[float, float]:
     ok = (
         isinstance(v, list)
         and len(v) == 2
-        and all(
-            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v
-        )
+        and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
     )
     if not ok:
         raise _Bad(f"{where}.{key} must be a list of two finite numbers, got {v!r}")
@@ -110,9 +106,7 @@ def _poly(obj: dict, key: str, where: str) -> Polynomial2D:
         v = p.get(c)
         if not isinstance(v, list) or len(v) != n_terms(order):
             raise _Bad(f"{w}.{c} must be a list of {n_terms(order)} numbers for order {order}")
-        if not all(
-            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v
-        ):
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v):
             raise _Bad(f"{w}.{c} must hold finite numbers only")
     return Polynomial2D.from_json(p)
 
@@ -132,9 +126,7 @@ def validate_entry(name: str, e: Any) -> dict[str, Any]:
     spacing = _num(e, "pixel_spacing_mm", where, positive=True)
     lo, hi = SPACING_RANGE_MM
     if not lo <= spacing <= hi:
-        raise _Bad(
-            f"{where}.pixel_spacing_mm {spacing:g} is outside the plausible {lo:g}-{hi:g} mm"
-        )
+        raise _Bad(f"{where}.pixel_spacing_mm {spacing:g} is outside the plausible {lo:g}-{hi:g} mm")
     for key in ("created_utc", "software"):
         if not isinstance(e.get(key), str):
             raise _Bad(f"{where}.{key} must be a string")
@@ -160,9 +152,7 @@ def validate_entry(name: str, e: Any) -> dict[str, Any]:
         )
     need = min_beads(fwd.order)
     if used < need:
-        raise CalibrationError(
-            f"{where}: fitted on {used} beads, an order-{fwd.order} fit needs {need}"
-        )
+        raise CalibrationError(f"{where}: fitted on {used} beads, an order-{fwd.order} fit needs {need}")
     w, h = size
     if fov is not None and not (0 <= fov[0] < w and 0 <= fov[1] < h):
         raise _Bad(f"{where}.fov.center_xy lies outside the {w}x{h} image")
@@ -170,9 +160,7 @@ def validate_entry(name: str, e: Any) -> dict[str, Any]:
     reach = fov_d[2] if fov_d else fit_radius
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     rings = [ref] + [
-        (ref[0] + f * reach * math.cos(a), ref[1] + f * reach * math.sin(a))
-        for f in (0.33, 0.66, 0.95)
-        for a in t
+        (ref[0] + f * reach * math.cos(a), ref[1] + f * reach * math.sin(a)) for f in (0.33, 0.66, 0.95) for a in t
     ]
     pts = np.array(rings)
     back = inv(fwd(pts))
@@ -185,9 +173,7 @@ def validate_entry(name: str, e: Any) -> dict[str, Any]:
     # the corrected frame must be a mild warp of the raw one: no folding, scale near 1
     det = np.linalg.det(fwd.jacobian(pts))
     if not (np.all(det > 0.5) and np.all(det < 2.0)):
-        raise CalibrationError(
-            f"{where}: the distortion map folds or scales implausibly inside the field"
-        )
+        raise CalibrationError(f"{where}: the distortion map folds or scales implausibly inside the field")
     return {
         "image_size": (w, h),
         "pixel_spacing_mm": spacing,
@@ -212,23 +198,17 @@ def read_document(path: str | os.PathLike) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CalibrationError(
-            f"{p}: not a calibration file (invalid JSON: {exc.msg} at line {exc.lineno})"
-        ) from None
+        raise CalibrationError(f"{p}: not a calibration file (invalid JSON: {exc.msg} at line {exc.lineno})") from None
     if not isinstance(doc, dict) or "schema" not in doc:
         raise CalibrationError(f'{p}: not a calibration file (no "schema" field)')
     if doc["schema"] != SCHEMA:
-        raise CalibrationError(
-            f"{p}: calibration schema {doc['schema']!r} is not supported (expected {SCHEMA!r})"
-        )
+        raise CalibrationError(f"{p}: calibration schema {doc['schema']!r} is not supported (expected {SCHEMA!r})")
     angs = doc.get("angulations")
     if not isinstance(angs, dict) or not angs:
         raise CalibrationError(f"{p}: angulations must be a non-empty object")
     for name, entry in angs.items():
         if not ANGULATION_NAME.match(name):
-            raise CalibrationError(
-                f"{p}: angulation name {name!r} must match {ANGULATION_NAME.pattern}"
-            )
+            raise CalibrationError(f"{p}: angulation name {name!r} must match {ANGULATION_NAME.pattern}")
         try:
             validate_entry(name, entry)
         except _Bad as exc:

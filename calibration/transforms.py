@@ -87,14 +87,10 @@ class Polynomial2D(_Composable):
 
     def __post_init__(self) -> None:
         if len(self.coef_x) != n_terms(self.order) or len(self.coef_y) != n_terms(self.order):
-            raise ValueError(
-                f"order {self.order} needs {n_terms(self.order)} coefficients per axis"
-            )
+            raise ValueError(f"order {self.order} needs {n_terms(self.order)} coefficients per axis")
 
     def _normalised(self, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return (pts[:, 0] - self.center_xy[0]) / self.scale, (
-            pts[:, 1] - self.center_xy[1]
-        ) / self.scale
+        return (pts[:, 0] - self.center_xy[0]) / self.scale, (pts[:, 1] - self.center_xy[1]) / self.scale
 
     def __call__(self, xy: np.ndarray) -> np.ndarray:
         pts = _as_points(xy)
