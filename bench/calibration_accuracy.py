@@ -55,14 +55,8 @@ def main() -> int:
         e = 0.5
         jac = np.column_stack(
             [
-                (
-                    truth.phantom_from_distorted(ref + [e, 0])
-                    - truth.phantom_from_distorted(ref - [e, 0])
-                )[0],
-                (
-                    truth.phantom_from_distorted(ref + [0, e])
-                    - truth.phantom_from_distorted(ref - [0, e])
-                )[0],
+                (truth.phantom_from_distorted(ref + [e, 0]) - truth.phantom_from_distorted(ref - [e, 0]))[0],
+                (truth.phantom_from_distorted(ref + [0, e]) - truth.phantom_from_distorted(ref - [0, e]))[0],
             ]
         ) / (2 * e)
         true_sp = math.sqrt(abs(np.linalg.det(jac)))
@@ -82,10 +76,7 @@ def main() -> int:
             f"{straight:8.3f} {r['rms_px']:8.3f} {r['max_px']:8.3f} "
             f"{rep.entry['phantom']['beads_used']}"
         )
-    print(
-        "(px unless marked; 'straight' = RMS of beads re-detected in the corrected image off a "
-        "straight grid)"
-    )
+    print("(px unless marked; 'straight' = RMS of beads re-detected in the corrected image off a straight grid)")
     return 0
 
 

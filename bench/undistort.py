@@ -35,8 +35,7 @@ from calibration.store import write_angulation  # noqa: E402
 def percentiles(ms: list[float]) -> str:
     a = np.asarray(ms)
     return (
-        f"min {a.min():6.3f}  p50 {np.percentile(a, 50):6.3f}  "
-        f"p99 {np.percentile(a, 99):6.3f}  max {a.max():6.3f} ms"
+        f"min {a.min():6.3f}  p50 {np.percentile(a, 50):6.3f}  p99 {np.percentile(a, 99):6.3f}  max {a.max():6.3f} ms"
     )
 
 
@@ -93,13 +92,9 @@ def main() -> int:
     rng = np.random.default_rng(0)
     base = image.astype(np.float32) / 4095.0
     kinds = {
-        "uint8": [
-            np.clip(base * 255 + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8)
-            for _ in range(8)
-        ],
+        "uint8": [np.clip(base * 255 + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8) for _ in range(8)],
         "uint16 (12-bit)": [
-            np.clip(base * 4095 + rng.normal(0, 20, base.shape), 0, 4095).astype(np.uint16)
-            for _ in range(8)
+            np.clip(base * 4095 + rng.normal(0, 20, base.shape), 0, 4095).astype(np.uint16) for _ in range(8)
         ],
         "float32": [(base + rng.normal(0, 0.01, base.shape)).astype(np.float32) for _ in range(8)],
     }
