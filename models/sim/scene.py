@@ -34,6 +34,7 @@ from models.sim.anatomy import (
     ellipse_sdf,
     rim_chord,
     smooth_noise,
+    window,
 )
 
 BACKGROUND, BODY, CEMENT, NEEDLE = 0, 1, 2, 3
@@ -110,6 +111,7 @@ class LoopScene:
     fragments: list[dict] = field(default_factory=list)
     planned: dict = field(default_factory=dict)
     breathing: tuple[float, float, float, float] = (0.0, 0.0, 4.0, 0.0)  # amp, angle, period, phase
+    mu_cement: float = MU_CEMENT  # opacifier content varies between cements
 
     # ------------------------------------------------------------------ per frame
     def cement_thickness(self, i: int) -> np.ndarray:
@@ -150,7 +152,7 @@ class LoopScene:
     def frame(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(line integral, labels) on the scene grid for frame i."""
         cement = self.cement_thickness(i)
-        integral = self.static_integral + self.needle_integral + MU_CEMENT * cement
+        integral = self.static_integral + self.needle_integral + self.mu_cement * cement
         labels = self.body_labels.copy()
         labels[cement >= VISIBLE_CEMENT_MM] = CEMENT
         labels[self.needle_mask] = NEEDLE
@@ -200,6 +202,13 @@ def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool, v
     """Line integral and mask of one vertebral body (+ pedicles and posterior elements).
     Lateral: u runs anterior -> posterior. AP: u runs right -> left, the beam goes through
     the body front to back, and the pedicles are seen end-on as rings over the body."""
+    full_shape = x.shape
+    reach = v.half_depth + v.half_height + 60.0  # body, pedicles and posterior elements
+    win = window(x, y, ox, oy, reach)
+    if win is None:
+        empty = np.zeros(full_shape, np.float32)
+        return empty, np.zeros(full_shape, bool), np.full(full_shape, 1e3, np.float32), empty, empty
+    x, y, tex = x[win], y[win], tex[win]
     lx, ly = x - ox, y - oy
     sdf = v.sdf(lx, ly)
     u, w = v.to_body(lx, ly)
@@ -218,7 +227,8 @@ def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool, v
         rim = np.where(wall_gap, rim * 0.15, rim)
     integral = trab + MU_CORTICAL * rim
     if view == "ap":
-        return _ap_elements(rng, v, u, w, integral), inside, sdf, u, w
+        integral = _ap_elements(rng, v, u, w, integral)
+        return _embed(win, full_shape, integral, inside, sdf, u, w)
     # pedicles (both overlap in a lateral view) and posterior elements behind the canal
     ped_u = v.half_depth + rng.uniform(4, 8)
     ped_v = -v.half_height * rng.uniform(0.2, 0.5)
@@ -236,7 +246,21 @@ def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool, v
     ):
         esdf = ellipse_sdf(u, w, cu, cv_, a, b, ang)
         integral = integral + MU_TRABECULAR * thick * (esdf < 0) + MU_CORTICAL * rim_chord(esdf, 0.8, 4)
-    return integral.astype(np.float32), inside, sdf, u, w
+    return _embed(win, full_shape, integral, inside, sdf, u, w)
+
+
+def _embed(win, shape, integral, inside, sdf, u, w) -> tuple:
+    """Place a window's planes back on the full grid (sdf far outside, body coords extrapolated)."""
+    out_i = np.zeros(shape, np.float32)
+    out_i[win] = integral
+    out_in = np.zeros(shape, bool)
+    out_in[win] = inside
+    out_sdf = np.full(shape, 1e3, np.float32)
+    out_sdf[win] = sdf
+    out_u = np.full(shape, 1e3, np.float32)
+    out_w = np.full(shape, 1e3, np.float32)
+    out_u[win], out_w[win] = u, w
+    return out_i, out_in, out_sdf, out_u, out_w
 
 
 def _ap_elements(rng, v: Vertebra, u, w, integral: np.ndarray) -> np.ndarray:
@@ -511,5 +535,6 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         needle_integral=needle_integral, needle_mask=needle_mask, arrival=arrival.astype(np.float32),
         epidural_arrival=epidural_arrival, epidural=epidural, max_thickness=treated.width_lr * rng.uniform(0.3, 0.6), schedule=schedule,
         vein_arrival=vein_arrival, vein_diameter=vein_diameter, fragments=fragments, planned=planned,
+        mu_cement=MU_CEMENT * float(rng.uniform(1.0, 2.5)),
         breathing=(rng.uniform(0, 3.0), rng.uniform(0, 2 * math.pi), rng.uniform(3, 6), rng.uniform(0, 6.3)),
     )
