@@ -225,7 +225,8 @@ def _predict(assigned: dict, xy: np.ndarray, target: tuple[int, int]) -> np.ndar
     if len(rows) < 4:
         return None
     a = np.array(rows, dtype=np.float64)
-    if np.linalg.matrix_rank(a[:, :2] - a[:, :2].mean(axis=0)) < 2:
+    c = a[:, :2] - a[:, :2].mean(axis=0)
+    if np.linalg.det(c.T @ c) < 1e-6:  # all on one line: the affine fit is degenerate
         return None
     coef, *_ = np.linalg.lstsq(a, np.array(pts), rcond=None)
     return np.array([ti, tj, 1.0]) @ coef

@@ -48,8 +48,9 @@ CASES = {
     ),
     # fine grid of small beads (8 px pitch, 3 px beads)
     "fine_pitch": PhantomSpec(
-        fov_center_xy=(250.0, 262.0),
-        fov_radius_px=238.0,
+        size=(320, 320),
+        fov_center_xy=(160.0, 158.0),
+        fov_radius_px=150.0,
         pitch_mm=2.0,
         bead_radius_mm=0.4,
         noise_sigma=0.02,
