@@ -35,6 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--beads", choices=("auto", "bright", "dark"), default="auto", help="bead polarity")
     cal.add_argument("--order", default="5", help="polynomial order, 1..7 (default 5)")
     cal.add_argument("--no-fov", action="store_true", help="no circular field (flat-panel detector)")
+    cal.add_argument(
+        "--overlay",
+        metavar="PNG",
+        help="also write a QA picture: beads used/rejected, residual vectors x50, field of view",
+    )
     cal.set_defaults(func=run_calibrate)
 
     und = subparsers.add_parser(
@@ -85,6 +90,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         source=source,
     )
     names = write_angulation(args.output, args.angulation, report.entry)
+    if args.overlay:
+        from calibration.imageio import write_image
+        from calibration.qa import overlay
+
+        write_image(args.overlay, overlay(image, report))
     e = report.entry
     ph, res = e["phantom"], e["residuals"]
     fov = e["fov_distorted"]

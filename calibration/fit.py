@@ -47,6 +47,7 @@ class FitReport:
     ij: np.ndarray
     xy: np.ndarray  # beads used in the final fit, distorted px
     residual_xy: np.ndarray  # per bead, ideal px
+    rejected_xy: np.ndarray  # indexed beads dropped as outliers, distorted px
 
 
 def calibrate_image(
@@ -145,7 +146,7 @@ def calibrate_image(
             "roundtrip_max_px": roundtrip,
         },
     }
-    return FitReport(entry, det, ij[keep], xy[keep], resid)
+    return FitReport(entry, det, ij[keep], xy[keep], resid, xy[~keep])
 
 
 def _fit(

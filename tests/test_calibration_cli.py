@@ -39,9 +39,7 @@ def assert_bad_input(proc: subprocess.CompletedProcess, command: str, *fragments
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    spec = PhantomSpec(
-        size=(320, 320), fov_center_xy=(160.0, 160.0), fov_radius_px=150.0, pitch_mm=4.0, seed=21
-    )
+    spec = PhantomSpec(size=(320, 320), fov_center_xy=(160.0, 160.0), fov_radius_px=150.0, pitch_mm=4.0, seed=21)
     image, truth = render_phantom(spec)
     path = d / "phantom.png"
     assert cv2.imwrite(str(path), image)
@@ -51,24 +49,17 @@ def phantom(tmp_path_factory):
 def test_calibrate_two_angulations_then_undistort(phantom):
     d, path, image, _ = phantom
     out = d / "calib.json"
-    proc = guidance(
-        "calibrate", str(path), "--pitch-mm", "4", "-o", str(out), "--angulation", "lateral"
-    )
+    proc = guidance("calibrate", str(path), "--pitch-mm", "4", "-o", str(out), "--angulation", "lateral")
     assert proc.returncode == 0, proc.stderr
     assert "mm/px at the phantom plane" in proc.stdout and "residual RMS" in proc.stdout
-    proc = guidance(
-        "calibrate", str(path), "--pitch-mm", "4.0", "-o", str(out), "--angulation", "ap"
-    )
+    proc = guidance("calibrate", str(path), "--pitch-mm", "4.0", "-o", str(out), "--angulation", "ap")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     assert sorted(doc["angulations"]) == ["ap", "lateral"]
     entry = doc["angulations"]["lateral"]
     assert entry["pixel_spacing_mm"] == pytest.approx(0.25, rel=0.01)
     assert entry["residuals"]["rms_px"] <= 0.3
-    assert (
-        entry["source_image"]["path"] == "phantom.png"
-        and len(entry["source_image"]["sha256"]) == 64
-    )
+    assert entry["source_image"]["path"] == "phantom.png" and len(entry["source_image"]["sha256"]) == 64
 
     corrected = d / "corrected.png"
     proc = guidance(
@@ -133,9 +124,7 @@ def test_not_an_image_and_missing_file(tmp_path):
     txt.write_text("this is not a picture\n")
     proc = guidance("calibrate", str(txt), "--pitch-mm", "5", "-o", str(tmp_path / "c.json"))
     assert_bad_input(proc, "calibrate", str(txt), "not an image")
-    proc = guidance(
-        "calibrate", str(tmp_path / "absent.png"), "--pitch-mm", "5", "-o", str(tmp_path / "c.json")
-    )
+    proc = guidance("calibrate", str(tmp_path / "absent.png"), "--pitch-mm", "5", "-o", str(tmp_path / "c.json"))
     assert_bad_input(proc, "calibrate", "absent.png: no such file")
 
 
@@ -188,3 +177,38 @@ def test_undistort_refuses_bad_calibrations_and_images(phantom, tmp_path):
         "does not exist",
     )
     assert not out.exists()
+
+
+def test_dicom_phantom_with_qa_overlay(tmp_path):
+    from conftest import write_dicom
+
+    spec = PhantomSpec(
+        size=(320, 320),
+        fov_center_xy=(160.0, 160.0),
+        fov_radius_px=150.0,
+        pitch_mm=4.0,
+        bead_polarity="dark",
+        dtype="uint8",
+        seed=22,
+    )
+    image, _ = render_phantom(spec)
+    dcm = write_dicom(tmp_path / "phantom.dcm", [image], bits=12, spacing=None, frame_time_ms=None)
+    out, qa = tmp_path / "calib.json", tmp_path / "qa.png"
+    proc = guidance("calibrate", str(dcm), "--pitch-mm", "4", "-o", str(out), "--overlay", str(qa))
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads(out.read_text())["angulations"]["default"]
+    assert entry["source_image"]["dtype"] == "uint16"  # 12 bits stored
+    assert entry["phantom"]["bead_polarity"] == "dark"
+    assert entry["pixel_spacing_mm"] == pytest.approx(0.25, rel=0.01)
+    pic = cv2.imread(str(qa), cv2.IMREAD_UNCHANGED)
+    assert pic.shape == (320, 320, 3) and pic.dtype == np.uint8
+    # every bead used is ringed in green (a ring of radius 3 px here: >= 10 pure-green pixels)
+    green = (pic[..., 1] > 150) & (pic[..., 0] < 80) & (pic[..., 2] < 80)
+    assert green.sum() > 10 * entry["phantom"]["beads_used"]
+    # a multi-frame DICOM is not a phantom image
+    multi = write_dicom(tmp_path / "cine.dcm", [image, image], bits=8, spacing=None)
+    assert_bad_input(
+        guidance("calibrate", str(multi), "--pitch-mm", "4", "-o", str(out)),
+        "calibrate",
+        "multi-frame DICOM",
+    )
