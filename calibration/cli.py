@@ -111,6 +111,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
         )
         + f"; angulations in file: {', '.join(names)}"
     )
+    if fov is not None and e["calibrated_radius_px"] < fov["radius_px"] - 1.0:
+        print(
+            f"warning: the bead grid reaches only {e['calibrated_radius_px']:.0f} px of the "
+            f"{fov['radius_px']:.0f} px field radius; the corrected frame is blank beyond it "
+            "(use a phantom that covers the whole field)"
+        )
     return 0
 
 

@@ -109,8 +109,15 @@ def calibrate_image(
         )
     ideal_from_distorted = sim.inverse().compose_polynomial(poly)
     fit_radius = scale
-    distorted_from_ideal, roundtrip = _fit_inverse(ideal_from_distorted, ref, fit_radius, det.fov)
-    fov_ideal = _ideal_fov(ideal_from_distorted, det.fov)
+    # where the beads vouch for the model: the grid's inscribed reach around the field centre
+    # plus one pitch; beyond it (a phantom smaller than the field) the corrected frame is masked
+    covered = _covered_radius(xy[keep], ref) + det.pitch_px
+    if det.fov is not None:
+        valid: tuple[float, float, float] = (det.fov[0], det.fov[1], min(det.fov[2], covered))
+    else:
+        valid = (ref[0], ref[1], covered)
+    distorted_from_ideal, roundtrip = _fit_inverse(ideal_from_distorted, ref, valid[2])
+    fov_ideal = _ideal_fov(ideal_from_distorted, valid if det.fov is not None else None)
     jac = poly.jacobian(np.array([ref]))[0]
     sv = np.linalg.svd(jac, compute_uv=False)
     entry: dict[str, Any] = {
@@ -136,6 +143,7 @@ def calibrate_image(
         if det.fov is None
         else {"center_xy": [float(det.fov[0]), float(det.fov[1])], "radius_px": float(det.fov[2])},
         "fit_radius_px": float(fit_radius),
+        "calibrated_radius_px": float(valid[2]),
         "ideal_from_distorted": ideal_from_distorted.to_json(),
         "distorted_from_ideal": distorted_from_ideal.to_json(),
         "residuals": {
@@ -174,14 +182,21 @@ def _residuals(poly: Polynomial2D, sim: Similarity2D, xy: np.ndarray, ij: np.nda
     return (poly(xy) - ij * pitch_mm) / sim.scale
 
 
+def _covered_radius(xy: np.ndarray, ref: tuple[float, float], sectors: int = 24) -> float:
+    """Radius around `ref` that the beads reach in every direction (outermost bead per
+    angular sector, smallest over the sectors; a sector without beads counts as 0)."""
+    d = xy - np.asarray(ref)
+    dist = np.hypot(d[:, 0], d[:, 1])
+    sector = (np.floor((np.arctan2(d[:, 1], d[:, 0]) + np.pi) / (2 * np.pi) * sectors)).astype(int)
+    reach = np.zeros(sectors)
+    np.maximum.at(reach, np.clip(sector, 0, sectors - 1), dist)
+    return float(reach.min())
+
+
 def _fit_inverse(
-    ideal_from_distorted: Polynomial2D,
-    ref: tuple[float, float],
-    radius: float,
-    fov: tuple[float, float, float] | None,
+    ideal_from_distorted: Polynomial2D, ref: tuple[float, float], reach: float
 ) -> tuple[Polynomial2D, float]:
-    """distorted_from_ideal, fitted on a dense sampling of the calibrated region."""
-    reach = max(radius, fov[2]) if fov else radius * 1.05
+    """distorted_from_ideal, fitted on a dense sampling of the calibrated disc."""
     step = max(2.0, reach / 60)
     g = np.arange(-reach, reach + step, step)
     xx, yy = np.meshgrid(g + ref[0], g + ref[1])

@@ -41,6 +41,7 @@ class PhantomSpec:
     vignetting: float = 0.15  # brightness fall-off at the rim of the field
     noise_sigma: float = 0.01  # fraction of full scale
     missing_fraction: float = 0.03
+    grid_radius_mm: float | None = None  # beads only within this radius (a small phantom)
     dtype: str = "uint16"
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -116,6 +117,8 @@ def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, PhantomTruth]:
         miss = np.array(sorted(missing))
         key = gi[:, 0] * 100003 + gi[:, 1]
         bead[np.isin(key, miss[:, 0] * 100003 + miss[:, 1])] = 0.0
+    if spec.grid_radius_mm is not None:
+        bead[np.hypot(gi[:, 0], gi[:, 1]) * spec.pitch_mm > spec.grid_radius_mm] = 0.0
     bead = bead.reshape(h, ss, w, ss).mean(axis=(1, 3))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     sign = 1.0 if spec.bead_polarity == "bright" else -1.0

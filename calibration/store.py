@@ -136,7 +136,8 @@ def validate_entry(name: str, e: Any) -> dict[str, Any]:
     used = _int(phantom, "beads_used", f"{where}.phantom", 0)
     fov = _circle(_obj(e, "fov", where, nullable=True), f"{where}.fov")
     fov_d = _circle(_obj(e, "fov_distorted", where, nullable=True), f"{where}.fov_distorted")
-    fit_radius = _num(e, "fit_radius_px", where, positive=True)
+    _num(e, "fit_radius_px", where, positive=True)
+    calibrated = _num(e, "calibrated_radius_px", where, positive=True)
     fwd = _poly(e, "ideal_from_distorted", where)
     inv = _poly(e, "distorted_from_ideal", where)
     res = _obj(e, "residuals", where)
@@ -157,7 +158,7 @@ def validate_entry(name: str, e: Any) -> dict[str, Any]:
     if fov is not None and not (0 <= fov[0] < w and 0 <= fov[1] < h):
         raise _Bad(f"{where}.fov.center_xy lies outside the {w}x{h} image")
     ref = fwd.center_xy
-    reach = fov_d[2] if fov_d else fit_radius
+    reach = calibrated
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     rings = [ref] + [
         (ref[0] + f * reach * math.cos(a), ref[1] + f * reach * math.sin(a)) for f in (0.33, 0.66, 0.95) for a in t

@@ -20,9 +20,7 @@ from calibration.transforms import Polynomial2D, fit_rigid
 
 CASES = {
     # bright beads, 12-bit in uint16, field cutting the grid, 3 % of beads missing
-    "bright_fov": PhantomSpec(
-        fov_center_xy=(250.0, 262.0), fov_radius_px=238.0, noise_sigma=0.02, seed=1
-    ),
+    "bright_fov": PhantomSpec(fov_center_xy=(250.0, 262.0), fov_radius_px=238.0, noise_sigma=0.02, seed=1),
     # dark beads (hole plate / raw intensifier output), 8-bit, noisier, stronger twist
     "dark_fov_noisy": PhantomSpec(
         bead_polarity="dark",
@@ -98,9 +96,7 @@ def _field_points(truth: PhantomTruth, shape: tuple[int, int], n: int = 3000) ->
     pts = rng.uniform([0, 0], [w - 1, h - 1], (n * 3, 2))
     if spec.fov_radius_px is not None:
         c = np.asarray(spec.fov_center_xy)
-        pts = pts[
-            np.hypot(*(pts - c).T) < spec.fov_radius_px - 0.5 * spec.pitch_mm / spec.spacing_mm
-        ]
+        pts = pts[np.hypot(*(pts - c).T) < spec.fov_radius_px - 0.5 * spec.pitch_mm / spec.spacing_mm]
     else:
         m = spec.pitch_mm / spec.spacing_mm
         pts = pts[(pts.min(axis=1) > m) & (pts[:, 0] < w - 1 - m) & (pts[:, 1] < h - 1 - m)]
@@ -125,14 +121,8 @@ def test_spacing_within_half_percent_of_truth(calibrated):
     eps = 0.5
     jac = np.column_stack(
         [
-            (
-                truth.phantom_from_distorted(ref + [eps, 0])
-                - truth.phantom_from_distorted(ref - [eps, 0])
-            )[0],
-            (
-                truth.phantom_from_distorted(ref + [0, eps])
-                - truth.phantom_from_distorted(ref - [0, eps])
-            )[0],
+            (truth.phantom_from_distorted(ref + [eps, 0]) - truth.phantom_from_distorted(ref - [eps, 0]))[0],
+            (truth.phantom_from_distorted(ref + [0, eps]) - truth.phantom_from_distorted(ref - [0, eps]))[0],
         ]
     ) / (2 * eps)
     true_spacing = math.sqrt(abs(np.linalg.det(jac)))
@@ -198,9 +188,7 @@ def test_undistorted_phantom_image_has_straight_grid(calibrated):
     det_raw = report.detection
     ij_r, idx_r = index_grid(det_raw.xy, det_raw.center_xy, det_raw.pitch_px)
     sim_r = fit_rigid(ij_r * truth.spec.pitch_mm, det_raw.xy[idx_r], with_scale=True)
-    raw_rms = float(
-        np.sqrt(np.mean(np.sum((sim_r(ij_r * truth.spec.pitch_mm) - det_raw.xy[idx_r]) ** 2, 1)))
-    )
+    raw_rms = float(np.sqrt(np.mean(np.sum((sim_r(ij_r * truth.spec.pitch_mm) - det_raw.xy[idx_r]) ** 2, 1))))
     if truth.spec.k1 > 0.01:
         assert raw_rms > 1.5
 
@@ -240,18 +228,14 @@ def test_polynomial_fit_evaluate_grid_jacobian_and_composition():
     from calibration.transforms import Composed, Similarity2D, polynomial_exponents
 
     rng = np.random.default_rng(0)
-    true = Polynomial2D(
-        3, (50.0, 40.0), 60.0, tuple(rng.normal(0, 5, 10)), tuple(rng.normal(0, 5, 10))
-    )
+    true = Polynomial2D(3, (50.0, 40.0), 60.0, tuple(rng.normal(0, 5, 10)), tuple(rng.normal(0, 5, 10)))
     src = rng.uniform(0, 100, (200, 2))
     fitted = Polynomial2D.fit(src, true(src), 3, (50.0, 40.0), 60.0)
     np.testing.assert_allclose(fitted.coef_x, true.coef_x, atol=1e-9)
     assert polynomial_exponents(2) == [(0, 0), (1, 0), (0, 1), (2, 0), (1, 1), (0, 2)]
     gx, gy = true.evaluate_grid(np.arange(7), np.arange(5))
     pts = np.array([(x, y) for y in range(5) for x in range(7)], dtype=float)
-    np.testing.assert_allclose(
-        np.column_stack([gx.ravel(), gy.ravel()]), true(pts), rtol=1e-5, atol=1e-3
-    )
+    np.testing.assert_allclose(np.column_stack([gx.ravel(), gy.ravel()]), true(pts), rtol=1e-5, atol=1e-3)
     eps = 1e-4
     num = (true(src[:5] + [eps, 0]) - true(src[:5] - [eps, 0])) / (2 * eps)
     np.testing.assert_allclose(true.jacobian(src[:5])[:, :, 0], num, rtol=1e-5, atol=1e-6)
@@ -263,3 +247,28 @@ def test_polynomial_fit_evaluate_grid_jacobian_and_composition():
     np.testing.assert_allclose((sim.inverse() @ sim)(src), src, atol=1e-9)
     rigid = fit_rigid(src, sim(src), with_scale=True)
     assert rigid.scale == pytest.approx(0.3) and rigid.angle_rad == pytest.approx(0.2)
+
+
+def test_phantom_smaller_than_the_field_is_masked_where_not_calibrated(tmp_path):
+    """A grid that stops short of the field edge: the model is only trusted (and the corrected
+    frame only shown) where the beads vouch for it, never extrapolated to the rim."""
+    spec = PhantomSpec(fov_center_xy=(250.0, 262.0), fov_radius_px=238.0, grid_radius_mm=40.0, seed=2)
+    image, truth = render_phantom(spec)
+    report = calibrate_image(image, spec.pitch_mm)
+    e = report.entry
+    assert e["calibrated_radius_px"] < 0.8 * e["fov_distorted"]["radius_px"]
+    write_angulation(tmp_path / "c.json", "small", e)
+    cal = load_calibration(tmp_path / "c.json")
+    assert cal.fov_radius_px < e["calibrated_radius_px"]
+    # everything left visible was calibrated: its raw source lies within the beads' reach
+    mask = cal.fov_mask(image.shape)
+    src = cal.distorted_from_ideal(np.argwhere(mask)[:, ::-1].astype(float))
+    ref = np.asarray(cal.ideal_from_distorted.center_xy)
+    assert np.hypot(*(src - ref).T).max() <= e["calibrated_radius_px"] + 0.5
+    assert (cal.undistort(image)[~mask] == 0).all()
+    # and it is accurate there
+    pts = src[:: max(1, len(src) // 2000)]
+    mm_true = truth.phantom_from_distorted(pts)
+    q = cal.ideal_from_distorted(pts) * cal.pixel_spacing_mm
+    err = np.hypot(*(fit_rigid(mm_true, q)(mm_true) - q).T) / cal.pixel_spacing_mm
+    assert float(np.sqrt(np.mean(err**2))) <= 0.3
