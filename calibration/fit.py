@@ -110,8 +110,9 @@ def calibrate_image(
     ideal_from_distorted = sim.inverse().compose_polynomial(poly)
     fit_radius = scale
     # where the beads vouch for the model: the grid's inscribed reach around the field centre
-    # plus one pitch; beyond it (a phantom smaller than the field) the corrected frame is masked
-    covered = _covered_radius(xy[keep], ref) + det.pitch_px
+    # plus 1.5 pitches (the ring of beads cut by the field edge is missing by design); beyond
+    # it (a phantom smaller than the field) the corrected frame is masked
+    covered = _covered_radius(xy[keep], ref) + 1.5 * det.pitch_px
     if det.fov is not None:
         valid: tuple[float, float, float] = (det.fov[0], det.fov[1], min(det.fov[2], covered))
     else:
