@@ -112,12 +112,13 @@ def calibrate_image(
     # where the beads vouch for the model: the grid's inscribed reach around the field centre
     # plus 1.5 pitches (the ring of beads cut by the field edge is missing by design); beyond
     # it (a phantom smaller than the field) the corrected frame is masked
-    covered = _covered_radius(xy[keep], ref) + 1.5 * det.pitch_px
+    limit = det.fov[2] if det.fov is not None else math.hypot(w, h) / 2
+    covered = _covered_radius(xy[keep], ref, 1.5 * det.pitch_px, limit, (w, h))
     if det.fov is not None:
-        valid: tuple[float, float, float] = (det.fov[0], det.fov[1], min(det.fov[2], covered))
+        valid: tuple[float, float, float] = (det.fov[0], det.fov[1], covered)
     else:
         valid = (ref[0], ref[1], covered)
-    distorted_from_ideal, roundtrip = _fit_inverse(ideal_from_distorted, ref, valid[2])
+    distorted_from_ideal, roundtrip = _fit_inverse(ideal_from_distorted, ref, valid[2], (w, h))
     fov_ideal = _ideal_fov(ideal_from_distorted, valid if det.fov is not None else None)
     jac = poly.jacobian(np.array([ref]))[0]
     sv = np.linalg.svd(jac, compute_uv=False)
@@ -183,26 +184,48 @@ def _residuals(poly: Polynomial2D, sim: Similarity2D, xy: np.ndarray, ij: np.nda
     return (poly(xy) - ij * pitch_mm) / sim.scale
 
 
-def _covered_radius(xy: np.ndarray, ref: tuple[float, float], sectors: int = 24) -> float:
-    """Radius around `ref` that the beads reach in every direction (outermost bead per
-    angular sector, smallest over the sectors; a sector without beads counts as 0)."""
+def _covered_radius(
+    xy: np.ndarray,
+    ref: tuple[float, float],
+    margin: float,
+    limit: float,
+    size: tuple[int, int],
+    sectors: int = 24,
+) -> float:
+    """Radius around `ref` (at most `limit`) that the beads vouch for in every direction: per
+    angular sector, the outermost bead + `margin`; a sector whose beads reach the end of the
+    image in that direction (the field edge or the frame edge) is fully covered."""
+    w, h = size
     d = xy - np.asarray(ref)
     dist = np.hypot(d[:, 0], d[:, 1])
-    sector = (np.floor((np.arctan2(d[:, 1], d[:, 0]) + np.pi) / (2 * np.pi) * sectors)).astype(int)
+    sector = np.floor((np.arctan2(d[:, 1], d[:, 0]) + np.pi) / (2 * np.pi) * sectors).astype(int)
     reach = np.zeros(sectors)
     np.maximum.at(reach, np.clip(sector, 0, sectors - 1), dist)
-    return float(reach.min())
+    out = limit
+    for k in range(sectors):
+        # image extent along the sector's two bounding rays
+        avail = limit
+        for a in (-np.pi + 2 * np.pi * k / sectors, -np.pi + 2 * np.pi * (k + 1) / sectors):
+            c, s = math.cos(a), math.sin(a)
+            tx = ((w - 1 - ref[0]) / c if c > 1e-9 else -ref[0] / c) if abs(c) > 1e-9 else np.inf
+            ty = ((h - 1 - ref[1]) / s if s > 1e-9 else -ref[1] / s) if abs(s) > 1e-9 else np.inf
+            avail = min(avail, tx, ty)
+        if reach[k] + margin < avail:
+            out = min(out, reach[k] + margin)
+    return float(out)
 
 
 def _fit_inverse(
-    ideal_from_distorted: Polynomial2D, ref: tuple[float, float], reach: float
+    ideal_from_distorted: Polynomial2D, ref: tuple[float, float], reach: float, size: tuple[int, int]
 ) -> tuple[Polynomial2D, float]:
-    """distorted_from_ideal, fitted on a dense sampling of the calibrated disc."""
+    """distorted_from_ideal, fitted on a dense sampling of the calibrated disc (within the frame)."""
     step = max(2.0, reach / 60)
     g = np.arange(-reach, reach + step, step)
     xx, yy = np.meshgrid(g + ref[0], g + ref[1])
     pts = np.column_stack([xx.ravel(), yy.ravel()])
     pts = pts[np.hypot(pts[:, 0] - ref[0], pts[:, 1] - ref[1]) <= reach]
+    w, h = size
+    pts = pts[(pts[:, 0] >= -2) & (pts[:, 1] >= -2) & (pts[:, 0] <= w + 1) & (pts[:, 1] <= h + 1)]
     ideal = ideal_from_distorted(pts)
     inv = Polynomial2D.fit(ideal, pts, INVERSE_ORDER, ref, reach)
     back = inv(ideal)

@@ -164,6 +164,7 @@ def validate_entry(name: str, e: Any) -> dict[str, Any]:
         (ref[0] + f * reach * math.cos(a), ref[1] + f * reach * math.sin(a)) for f in (0.33, 0.66, 0.95) for a in t
     ]
     pts = np.array(rings)
+    pts = pts[(pts[:, 0] >= 0) & (pts[:, 1] >= 0) & (pts[:, 0] <= w - 1) & (pts[:, 1] <= h - 1)]
     back = inv(fwd(pts))
     err = float(np.max(np.hypot(*(back - pts).T)))
     if not err <= MAX_ROUNDTRIP_PX:
