@@ -207,3 +207,22 @@ def test_frame_of_another_size_is_refused(calib_file):
     full = cal.fov_mask((320, 320))
     assert small.shape == (160, 160)
     assert small.mean() == pytest.approx(full.mean(), abs=0.01)
+
+
+def test_undistort_keeps_type_and_channels(calib_file, entries):
+    cal = load_calibration(calib_file, "lateral")
+    _, image = entries["lateral"]
+    grey8 = (image >> 4).astype(np.uint8)
+    out8 = cal.undistort(grey8)
+    bgr = cal.undistort(np.dstack([grey8, grey8, grey8]))
+    assert bgr.shape == (320, 320, 3) and bgr.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(bgr[..., c], out8)
+    f32 = cal.undistort(image.astype(np.float32))
+    assert f32.dtype == np.float32
+    inside = cal.fov_mask(image.shape)
+    # same geometry whatever the pixel type (bilinear rounding aside)
+    assert np.abs(f32[inside] / 16 - out8[inside]).max() <= 1.5
+    assert (out8[~inside] == 0).all()
+    # a non-contiguous view is fine too
+    np.testing.assert_array_equal(cal.undistort(np.asfortranarray(grey8)), out8)
