@@ -46,6 +46,8 @@ class GuidancePublisher:
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self.heartbeat_period_ms = 100
+        self._last_hb_ns = 0
+        self.max_heartbeat_gap_ns = 0  # how late our own heartbeats ran (a loaded machine)
 
     def envelope(self, mtype: str, **body: Any) -> dict[str, Any]:
         self.seq += 1
@@ -65,6 +67,10 @@ class GuidancePublisher:
                                 frames_processed=self.frame, dropped_frames=0,
                                 dropped_messages=0, last_frame=self.frame)
             self.sock.send_multipart([b"heartbeat", dumps(doc)])
+        if self._last_hb_ns:
+            self.max_heartbeat_gap_ns = max(self.max_heartbeat_gap_ns,
+                                            doc["publish_mono_ns"] - self._last_hb_ns)
+        self._last_hb_ns = doc["publish_mono_ns"]
         return doc
 
     def alert(self, kind: str = "posterior_leak", state: str = "raised", priority: str = "high",
