@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.demo:
         from firmware_bridge import demo
 
-        return demo.run_demo()
+        return demo.run_demo()  # the service if present, else the scripted alert
     # imported here so `guidance --help` does not pay for pyserial
     from firmware_bridge.bridge import Bridge, BridgeConfig
     from firmware_bridge.link import make_link

@@ -74,15 +74,16 @@ class GuidancePublisher:
         return doc
 
     def alert(self, kind: str = "posterior_leak", state: str = "raised", priority: str = "high",
-              alert_id: str | None = None) -> dict[str, Any]:
+              alert_id: str | None = None, frame: int | None = None,
+              message: str | None = None) -> dict[str, Any]:
         with self._lock:
-            self.frame += 1
+            self.frame = self.frame + 1 if frame is None else frame
             seq = self.seq + 1  # the raise's own seq names the alert (envelope takes it)
             alert_id = alert_id or f"{self.session}:{seq}"
             category = "physiological" if kind.endswith("_leak") else "technical"
             doc = self.envelope("alert", alert_id=alert_id, kind=kind, state=state,
                                 priority=priority, category=category,
-                                evidence=None, message=f"{kind} {state} (test)")
+                                evidence=None, message=message or f"{kind} {state} (test)")
             if state == "raised":
                 self.active[alert_id] = {"alert_id": alert_id, "kind": kind,
                                          "priority": priority, "frame": self.frame,

@@ -102,3 +102,16 @@ def test_simulator_module_prints_a_port_pyserial_can_open(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_demo_shows_hold_latch_and_release() -> None:
+    res = run("-m", "firmware_bridge.demo", "--scripted", timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    for needle in ("GUIDANCE ALERT: posterior_leak raised priority high frame 42",
+                   "HOLD on the wire", "INJECTOR: state held",
+                   "guidance cleared the alert; injector still held",
+                   "OPERATOR ACK (demo-operator, all holds): accepted True",
+                   "RELEASE on the wire", "INJECTOR: state injecting"):
+        assert needle in out, (needle, out)
+    assert out.index("HOLD on the wire") < out.index("OPERATOR ACK") < out.index("RELEASE on")
