@@ -115,3 +115,21 @@ def test_demo_shows_hold_latch_and_release() -> None:
                    "RELEASE on the wire", "INJECTOR: state injecting"):
         assert needle in out, (needle, out)
     assert out.index("HOLD on the wire") < out.index("OPERATOR ACK") < out.index("RELEASE on")
+
+
+def test_port_in_use_exits_2(tmp_path: Path) -> None:
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.PUB)
+    holder.setsockopt(zmq.LINGER, 0)
+    holder.bind("tcp://127.0.0.1:*")
+    taken = holder.getsockopt(zmq.LAST_ENDPOINT).decode()
+    sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
+    try:
+        res = run("-m", "firmware_bridge", "--injector", sim.port, "--pub", taken,
+                  "--ack", "tcp://127.0.0.1:*")
+        assert res.returncode == 2
+        assert "cannot set up ZeroMQ sockets" in res.stderr and "Traceback" not in res.stderr
+    finally:
+        sim.stop()
+        holder.close()
+        ctx.term()

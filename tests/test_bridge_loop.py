@@ -6,6 +6,7 @@ published. Every message the bridge publishes is validated against its JSON sche
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -359,3 +360,50 @@ def test_firmware_fault_alert_and_refused_release(rig: Rig) -> None:
     assert "RELEASE" in failed["message"] and "REFUSED" in failed["message"]
     rig.sim.clear_fault()
     assert rig.alert_seen("injector_fault", "cleared")
+
+
+def test_guidance_never_heard_holds_after_timeout(tmp_path: Path) -> None:
+    """Fail-safe default: a bridge started without guidance holds the injector after 1 s."""
+    ctx = zmq.Context()
+    sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
+    silent_guidance = GuidancePublisher(ctx)  # bound, never publishes
+    bt = BridgeThread(SerialInjectorLink(sim.port), silent_guidance.endpoint, ctx,
+                      heartbeat_period_s=0.1).start()
+    tap = BridgeTap(ctx, bt.bridge.pub_address)
+    try:
+        lost = tap.wait_for(lambda t, d: t == "alert" and d["kind"] == "guidance_lost", 5.0)
+        assert lost and lost["state"] == "raised"
+        assert sim.wait_for(lambda r: any(x.frame.type == MsgType.HOLD for x in r), 3.0)
+        (hold,) = sim.commands(MsgType.HOLD)
+        assert hold.frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.GUIDANCE_LOST)
+        for topic, doc in tap.messages:
+            VALIDATORS[TOPIC_SCHEMA[topic]].validate(doc)
+    finally:
+        bt.stop()
+        tap.close()
+        silent_guidance.close()
+        sim.stop()
+        ctx.term()
+
+
+def test_console_ack_request_matches_its_schema() -> None:
+    """The ack the harness (and the demo) sends is what ack.schema.json documents."""
+    ctx = zmq.Context()
+    rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.LINGER, 0)
+    rep.bind("tcp://127.0.0.1:*")
+    got: list[dict] = []
+
+    def answer() -> None:
+        if rep.poll(3000):
+            got.append(json.loads(rep.recv()))
+            rep.send(b"{}")
+
+    t = threading.Thread(target=answer)
+    t.start()
+    send_ack(ctx, rep.getsockopt(zmq.LAST_ENDPOINT).decode(), "s:3", operator="dr-x")
+    t.join()
+    rep.close()
+    ctx.term()
+    VALIDATORS["ack"].validate(got[0])
+    assert got[0]["alert_id"] == "s:3" and got[0]["operator"] == "dr-x"
