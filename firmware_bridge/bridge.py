@@ -17,7 +17,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -81,8 +81,8 @@ class Counters:
     link_losses: int = 0
     holds_sent: int = 0
     releases_sent: int = 0
+    loop_turns: int = 0  # poll wake-ups: a busy loop shows here
     last_reject: str = ""
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Bridge:
@@ -169,6 +169,7 @@ class Bridge:
         while not self.stop_event.is_set():
             now = time.monotonic_ns()
             timeout_ms = max(0, min(self._next_deadline_ns(now) - now, 100 * MS)) / MS
+            self.counters.loop_turns += 1
             try:
                 events = dict(self.poller.poll(timeout_ms))
             except zmq.ZMQError as err:  # EINTR on a signal: go round, stop_event decides
@@ -187,13 +188,16 @@ class Bridge:
 
     def _next_deadline_ns(self, now: int) -> int:
         c = self.config
-        deadlines = [self._next_pub_heartbeat_ns,
-                     self._last_g_heartbeat_ns + int(c.guidance_timeout_s * 1e9) + 1]
+        # only timers that can still fire: a deadline in the past would make poll() spin
+        deadlines = [self._next_pub_heartbeat_ns]
+        if "guidance_lost" not in self.active:
+            deadlines.append(self._last_g_heartbeat_ns + int(c.guidance_timeout_s * 1e9) + 1)
         if "injector_silent" not in self.active:
             deadlines.append(self._last_rx_ns + int(c.injector_timeout_s * 1e9) + 1)
         if self.link.connected:
             deadlines.append(self._next_link_heartbeat_ns)
-            if self.latch.latched and not self.hold_confirmed:
+            if (self.latch.latched and not self.hold_confirmed
+                    and not self.channel.has_pending(MsgType.HOLD)):
                 deadlines.append(self._last_hold_sent_ns + int(c.reassert_period_s * 1e9))
         else:
             deadlines.append(self._next_reconnect_ns)

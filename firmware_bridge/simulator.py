@@ -19,6 +19,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -427,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     sim = FirmwareSimulator(telemetry_hz=args.telemetry_hz,
                             model=PlungerModel(demand_ml_per_min=args.flow),
                             link_dir=args.link_dir)
+    def _term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM: same clean stop as Ctrl-C
+
+    signal.signal(signal.SIGTERM, _term)
     sim.start()
     print(sim.port, flush=True)
     print(f"simulator: port {sim.port} -> {sim.pty_name}", file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -38,6 +39,7 @@ class Rig:
         self.bt = BridgeThread(SerialInjectorLink(self.sim.port), self.guidance.endpoint,
                                self.ctx, **config).start()
         self.bridge = self.bt.bridge
+        self._t0 = time.monotonic()
         self.tap = BridgeTap(self.ctx, self.bridge.pub_address)
         # slow joiner, both ways: wait until a bridge heartbeat shows it heard our guidance
         ready = self.tap.wait_for(lambda t, d: t == "heartbeat" and d["link"] == "connected"
@@ -84,6 +86,9 @@ class Rig:
         try:
             self.tap.pump(0.05)
             self.bt.stop()
+            # no busy loop in any state the test drove it through (~100 turns/s is normal)
+            rate = self.bridge.counters.loop_turns / (time.monotonic() - self._t0)
+            assert rate < 3000, f"bridge loop spins: {rate:.0f} turns/s"
         finally:
             self.tap.close()
             self.guidance.close()
@@ -235,6 +240,10 @@ def test_guidance_heartbeat_lost_holds_and_ack_waits_for_guidance(rig: Rig) -> N
     assert rig.injector_state("held")
     reply = rig.ack("*")
     assert reply["accepted"] is False and "guidance is not heard" in reply["reason"]
+    # while guidance stays lost the loop sleeps on its other timers, it does not spin
+    turns, mark = rig.bridge.counters.loop_turns, rig.mark()
+    assert rig.tap.wait_for(lambda t, d: t == "heartbeat" and d["seq"] > 0, 3, since=mark + 40)
+    assert rig.bridge.counters.loop_turns - turns < 2000
     mark = len(rig.tap.messages)
     rig.guidance.start_heartbeats(0.1)
     assert rig.alert_seen("guidance_lost", "cleared")
