@@ -416,3 +416,38 @@ def test_console_ack_request_matches_its_schema() -> None:
     ctx.term()
     VALIDATORS["ack"].validate(got[0])
     assert got[0]["alert_id"] == "s:3" and got[0]["operator"] == "dr-x"
+
+
+def test_live_bridge_survives_fuzzed_guidance_and_serial_input(tmp_path: Path) -> None:
+    """Random JSON/bytes on the guidance PUB and random bytes on the pty, into the running
+    bridge: it never crashes, never releases, keeps answering acks and publishing."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    rig = Rig(tmp_path)
+    try:
+        base = rig.guidance.envelope("alert", alert_id="f:1", kind="posterior_leak",
+                                     state="raised", priority="high", category="physiological",
+                                     evidence=None, message="m")
+        scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=6)
+        payloads = st.one_of(
+            st.binary(max_size=120),
+            st.dictionaries(st.sampled_from(sorted(base)), scalars, max_size=6).map(
+                lambda d: json.dumps({**base, **d}).encode()))
+
+        @settings(max_examples=40, derandomize=True, deadline=None, database=None)
+        @given(st.sampled_from([b"alert", b"heartbeat"]), payloads,
+               st.binary(max_size=200), st.integers(0, 2))
+        def feed(topic: bytes, payload: bytes, garbage: bytes, extra: int) -> None:
+            rig.guidance.send_raw([topic, payload] + [b"x"] * extra)
+            rig.sim.inject_bytes(garbage)
+
+        feed()
+        mark = rig.mark()
+        assert rig.heartbeat_where(lambda d: d["state"] == "running", since=mark)
+        assert rig.bt.alive
+        assert rig.sim.commands(MsgType.RELEASE) == []
+        assert "accepted" in rig.ack("nothing:0")
+        assert rig.bridge.counters.guidance_rejected > 0 and rig.bridge.parser.rejects > 0
+    finally:
+        rig.close()
