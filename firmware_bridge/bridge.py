@@ -102,6 +102,7 @@ class Bridge:
         self.state = "starting"
         self.telemetry: wire.Telemetry | None = None
         self._telemetry_seq: int | None = None
+        self._release_fw_seq: int | None = None  # firmware seq of the ACK of our last RELEASE
         self.hold_confirmed = False  # the firmware ACKed the latest HOLD and no RELEASE since
         self.stop_event = threading.Event()
         # guidance session tracking
@@ -387,6 +388,7 @@ class Bridge:
         self.parser = wire.FrameParser()
         self.channel.resync()
         self._telemetry_seq = None
+        self._release_fw_seq = None
         log.warning("injector link up on %s", self.link.name)
         if self.latch.latched:  # the latched hold outlives the cable
             self._send_hold(HoldReason.REASSERT, now)
@@ -445,7 +447,7 @@ class Bridge:
             elif item.type is MsgType.ACK:
                 outcome = self.channel.on_ack(item.payload, now)
                 if outcome is not None:
-                    self._on_outcome(outcome)
+                    self._on_outcome(outcome, item.seq)
             elif item.type is MsgType.NAK:
                 resend, failed = self.channel.on_nak(item.payload, now)
                 for out in resend:
@@ -455,11 +457,13 @@ class Bridge:
             else:  # a command type coming from the firmware makes no sense: note it
                 log.warning("unexpected %s frame from the firmware", item.type)
 
-    def _on_outcome(self, outcome: Outcome) -> None:
+    def _on_outcome(self, outcome: Outcome, ack_fw_seq: int) -> None:
         ftype = outcome.frame.type
         if outcome.status is AckStatus.REFUSED:
             self._command_failed(outcome)
             return
+        if ftype is MsgType.RELEASE:
+            self._release_fw_seq = ack_fw_seq
         if "command_failed" in self.active:
             self._clear("command_failed", f"{ftype.name} seq {outcome.frame.seq} acknowledged; "
                         "commands get through again.")
@@ -499,6 +503,18 @@ class Bridge:
             self._raise("injector_fault", f"Injector reports fault code {t.fault_code}.")
         elif t.state is not InjectorState.FAULT and "injector_fault" in self.active:
             self._clear("injector_fault", "Injector fault cleared.")
+        if (t.state is InjectorState.HELD and not self.latch.latched
+                and not self.channel.has_pending(MsgType.RELEASE)
+                and (self._release_fw_seq is None
+                     or wire.seq_newer(frame.seq, self._release_fw_seq))):
+            # held, but not by a latch of ours: the bridge restarted, or the firmware held
+            # itself (host watchdog, cleared fault). Adopt it so an operator ack can release.
+            alert_id = self._raise("hold_latched", "Injector reports held without a hold "
+                                   "latched by the bridge (bridge restart, firmware watchdog "
+                                   "or cleared fault): operator acknowledgment required to "
+                                   "release.")
+            self.latch.latch(alert_id, "injector_held")
+            log.warning("injector held by itself: adopted as latched hold %s", alert_id)
         if (self.latch.latched and self.hold_confirmed
                 and t.state not in (InjectorState.HELD, InjectorState.FAULT)):
             log.warning("firmware reports %s while a hold is latched: re-asserting HOLD",

@@ -132,8 +132,12 @@ class FirmwareSimulator:
     """The injector firmware: a plunger model behind the serial protocol, on its own thread."""
 
     def __init__(self, *, telemetry_hz: float = 50.0, model: PlungerModel | None = None,
-                 link_dir: str | None = None) -> None:
+                 link_dir: str | None = None, host_timeout_s: float | None = None) -> None:
         self.model = model or PlungerModel()
+        # firmware-side watchdog: no command from the host for this long -> hold by itself
+        self.host_timeout_s = host_timeout_s
+        self._last_host_rx = time.monotonic()
+        self.self_holds = 0
         self.telemetry_period_s = 1.0 / telemetry_hz
         self._own_dir = link_dir is None
         self._dir = link_dir or tempfile.mkdtemp(prefix="injector-sim-")
@@ -269,6 +273,15 @@ class FirmwareSimulator:
                 if data:
                     self._on_bytes(data, rx_ns)
             now = time.monotonic()
+            if (self.host_timeout_s is not None
+                    and now - self._last_host_rx > self.host_timeout_s
+                    and self.model.state is InjectorState.INJECTING):
+                self.model.hold()
+                with self._cond:
+                    self.self_holds += 1
+                    self._cond.notify_all()
+                log.warning("no command from the host for %.0f ms: holding",
+                            (now - self._last_host_rx) * 1000)
             if now >= next_tick:
                 self.model.step(now - last)
                 last = now
@@ -309,6 +322,7 @@ class FirmwareSimulator:
             self._send(wire.nak_frame(self._next_seq(), frame.seq, wire.NakReason.UNKNOWN_TYPE))
             return
         self.stats.commands += 1
+        self._last_host_rx = time.monotonic()
         if frame.flags & wire.FLAG_SYNC and frame.seq != self._sync_seq:
             # a (re)connected host: adopt its seq space
             self._sync_seq = frame.seq
@@ -420,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--telemetry-hz", type=float, default=50.0)
     parser.add_argument("--flow", type=float, default=3.0, help="demanded flow, mL/min")
     parser.add_argument("--link-dir", help="folder for the stable 'injector' symlink")
+    parser.add_argument("--host-timeout", type=float, default=1.0, metavar="S",
+                        help="hold by itself when no command came from the host for S seconds "
+                             "(firmware watchdog; 0 disables; default 1.0)")
     args = parser.parse_args(argv)
     if not 1.0 <= args.telemetry_hz <= 1000.0:
         print("simulator: error: --telemetry-hz must be within 1..1000", file=sys.stderr)
@@ -427,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sim = FirmwareSimulator(telemetry_hz=args.telemetry_hz,
                             model=PlungerModel(demand_ml_per_min=args.flow),
-                            link_dir=args.link_dir)
+                            link_dir=args.link_dir,
+                            host_timeout_s=args.host_timeout if args.host_timeout > 0 else None)
     def _term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM: same clean stop as Ctrl-C
 

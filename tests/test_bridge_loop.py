@@ -31,9 +31,9 @@ TOPIC_SCHEMA = {"telemetry": "telemetry", "alert": "bridge_alert", "heartbeat": 
 class Rig:
     """Simulator + fake guidance + bridge thread + tap, wired on free loopback ports."""
 
-    def __init__(self, tmp_path: Path, **config) -> None:
+    def __init__(self, tmp_path: Path, host_timeout_s: float | None = None, **config) -> None:
         self.ctx = zmq.Context()
-        self.sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
+        self.sim = FirmwareSimulator(link_dir=str(tmp_path), host_timeout_s=host_timeout_s).start()
         self.guidance = GuidancePublisher(self.ctx).start_heartbeats(0.1)
         config.setdefault("heartbeat_period_s", 0.1)
         self.bt = BridgeThread(SerialInjectorLink(self.sim.port), self.guidance.endpoint,
@@ -102,7 +102,7 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path, request: pytest.FixtureRequest):
-    config = getattr(request, "param", {})
+    config = dict(getattr(request, "param", {}))
     r = Rig(tmp_path, **config)
     yield r
     r.close()
@@ -451,3 +451,45 @@ def test_live_bridge_survives_fuzzed_guidance_and_serial_input(tmp_path: Path) -
         assert rig.bridge.counters.guidance_rejected > 0 and rig.bridge.parser.rejects > 0
     finally:
         rig.close()
+
+
+def test_restarted_bridge_adopts_the_hold_it_finds(rig: Rig) -> None:
+    """A bridge restarted while the injector is held must not leave it stuck (nothing to ack)
+    nor release it: it adopts the hold as latched, and an operator ack releases it."""
+    rig.guidance.alert("posterior_leak")
+    rig.wait_commands(MsgType.HOLD)
+    assert rig.injector_state("held")
+    rig.bt.stop()
+    bt2 = BridgeThread(SerialInjectorLink(rig.sim.port), rig.guidance.endpoint, rig.ctx,
+                       heartbeat_period_s=0.1).start()
+    tap2 = BridgeTap(rig.ctx, bt2.bridge.pub_address)
+    try:
+        adopted = tap2.wait_for(lambda t, d: t == "alert" and d["kind"] == "hold_latched"
+                                and d["state"] == "raised", 5.0)
+        assert adopted and "without a hold latched by the bridge" in adopted["message"]
+        assert rig.sim.commands(MsgType.RELEASE) == []
+        reply = send_ack(rig.ctx, bt2.bridge.ack_address, adopted["alert_id"])
+        assert reply["accepted"] and not reply["hold_latched"]
+        rig.wait_commands(MsgType.RELEASE)
+        assert tap2.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == "injecting")
+        for topic, doc in tap2.messages:
+            VALIDATORS[TOPIC_SCHEMA[topic]].validate(doc)
+    finally:
+        bt2.stop()
+        tap2.close()
+
+
+@pytest.mark.parametrize("rig", [{"host_timeout_s": 1.0}], indirect=True)
+def test_firmware_watchdog_hold_is_adopted_after_replug(rig: Rig) -> None:
+    rig.sim.unplug()
+    assert rig.sim.wait_for(lambda r: rig.sim.self_holds > 0, 5.0)
+    mark = rig.mark()
+    rig.sim.replug()
+    adopted = rig.alert_seen("hold_latched", since=mark)
+    assert adopted and "firmware watchdog" in adopted["message"]
+    assert rig.heartbeat_where(lambda d: d["hold_latched"] and d["link"] == "connected",
+                               since=mark)
+    assert rig.ack(adopted["alert_id"])["accepted"]
+    (release,) = rig.wait_commands(MsgType.RELEASE)
+    assert release.status is AckStatus.APPLIED
+    assert rig.injector_state("injecting", since=mark)
