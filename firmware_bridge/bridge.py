@@ -119,7 +119,9 @@ class Bridge:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, c.rcvhwm)
-        for topic in (b"alert", b"heartbeat"):
+        # status too, though only its seq and frame are used: the publisher's seq counts every
+        # type, so a SUB that filtered status out could not tell loss from filtering
+        for topic in messages.GUIDANCE_TOPICS:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, c.linger_ms)
@@ -288,8 +290,10 @@ class Bridge:
         self.counters.guidance_accepted += 1
         if isinstance(msg, GuidanceAlert):
             self._on_alert(msg, now)
-        else:
+        elif isinstance(msg, GuidanceHeartbeat):
             self._on_heartbeat(msg, now)
+        elif msg.frame is not None:
+            self.g_last_frame = msg.frame
 
     def _on_alert(self, alert: GuidanceAlert, now: int) -> None:
         if alert.frame is not None:

@@ -1,12 +1,15 @@
 """Demo: guidance + bridge + simulated injector together, showing a hold and its release.
 
-    python -m firmware_bridge.demo                 # guidance service on its bundled leak loop
-    python -m firmware_bridge.demo --replay LOG    # or: replay a recorded guidance log (JSONL)
-    python -m firmware_bridge.demo --record LOG    # record what the guidance PUB sends
+    python -m firmware_bridge.demo                      # `guidance run` on its bundled leak loop
+    python -m firmware_bridge.demo --guidance-args "--model M.onnx --sha256sums SUMS"
+    python -m firmware_bridge.demo --recorded           # replay the bundled recorded alert log
+    python -m firmware_bridge.demo --replay LOG.jsonl   # replay a `guidance run --alert-log` file
+    guidance bridge --demo                              # same as the first line
 
 Prints the guidance alert, the HOLD as the simulated firmware read it off the pty, the injector
-state (held), the operator ack and the RELEASE. Everything runs on loopback; nothing is left
-running afterwards.
+state (held, and still held after guidance clears), the operator ack and the RELEASE. If the
+guidance service cannot run (e.g. no shipped model yet) it says why and replays the recorded
+log instead. Everything is on loopback; nothing is left running afterwards.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,15 +37,20 @@ from firmware_bridge.simulator import FirmwareSimulator
 from firmware_bridge.wire import HoldReason, MsgType
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDANCE_ENDPOINT = "tcp://127.0.0.1:5556"
+RECORDED_LOG = Path(__file__).parent / "demo_data" / "guidance_alert_log.jsonl"
+LEAKS = ("posterior_leak", "venous_leak")
 
 
-def say(t0: float, text: str) -> None:
-    print(f"[{time.monotonic() - t0:6.2f} s] {text}", flush=True)
+class Clock:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.2f} s] {text}", flush=True)
 
 
 class GuidanceWatch:
-    """SUB on the guidance PUB: prints what guidance says, remembers the first leak raise."""
+    """SUB on the guidance PUB: what guidance says (and, optionally, a recording of it)."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, record: str | None = None) -> None:
         self.sock = ctx.socket(zmq.SUB)
@@ -52,27 +61,29 @@ class GuidanceWatch:
         self.record = open(record, "w") if record else None  # noqa: SIM115
         self.heartbeat: dict[str, Any] | None = None
         self.alerts: list[dict[str, Any]] = []
-        self._t0 = time.monotonic_ns()
 
     def pump(self, timeout_s: float) -> None:
         if not self.sock.poll(int(timeout_s * 1000)):
             return
         while True:
             try:
-                topic, payload = self.sock.recv_multipart(zmq.NOBLOCK)
-            except (zmq.Again, ValueError):
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
                 return
             try:
-                doc = json.loads(payload)
-            except json.JSONDecodeError:
+                doc = json.loads(frames[-1])
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            if self.record:
-                self.record.write(json.dumps({"t_ms": (time.monotonic_ns() - self._t0) / 1e6,
-                                              "topic": topic.decode(), "payload": doc}) + "\n")
-            if topic == b"heartbeat":
+            if self.record:  # the `guidance run --alert-log` format: one payload a line
+                self.record.write(json.dumps(doc, separators=(",", ":")) + "\n")
+            if doc.get("type") == "heartbeat":
                 self.heartbeat = doc
-            else:
+            elif doc.get("type") == "alert":
                 self.alerts.append(doc)
+
+    def first_leak(self) -> dict[str, Any] | None:
+        return next((a for a in self.alerts if a.get("kind") in LEAKS
+                     and a.get("state") == "raised" and a.get("priority") == "high"), None)
 
     def close(self) -> None:
         self.sock.close()
@@ -81,35 +92,36 @@ class GuidanceWatch:
 
 
 class ReplayGuidance:
-    """Re-publishes the alerts of a recorded guidance log with fresh stamps (own session,
-    seq, publish times), and heartbeats every 200 ms, as the live service would."""
+    """Re-publishes the alerts of a recorded log (`guidance run --alert-log` format) at their
+    recorded pace with fresh stamps (own session, seq, publish times), heartbeating every
+    200 ms as the live service would."""
 
     def __init__(self, ctx: zmq.Context, events: list[dict[str, Any]]) -> None:
         self.pub = GuidancePublisher(ctx)
         self.endpoint = self.pub.endpoint
-        self.events = [e for e in events if e.get("topic") == "alert"]
+        self.events = [e for e in events if e.get("type") == "alert"]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="replay")
+        self._delay_s = 1.0
 
-    def start(self) -> ReplayGuidance:
+    def start(self, delay_s: float = 1.0) -> ReplayGuidance:
+        self._delay_s = delay_s
         self.pub.start_heartbeats(0.2)
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        t0 = time.monotonic()
+        t0 = time.monotonic() + self._delay_s
         ids: dict[str, str] = {}
-        first = self.events[0]["t_ms"] if self.events else 0.0
-        for event in self.events:
-            if self._stop.wait(max(0.0, t0 + (event["t_ms"] - first) / 1000 + 1.0
-                                   - time.monotonic())):
+        first = self.events[0]["publish_mono_ns"] if self.events else 0
+        for doc in self.events:
+            due = t0 + (doc["publish_mono_ns"] - first) / 1e9
+            if self._stop.wait(max(0.0, due - time.monotonic())):
                 return
-            doc = event["payload"]
-            old_id = doc.get("alert_id", "")
-            doc_id = ids.get(old_id)
-            sent = self.pub.alert(doc["kind"], doc["state"], doc["priority"], alert_id=doc_id,
-                                  frame=doc.get("frame"), message=doc.get("message"))
-            ids.setdefault(old_id, sent["alert_id"])
+            sent = self.pub.alert(doc["kind"], doc["state"], doc["priority"],
+                                  alert_id=ids.get(doc["alert_id"]), frame=doc.get("frame"),
+                                  message=doc.get("message"))
+            ids.setdefault(doc["alert_id"], sent["alert_id"])
 
     def close(self) -> None:
         self._stop.set()
@@ -117,127 +129,192 @@ class ReplayGuidance:
         self.pub.close()
 
 
-# A scripted leak, in the wire format, used when no recording is given and the guidance
-# service is not available: posterior leak raised at frame 42, cleared at frame 61.
-SCRIPTED_LOG = [
-    {"t_ms": 0.0, "topic": "alert", "payload": {
-        "alert_id": "rec:1", "kind": "posterior_leak", "state": "raised", "priority": "high",
-        "frame": 42, "message": "Cement 2.1 mm past the posterior wall (scripted)."}},
-    {"t_ms": 1500.0, "topic": "alert", "payload": {
-        "alert_id": "rec:1", "kind": "posterior_leak", "state": "cleared", "priority": "high",
-        "frame": 61, "message": "Posterior leak no longer seen (scripted)."}},
-]
+def load_log(path: Path) -> list[dict[str, Any]]:
+    events = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not JSON ({err})") from None
+        if doc.get("type") == "alert" and not all(
+                k in doc for k in ("alert_id", "kind", "state", "priority", "publish_mono_ns")):
+            raise ValueError(f"{path}:{n}: alert lacks alert_id/kind/state/priority/"
+                             "publish_mono_ns")
+        events.append(doc)
+    if not any(e.get("type") == "alert" for e in events):
+        raise ValueError(f"{path}: no alert messages to replay")
+    return events
 
 
-def service_available() -> bool:
-    return (ROOT / "guidance" / "app.py").exists()
+def free_tcp_endpoint(ctx: zmq.Context) -> str:
+    """A loopback port free right now (bound, then released) for the service's PUB."""
+    sock = ctx.socket(zmq.PUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind("tcp://127.0.0.1:*")
+        return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    finally:
+        sock.close()
 
 
-def run_demo(replay: str | None = None, record: str | None = None,
-             use_service: bool = True, service_timeout_s: float = 90.0) -> int:
-    t0 = time.monotonic()
+def start_service(ctx: zmq.Context, clock: Clock, extra_args: list[str], record: str | None
+                  ) -> tuple[subprocess.Popen, GuidanceWatch] | str:
+    """`guidance run` as its own process; returns it once its first heartbeat is heard, or
+    the reason it could not start."""
+    endpoint = free_tcp_endpoint(ctx)
+    cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *extra_args]
+    service = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    watch = GuidanceWatch(ctx, endpoint, record)
+    clock.say(f"guidance service: {shlex.join(['guidance', *cmd[3:]])} (pid {service.pid})")
+    deadline = time.monotonic() + 60.0
+    while watch.heartbeat is None and time.monotonic() < deadline:
+        watch.pump(0.1)
+        if service.poll() is not None:
+            err = (service.stderr.read() if service.stderr else "").strip().splitlines()
+            watch.close()
+            return f"exited with {service.returncode}: {err[-1] if err else 'no message'}"
+    if watch.heartbeat is None:
+        stop_process(service)
+        watch.close()
+        return "no heartbeat within 60 s"
+    return service, watch
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_demo(replay: str | None = None, record: str | None = None, use_service: bool = True,
+             guidance_args: list[str] | None = None) -> int:
+    clock = Clock()
     ctx = zmq.Context()
     tmp = tempfile.mkdtemp(prefix="bridge-demo-")
     sim = FirmwareSimulator(link_dir=tmp).start()
-    say(t0, f"simulated injector on {sim.port} -> {sim.pty_name} (injecting at "
-            f"{sim.model.demand_ml_per_min} mL/min)")
+    clock.say(f"simulated injector on {sim.port} -> {sim.pty_name}, injecting at "
+              f"{sim.model.demand_ml_per_min} mL/min")
     service: subprocess.Popen | None = None
     source: ReplayGuidance | None = None
-    watch = tap = bt = None
+    watch: GuidanceWatch | None = None
+    tap: BridgeTap | None = None
+    bt: BridgeThread | None = None
     try:
-        if replay is None and use_service and service_available():
-            service = subprocess.Popen([sys.executable, "-m", "guidance", "run"], cwd=ROOT,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       text=True)
-            endpoint = GUIDANCE_ENDPOINT
-            say(t0, f"guidance service started: `guidance run` (pid {service.pid}), PUB "
-                    f"{endpoint}")
-        else:
-            if replay:
-                events = [json.loads(line) for line in Path(replay).read_text().splitlines()
-                          if line.strip()]
-                what = f"recorded guidance log {replay} ({len(events)} messages)"
+        if replay is None and use_service:
+            started = start_service(ctx, clock, guidance_args or [], record)
+            if isinstance(started, str):
+                clock.say(f"guidance service could not run ({started}); falling back to the "
+                          f"recorded guidance alert log {RECORDED_LOG.name}")
+                replay = str(RECORDED_LOG)
             else:
-                events, what = SCRIPTED_LOG, "scripted leak alert (guidance service not found)"
-            source = ReplayGuidance(ctx, events)
+                service, watch = started
+                endpoint = f"{watch.sock.getsockopt(zmq.LAST_ENDPOINT).decode()}"
+                clock.say(f"guidance service up (session {watch.heartbeat['session']}, "
+                          f"heartbeat every {watch.heartbeat['period_ms']} ms) on {endpoint}")
+        if service is None:
+            path = Path(replay or RECORDED_LOG)
+            source = ReplayGuidance(ctx, load_log(path))
             endpoint = source.endpoint
-            say(t0, f"guidance: replaying {what} on {endpoint}")
-        watch = GuidanceWatch(ctx, endpoint, record)
-        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx,
-                          guidance_timeout_s=2.0 if service else 1.0)
+            watch = GuidanceWatch(ctx, endpoint, record)
+            clock.say(f"guidance: replaying recorded alert log {path} "
+                      f"({len(source.events)} alerts) on {endpoint}")
+        assert watch is not None
+        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx)
         tap = BridgeTap(ctx, bt.bridge.pub_address)
         bt.start()
-        say(t0, f"bridge up: SUB {endpoint}, ack REP {bt.bridge.ack_address}, PUB "
-                f"{bt.bridge.pub_address}")
+        clock.say(f"bridge up: SUB {endpoint}, ack REP {bt.bridge.ack_address}, PUB "
+                  f"{bt.bridge.pub_address}")
         if source:
             source.start()
-        # wait for the first high-priority leak alert from guidance
-        deadline = time.monotonic() + (service_timeout_s if service else 10.0)
-        alert = None
-        while alert is None and time.monotonic() < deadline:
+
+        # 1. the first high-priority leak alert from guidance
+        deadline = time.monotonic() + 60.0
+        while watch.first_leak() is None and time.monotonic() < deadline:
             watch.pump(0.05)
             tap.pump(0)
-            alert = next((a for a in watch.alerts if a.get("kind") in
-                          ("posterior_leak", "venous_leak") and a.get("state") == "raised"
-                          and a.get("priority") == "high"), None)
-            if service and service.poll() is not None and alert is None:
-                err = service.stderr.read() if service.stderr else ""
-                say(t0, f"guidance service exited ({service.returncode}) before a leak alert: "
-                        f"{err.strip()[-300:]}")
+            if service and service.poll() is not None and watch.first_leak() is None:
+                clock.say(f"guidance service ended ({service.returncode}) with no leak alert")
                 return 1
+        alert = watch.first_leak()
         if alert is None:
-            say(t0, "no high-priority leak alert from guidance before the deadline")
+            clock.say("no high-priority leak alert from guidance within 60 s")
             return 1
-        say(t0, f"GUIDANCE ALERT: {alert['kind']} {alert['state']} priority {alert['priority']}"
-                f" frame {alert.get('frame')} id {alert['alert_id']}: {alert.get('message', '')}")
+        clock.say(f"GUIDANCE ALERT: {alert['kind']} {alert['state']} priority "
+                  f"{alert['priority']} frame {alert.get('frame')} id {alert['alert_id']}: "
+                  f"{alert.get('message', '')}")
+
+        # 2. the HOLD on the wire, as the firmware read it
         if not sim.wait_for(lambda r: any(x.frame.type == MsgType.HOLD and x.frame.payload[0]
                                           == HoldReason.CLINICAL_ALERT for x in r), 5.0):
-            say(t0, "no HOLD reached the injector")
+            clock.say("no HOLD reached the injector")
             return 1
         hold = next(x for x in sim.commands(MsgType.HOLD)
                     if x.frame.payload[0] == HoldReason.CLINICAL_ALERT)
-        say(t0, f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware "
-                f"{(hold.rx_mono_ns - alert['publish_mono_ns']) / 1e6:.2f} ms after the alert "
-                f"was published; firmware ACK {hold.status.name}")
+        delay_ms = (hold.rx_mono_ns - alert["publish_mono_ns"]) / 1e6
+        how = ("" if delay_ms < 50 else " (the bridge was still joining when the alert went "
+               "out: it learned the raise from the next guidance heartbeat's active_alerts)")
+        clock.say(f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware "
+                  f"{delay_ms:.2f} ms after guidance published the alert{how}; firmware ACK "
+                  f"{hold.status.name if hold.status is not None else '-'}")
         held = tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == "held", 3)
         if not held:
-            say(t0, "injector never reported held")
+            clock.say("the injector never reported held")
             return 1
-        say(t0, f"INJECTOR: state {held['injector_state']}, delivered "
-                f"{held['delivered_volume_ml']:.3f} mL, pressure {held['pressure_kpa']:.0f} kPa,"
-                f" flow {held['flow_ml_per_min']:.1f} mL/min, hold_latched "
-                f"{held['hold_latched']}")
-        # the hold stays while we wait, whatever guidance does (clears, keeps raising)
-        hold_until = time.monotonic() + 2.0
-        while time.monotonic() < hold_until:
+        clock.say(f"INJECTOR: state {held['injector_state']}, delivered "
+                  f"{held['delivered_volume_ml']:.3f} mL, pressure {held['pressure_kpa']:.0f} "
+                  f"kPa, flow {held['flow_ml_per_min']:.1f} mL/min, hold_latched "
+                  f"{held['hold_latched']}")
+
+        # 3. the hold stays, whatever guidance does meanwhile
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
             watch.pump(0.05)
             tap.pump(0)
-        cleared = [a for a in watch.alerts if a.get("alert_id") == alert["alert_id"]
-                   and a.get("state") == "cleared"]
+        later = []
+        for a in watch.alerts:
+            if a is alert:
+                continue
+            text = f"{a['kind']} {a['state']} (frame {a.get('frame')})"
+            if a["kind"] in LEAKS and a["state"] == "raised" and a["priority"] == "high":
+                rehold = next((x for x in sim.commands(MsgType.HOLD)
+                               if x.rx_mono_ns > a["publish_mono_ns"]), None)
+                if rehold:  # every new raise goes to the wire, even while latched
+                    text += (f" -> HOLD re-sent, on the wire "
+                             f"{(rehold.rx_mono_ns - a['publish_mono_ns']) / 1e6:.2f} ms later")
+            later.append(text)
         last = tap.of("telemetry")[-1]
-        say(t0, f"2 s later: guidance {'cleared the alert' if cleared else 'still alerting'};"
-                f" injector still {last['injector_state']}, delivered "
-                f"{last['delivered_volume_ml']:.3f} mL (no release without an ack)")
+        clock.say(f"1.5 s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
+                  f"still {last['injector_state']}, delivered {last['delivered_volume_ml']:.3f} "
+                  f"mL: no release without an operator ack")
+
+        # 4. the operator acknowledges: RELEASE
         mark = len(tap.messages)
         reply = send_ack(ctx, bt.bridge.ack_address, "*", operator="demo-operator")
-        say(t0, f"OPERATOR ACK (demo-operator, all holds): accepted {reply['accepted']}, "
-                f"{reply['reason']}")
+        clock.say(f"OPERATOR ACK (demo-operator, all holds): accepted {reply['accepted']}: "
+                  f"{reply['reason']}")
         if not reply["accepted"]:
             return 1
         if not sim.wait_for(lambda r: any(x.frame.type == MsgType.RELEASE for x in r), 3.0):
-            say(t0, "no RELEASE reached the injector")
+            clock.say("no RELEASE reached the injector")
             return 1
         release = sim.commands(MsgType.RELEASE)[0]
-        say(t0, f"RELEASE on the wire: seq {release.frame.seq}, firmware ACK "
-                f"{release.status.name}")
+        clock.say(f"RELEASE on the wire: seq {release.frame.seq}, firmware ACK "
+                  f"{release.status.name if release.status is not None else '-'}")
         moving = tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"]
                               in ("injecting", "idle"), 3, since=mark)
         if moving:
-            say(t0, f"INJECTOR: state {moving['injector_state']}, delivered "
-                    f"{moving['delivered_volume_ml']:.3f} mL, hold_latched "
-                    f"{moving['hold_latched']}")
-        alerts = [(d["kind"], d["state"]) for t, d in tap.messages if t == "alert"]
-        say(t0, f"bridge alerts published: {alerts}")
+            clock.say(f"INJECTOR: state {moving['injector_state']}, delivered "
+                      f"{moving['delivered_volume_ml']:.3f} mL, hold_latched "
+                      f"{moving['hold_latched']}")
+        bridge_alerts = [f"{d['kind']} {d['state']}" for t, d in tap.messages if t == "alert"]
+        clock.say(f"bridge alerts published: {', '.join(bridge_alerts)}")
         return 0
     finally:
         if bt:
@@ -246,13 +323,8 @@ def run_demo(replay: str | None = None, record: str | None = None,
         for part in (tap, watch, source):
             if part:
                 part.close()
-        if service and service.poll() is None:
-            service.send_signal(signal.SIGINT)
-            try:
-                service.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                service.kill()
-                service.wait()
+        if service:
+            stop_process(service)
         sim.stop()
         ctx.term()
         with contextlib.suppress(OSError):
@@ -260,19 +332,27 @@ def run_demo(replay: str | None = None, record: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m firmware_bridge.demo", description=__doc__)
-    ap.add_argument("--replay", help="replay this recorded guidance log (JSONL) instead of "
-                                     "running the guidance service")
-    ap.add_argument("--record", help="also record the guidance messages to this JSONL file")
-    ap.add_argument("--scripted", action="store_true",
-                    help="use the built-in scripted leak alert even if the service exists")
+    ap = argparse.ArgumentParser(prog="python -m firmware_bridge.demo",
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--guidance-args", default="", metavar="ARGS",
+                    help="extra arguments for `guidance run` (one shell-quoted string)")
+    ap.add_argument("--recorded", action="store_true",
+                    help="replay the bundled recorded alert log instead of running the service")
+    ap.add_argument("--replay", metavar="LOG", help="replay this alert log (JSONL)")
+    ap.add_argument("--record", metavar="LOG", help="also record what guidance sent (JSONL)")
     args = ap.parse_args(argv)
-    if args.replay and not Path(args.replay).is_file():
-        print(f"demo: error: --replay {args.replay!r}: no such file", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="           %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="           bridge log: %(message)s")
+    replay = args.replay or (str(RECORDED_LOG) if args.recorded else None)
+    if replay:
+        try:
+            load_log(Path(replay))
+        except (OSError, ValueError) as err:
+            print(f"demo: error: --replay: {err}", file=sys.stderr)
+            return 2
     try:
-        return run_demo(args.replay, args.record, use_service=not args.scripted)
+        return run_demo(replay, args.record, guidance_args=shlex.split(args.guidance_args))
     except KeyboardInterrupt:
         return 130
 

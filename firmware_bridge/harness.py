@@ -73,6 +73,14 @@ class GuidancePublisher:
         self._last_hb_ns = doc["publish_mono_ns"]
         return doc
 
+    def status(self) -> dict[str, Any]:
+        """A per-frame status (the fields the bridge does not use are left out)."""
+        with self._lock:
+            self.frame += 1
+            doc = self.envelope("status", flags={"posterior": False, "venous": False})
+            self.sock.send_multipart([b"status", dumps(doc)])
+        return doc
+
     def alert(self, kind: str = "posterior_leak", state: str = "raised", priority: str = "high",
               alert_id: str | None = None, frame: int | None = None,
               message: str | None = None) -> dict[str, Any]:

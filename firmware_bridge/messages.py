@@ -73,6 +73,19 @@ class GuidanceHeartbeat:
 
 
 @dataclass(frozen=True)
+class GuidanceStatus:
+    """Per-frame status: only its envelope matters here (seq continuity, last frame)."""
+
+    session: str
+    seq: int
+    publish_mono_ns: int
+    frame: int | None
+
+
+GuidanceMessage = GuidanceAlert | GuidanceHeartbeat | GuidanceStatus
+
+
+@dataclass(frozen=True)
 class AckRequest:
     operator: str
     alert_id: str
@@ -114,22 +127,30 @@ def _envelope(doc: dict[str, Any], source: str, types: tuple[str, ...]) -> Rejec
     return None
 
 
-def parse_guidance(frames: list[bytes]) -> GuidanceAlert | GuidanceHeartbeat | Rejected:
+GUIDANCE_TOPICS = (b"alert", b"heartbeat", b"status")
+
+
+def parse_guidance(frames: list[bytes]) -> GuidanceMessage | Rejected:
     """A [topic, payload] multipart from the guidance PUB -> typed message or the reason not."""
     if len(frames) != 2:
         return Rejected(f"expected 2 frames [topic, payload], got {len(frames)}")
     topic, payload = frames
-    if topic not in (b"alert", b"heartbeat"):
+    if topic not in GUIDANCE_TOPICS:
         return Rejected(f"unexpected topic {topic[:32]!r}")
     doc = _load(payload)
     if isinstance(doc, Rejected):
         return doc
-    bad = _envelope(doc, GUIDANCE_SOURCE, ("alert", "heartbeat"))
+    bad = _envelope(doc, GUIDANCE_SOURCE, ("alert", "heartbeat", "status"))
     if bad:
         return bad
     if doc["type"].encode() != topic:
         return Rejected(f"topic {topic.decode()!r} does not match type {doc['type']!r}")
     common = (doc["session"], doc["seq"], doc["publish_mono_ns"])
+    if doc["type"] == "status":
+        frame = doc.get("frame")
+        if frame is not None and not _is_int(frame):
+            return Rejected("status frame is not an integer or null")
+        return GuidanceStatus(*common, frame)
     if doc["type"] == "alert":
         for key in ("alert_id", "kind", "state", "priority"):
             if not isinstance(doc.get(key), str):

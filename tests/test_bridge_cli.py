@@ -104,17 +104,42 @@ def test_simulator_module_prints_a_port_pyserial_can_open(tmp_path: Path) -> Non
             proc.wait()
 
 
-def test_demo_shows_hold_latch_and_release() -> None:
-    res = run("-m", "firmware_bridge.demo", "--scripted", timeout=60)
-    assert res.returncode == 0, res.stdout + res.stderr
-    out = res.stdout
-    for needle in ("GUIDANCE ALERT: posterior_leak raised priority high frame 42",
-                   "HOLD on the wire", "INJECTOR: state held",
-                   "guidance cleared the alert; injector still held",
-                   "OPERATOR ACK (demo-operator, all holds): accepted True",
-                   "RELEASE on the wire", "INJECTOR: state injecting"):
+DEMO_STEPS = ("HOLD on the wire", "INJECTOR: state held", "no release without an operator ack",
+              "OPERATOR ACK (demo-operator, all holds): accepted True", "RELEASE on the wire",
+              "INJECTOR: state injecting")
+
+
+def check_demo_output(out: str) -> None:
+    for needle in DEMO_STEPS:
         assert needle in out, (needle, out)
-    assert out.index("HOLD on the wire") < out.index("OPERATOR ACK") < out.index("RELEASE on")
+    assert out.index("GUIDANCE ALERT") < out.index("HOLD on the wire") < out.index(
+        "OPERATOR ACK") < out.index("RELEASE on the wire")
+
+
+def test_demo_from_the_recorded_guidance_log() -> None:
+    res = run("-m", "firmware_bridge.demo", "--recorded", timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "replaying recorded alert log" in res.stdout
+    assert "GUIDANCE ALERT: venous_leak raised priority high frame 1" in res.stdout
+    check_demo_output(res.stdout)
+
+
+def test_demo_with_the_guidance_service(stand_in) -> None:
+    """The real `guidance run` process on its bundled leak loop (with the test stand-in model
+    from conftest, the trained one not being part of the tests), the bridge and the injector."""
+    onnx_path, sums = stand_in
+    res = run("-m", "firmware_bridge.demo", "--guidance-args",
+              f"--model {onnx_path} --sha256sums {sums}", timeout=90)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "guidance service up" in res.stdout and "replaying" not in res.stdout
+    check_demo_output(res.stdout)
+
+
+def test_demo_rejects_a_bad_log(tmp_path: Path) -> None:
+    bad = tmp_path / "log.jsonl"
+    bad.write_text('{"type": "alert"}\n')
+    res = run("-m", "firmware_bridge.demo", "--replay", str(bad))
+    assert res.returncode == 2 and "lacks alert_id" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_port_in_use_exits_2(tmp_path: Path) -> None:

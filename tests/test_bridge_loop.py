@@ -223,6 +223,20 @@ def test_session_continuity_replay_and_retired_session(rig: Rig) -> None:
     assert len(rig.sim.commands(MsgType.HOLD)) == 1 and not hb["hold_latched"]
 
 
+def test_status_messages_keep_seq_continuity_honest(rig: Rig) -> None:
+    """guidance's seq counts status too: the bridge hears status so a gap means real loss."""
+    for _ in range(20):
+        rig.guidance.status()
+    rig.guidance.heartbeat()
+    hb = rig.processed()
+    assert hb["guidance"]["lost"] == 0 and hb["guidance"]["rejected"] == 0
+    assert hb["active_alerts"] == [] and not hb["hold_latched"]
+    with rig.guidance._lock:
+        rig.guidance.seq += 5  # five messages the bridge never gets
+    rig.guidance.heartbeat()
+    assert rig.processed()["guidance"]["lost"] == 5
+
+
 def test_missed_raise_is_learned_from_guidance_heartbeat(rig: Rig) -> None:
     rig.guidance.active["g:42"] = {"alert_id": "g:42", "kind": "venous_leak",
                                    "priority": "high", "frame": 3, "raised_seq": 42}
@@ -436,7 +450,7 @@ def test_live_bridge_survives_fuzzed_guidance_and_serial_input(tmp_path: Path) -
                 lambda d: json.dumps({**base, **d}).encode()))
 
         @settings(max_examples=40, derandomize=True, deadline=None, database=None)
-        @given(st.sampled_from([b"alert", b"heartbeat"]), payloads,
+        @given(st.sampled_from([b"alert", b"heartbeat", b"status"]), payloads,
                st.binary(max_size=200), st.integers(0, 2))
         def feed(topic: bytes, payload: bytes, garbage: bytes, extra: int) -> None:
             rig.guidance.send_raw([topic, payload] + [b"x"] * extra)

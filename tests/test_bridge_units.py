@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from firmware_bridge import messages, wire
 from firmware_bridge.commands import CommandChannel
 from firmware_bridge.latch import HoldLatch
-from firmware_bridge.messages import GuidanceAlert, GuidanceHeartbeat, Rejected
+from firmware_bridge.messages import GuidanceAlert, GuidanceHeartbeat, GuidanceStatus, Rejected
 from firmware_bridge.wire import AckStatus, FrameParser, HoldReason, MsgType
 
 MS = 1_000_000
@@ -115,6 +115,9 @@ def test_parse_guidance_alert_and_heartbeat() -> None:
          "raised_seq": 4}])
     msg = messages.parse_guidance([b"heartbeat", json.dumps(hb).encode()])
     assert isinstance(msg, GuidanceHeartbeat) and msg.active_alerts[0].requests_hold
+    status = guidance_doc(type="status", frame=77)
+    msg = messages.parse_guidance([b"status", json.dumps(status).encode()])
+    assert isinstance(msg, GuidanceStatus) and msg.frame == 77
 
 
 def test_parse_guidance_rejections_name_the_field() -> None:
@@ -149,6 +152,6 @@ json_st = st.recursive(
 def test_parse_guidance_never_raises(topic: bytes, payload: bytes, nframes: int) -> None:
     frames = [topic, payload, b"x"][:nframes] if nframes != 2 else [topic, payload]
     res = messages.parse_guidance(frames)
-    assert isinstance(res, Rejected | GuidanceAlert | GuidanceHeartbeat)
+    assert isinstance(res, Rejected | GuidanceAlert | GuidanceHeartbeat | GuidanceStatus)
     res = messages.parse_ack(payload)
     assert isinstance(res, Rejected | messages.AckRequest)
