@@ -63,7 +63,8 @@ def main() -> int:
     ctx = zmq.Context()
     tmp = tempfile.mkdtemp(prefix="bridge-bench-")
     sim = FirmwareSimulator(link_dir=tmp).start()
-    guidance = GuidancePublisher(ctx).start_heartbeats(0.1)
+    # heartbeats every 100 ms and per-frame status at 15 fps, like the service on its loop
+    guidance = GuidancePublisher(ctx).start_heartbeats(0.1).start_status(15.0)
     log = open(args.bridge_log, "w") if args.bridge_log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "firmware_bridge", "--injector", sim.port, "--guidance",

@@ -114,11 +114,24 @@ class GuidancePublisher:
         self._hb_thread.start()
         return self
 
+    def start_status(self, hz: float = 15.0) -> GuidancePublisher:
+        """Per-frame status at the loop's frame rate, as the service sends it."""
+        def loop() -> None:
+            while not self._hb_stop.wait(1.0 / hz):
+                self.status()
+
+        self._status_thread = threading.Thread(target=loop, name="fake-guidance-status",
+                                               daemon=True)
+        self._status_thread.start()
+        return self
+
     def stop_heartbeats(self) -> None:
         self._hb_stop.set()
-        if self._hb_thread:
-            self._hb_thread.join(timeout=2.0)
-            self._hb_thread = None
+        for name in ("_hb_thread", "_status_thread"):
+            thread = getattr(self, name, None)
+            if thread:
+                thread.join(timeout=2.0)
+                setattr(self, name, None)
 
     def close(self) -> None:
         self.stop_heartbeats()

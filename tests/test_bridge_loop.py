@@ -26,6 +26,11 @@ VALIDATORS = {
     for name in ("telemetry", "bridge_alert", "bridge_heartbeat", "ack", "ack_reply")
 }
 TOPIC_SCHEMA = {"telemetry": "telemetry", "alert": "bridge_alert", "heartbeat": "bridge_heartbeat"}
+# the shared schemas of docs/protocol.md: a console validating with them accepts the bridge too
+GUIDANCE_SCHEMAS = Path(__file__).resolve().parents[1] / "guidance" / "alerts" / "schemas"
+SHARED = {name: jsonschema.Draft202012Validator(json.loads((GUIDANCE_SCHEMAS / f"{name}.json")
+                                                          .read_text()))
+          for name in ("alert", "heartbeat") if (GUIDANCE_SCHEMAS / f"{name}.json").exists()}
 
 
 class Rig:
@@ -96,6 +101,8 @@ class Rig:
             self.ctx.term()
         for topic, doc in self.tap.messages:
             VALIDATORS[TOPIC_SCHEMA[topic]].validate(doc)
+            if topic in SHARED:
+                SHARED[topic].validate(doc)
         seqs = [d["seq"] for _, d in self.tap.messages]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
@@ -507,3 +514,21 @@ def test_firmware_watchdog_hold_is_adopted_after_replug(rig: Rig) -> None:
     (release,) = rig.wait_commands(MsgType.RELEASE)
     assert release.status is AckStatus.APPLIED
     assert rig.injector_state("injecting", since=mark)
+
+
+def test_fake_guidance_speaks_the_shared_schemas() -> None:
+    """The test publisher must look like the real service, or the tests prove little."""
+    if len(SHARED) < 2:
+        pytest.skip("guidance schemas not present in this checkout")
+    ctx = zmq.Context()
+    pub = GuidancePublisher(ctx)
+    try:
+        raised = pub.alert("posterior_leak")
+        SHARED["alert"].validate(raised)
+        SHARED["alert"].validate(pub.alert("posterior_leak", "cleared",
+                                           alert_id=raised["alert_id"]))
+        pub.alert("venous_leak")
+        SHARED["heartbeat"].validate(pub.heartbeat())
+    finally:
+        pub.close()
+        ctx.term()
