@@ -220,7 +220,12 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
                           f"heartbeat every {watch.heartbeat['period_ms']} ms) on {endpoint}")
         if service is None:
             path = Path(replay or RECORDED_LOG)
-            source = ReplayGuidance(ctx, load_log(path))
+            try:
+                events = load_log(path)
+            except (OSError, ValueError) as err:
+                clock.say(f"cannot replay {path}: {err}")
+                return 1
+            source = ReplayGuidance(ctx, events)
             endpoint = source.endpoint
             watch = GuidanceWatch(ctx, endpoint, record)
             clock.say(f"guidance: replaying recorded alert log {path} "
