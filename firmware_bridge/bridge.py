@@ -111,6 +111,7 @@ class Bridge:
         self.g_retired: set[str] = set()
         self.g_last_frame: int | None = None
         self._sockets_open = False
+        self._connect_error = ""  # why the last connect attempt failed ("" when connected)
         self.pub_address = self.ack_address = ""
 
     # ------------------------------------------------------------ sockets
@@ -223,8 +224,9 @@ class Bridge:
         # firmware watchdog
         if (now - self._last_rx_ns > c.injector_timeout_s * 1e9
                 and "injector_silent" not in self.active):
+            why = f" ({self._connect_error})" if self._connect_error else ""
             self._raise("injector_silent", f"Injector firmware silent for "
-                        f"{(now - self._last_rx_ns) / MS:.0f} ms on {self.link.name}.")
+                        f"{(now - self._last_rx_ns) / MS:.0f} ms on {self.link.name}{why}.")
         # command retransmission / failure
         resend, failed = self.channel.poll(now)
         for data in resend:
@@ -384,8 +386,12 @@ class Bridge:
             self.link.connect()
             self.link.start()
         except LinkError as err:
-            log.debug("link not up: %s", err)
+            if str(err) != self._connect_error:  # say it once per distinct reason, not 10/s
+                log.warning("injector link not up: %s (retrying every %.0f ms)", err,
+                            self.config.reconnect_period_s * 1000)
+                self._connect_error = str(err)
             return
+        self._connect_error = ""
         fd = self.link.fileno()
         self._link_fd = fd
         self.poller.register(fd, zmq.POLLIN)
