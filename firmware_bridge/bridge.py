@@ -81,6 +81,7 @@ class Counters:
     link_losses: int = 0
     holds_sent: int = 0
     releases_sent: int = 0
+    firmware_restarts: int = 0
     loop_turns: int = 0  # poll wake-ups: a busy loop shows here
     last_reject: str = ""
 
@@ -499,13 +500,24 @@ class Bridge:
         self._raise("command_failed", msg)
 
     def _on_telemetry(self, frame: wire.Frame, now: int) -> None:
-        if self._telemetry_seq is not None and not wire.seq_newer(frame.seq, self._telemetry_seq):
-            self.counters.telemetry_duplicates += 1  # duplicated or reordered: stale, dropped
-            return
         try:
             t = wire.Telemetry.unpack(frame.payload)
         except ValueError as err:
             log.warning("bad telemetry payload: %s", err)
+            return
+        last = self.telemetry
+        if (last is not None and t.uptime_ms + 1000 < last.uptime_ms
+                and last.uptime_ms < 0xFFFFFFFF - 60_000):  # not the 49-day wrap
+            # the firmware restarted on a link that stayed up (UART): its seqs and its
+            # duplicate window start over, so ours must too
+            log.warning("injector firmware restarted (uptime %d ms -> %d ms)", last.uptime_ms,
+                        t.uptime_ms)
+            self.counters.firmware_restarts += 1
+            self._telemetry_seq = self._release_fw_seq = None
+            self.channel.resync()
+            self.hold_confirmed = False  # a latched hold is re-asserted
+        if self._telemetry_seq is not None and not wire.seq_newer(frame.seq, self._telemetry_seq):
+            self.counters.telemetry_duplicates += 1  # duplicated or reordered: stale, dropped
             return
         self._telemetry_seq = frame.seq
         self.telemetry = t

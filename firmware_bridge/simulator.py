@@ -216,6 +216,20 @@ class FirmwareSimulator:
     def replug(self) -> None:
         self._call(self._plug)
 
+    def reboot(self) -> None:
+        """The MCU restarts while the cable stays in: seqs, uptime and dedup state start over,
+        and the motor comes up stopped (idle)."""
+        def _reboot() -> None:
+            self._tx_seq = 0
+            self._t0 = time.monotonic()
+            self._recent.clear()
+            self._last_state_seq = self._sync_seq = None
+            self._parser = wire.FrameParser()
+            self.model.state, self.model.fault_code = InjectorState.IDLE, 0
+            self._last_host_rx = time.monotonic()
+
+        self._call(_reboot)
+
     def trigger_fault(self, code: int = 1) -> None:
         self._call(lambda: self.model.fault(code))
 

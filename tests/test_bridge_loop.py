@@ -532,3 +532,24 @@ def test_fake_guidance_speaks_the_shared_schemas() -> None:
     finally:
         pub.close()
         ctx.term()
+
+
+def test_firmware_restart_on_a_live_link_is_followed(rig: Rig) -> None:
+    """An MCU reset behind a UART: seqs restart at 1. The bridge notices (uptime went back),
+    keeps republishing telemetry, and re-asserts its latched hold with SYNC."""
+    rig.tap.wait_for(lambda t, d: t == "telemetry" and d["firmware_uptime_ms"] > 1500, 5.0)
+    rig.guidance.alert("posterior_leak")
+    rig.wait_commands(MsgType.HOLD)
+    mark, before = rig.mark(), len(rig.sim.received)
+    rig.sim.reboot()
+    fresh = rig.tap.wait_for(lambda t, d: t == "telemetry" and d["firmware_uptime_ms"] < 1000,
+                             3.0, since=mark)
+    assert fresh and fresh["firmware_seq"] < 100
+    holds = rig.wait_commands(MsgType.HOLD, 2)
+    assert holds[-1].frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.REASSERT)
+    assert holds[-1].status is AckStatus.APPLIED
+    after = rig.sim.received[before:]
+    assert any(r.frame.flags & wire.FLAG_SYNC for r in after)  # the bridge re-synced seqs
+    assert rig.injector_state("held", since=mark)
+    assert rig.bridge.counters.firmware_restarts == 1
+    assert rig.sim.commands(MsgType.RELEASE) == []
