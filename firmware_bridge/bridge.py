@@ -473,6 +473,19 @@ class Bridge:
         if outcome.status is AckStatus.REFUSED:
             self._command_failed(outcome)
             return
+        if (outcome.status is AckStatus.STALE and ftype is not MsgType.HEARTBEAT
+                and outcome.frame.seq == self.channel.last_state_seq):
+            # our newest HOLD/RELEASE cannot be older than anything we sent: the firmware's
+            # baseline is from another host session in the same epoch. New epoch, send again.
+            log.warning("firmware called our newest %s (seq %d) stale: re-syncing and "
+                        "sending it again", ftype.name, outcome.frame.seq)
+            self.channel.resync()
+            if ftype is MsgType.HOLD and self.latch.latched:
+                self._send_hold(HoldReason.REASSERT, time.monotonic_ns())
+            elif ftype is MsgType.RELEASE and not self.latch.latched:
+                self._write(self.channel.command(MsgType.RELEASE, time.monotonic_ns()),
+                            time.monotonic_ns())
+            return
         if ftype is MsgType.RELEASE:
             self._release_fw_seq = ack_fw_seq
         if "command_failed" in self.active:

@@ -1,14 +1,15 @@
 """Reliable commands to the firmware: sequence numbers, ACK/NAK, retransmission, bounded retries.
 
 Pure: the caller passes `now_ns` and writes the returned bytes. Several commands may be in
-flight at once (a HOLD never waits behind a HEARTBEAT); the firmware applies HOLD/RELEASE in
-sequence order and ACKs a late duplicate without applying it twice.
+flight at once (a HOLD never waits behind a HEARTBEAT); the firmware (wire.CommandGate) applies
+HOLD/RELEASE in sequence order within an epoch and ACKs a late duplicate without applying it
+twice.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from firmware_bridge import wire
 from firmware_bridge.wire import AckStatus, Frame, MsgType
@@ -42,31 +43,37 @@ class CommandChannel:
                  seq_start: int | None = None) -> None:
         self.ack_timeout_ns = ack_timeout_ns
         self.max_attempts = max_attempts
-        # random start: a restarted bridge does not reuse the seqs the firmware remembers
+        # random starts: a restarted bridge is unlikely to reuse the firmware's last epoch; if
+        # it does, the firmware calls our newest command STALE and the bridge re-syncs
         self._seq = random.randrange(0x10000) if seq_start is None else seq_start & 0xFFFF
-        self._sync_next = True
+        self.epoch = random.randrange(1, 256)
         self.pending: dict[int, Pending] = {}
         self.sent = self.acked = self.retransmits = self.failed = self.stray_acks = 0
+        self.last_state_seq: int | None = None  # our newest HOLD/RELEASE
 
     def resync(self) -> None:
-        """After (re)connect: the next command carries FLAG_SYNC."""
-        self._sync_next = True
+        """A new epoch (after a (re)connect, a firmware restart, a STALE newest command): the
+        firmware starts its bookkeeping afresh. Commands still in flight move to the new epoch
+        so a late copy from the old one cannot reset it again."""
+        self.epoch = self.epoch % 255 + 1
+        for p in self.pending.values():
+            p.frame = replace(p.frame, epoch=self.epoch)
 
     def command(self, mtype: MsgType, now_ns: int, **kw: object) -> bytes:
         """Build, register and encode a new command; returns the bytes to write."""
         self._seq = (self._seq + 1) & 0xFFFF
-        flags = wire.FLAG_SYNC if self._sync_next else 0
-        self._sync_next = False
         if mtype is MsgType.HOLD:
-            frame = wire.hold_frame(self._seq, kw["reason"], flags)  # type: ignore[arg-type]
+            frame = wire.hold_frame(self._seq, kw["reason"], self.epoch)  # type: ignore[arg-type]
         elif mtype is MsgType.RELEASE:
-            frame = wire.release_frame(self._seq, flags)
+            frame = wire.release_frame(self._seq, self.epoch)
         elif mtype is MsgType.HEARTBEAT:
-            frame = wire.heartbeat_frame(self._seq, bool(kw["hold_latched"]), flags)
+            frame = wire.heartbeat_frame(self._seq, bool(kw["hold_latched"]), self.epoch)
         else:
             raise ValueError(f"{mtype!r} is not a command")
         self.pending[frame.seq] = Pending(frame, now_ns, now_ns)
         self.sent += 1
+        if mtype is not MsgType.HEARTBEAT:
+            self.last_state_seq = frame.seq
         return wire.encode_frame(frame)
 
     def has_pending(self, mtype: MsgType) -> bool:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import tty
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -150,9 +150,7 @@ class FirmwareSimulator:
         self.pty_name = ""
         self._parser = wire.FrameParser()
         self._tx_seq = 0
-        self._recent: OrderedDict[int, AckStatus] = OrderedDict()  # duplicate detection
-        self._last_state_seq: int | None = None  # last applied HOLD/RELEASE
-        self._sync_seq: int | None = None
+        self.gate = wire.CommandGate()  # duplicate / order / epoch rules
         self._tx_faults: list[_Fault] = []
         self._rx_faults: list[_Fault] = []
         self._reordered: bytes | None = None
@@ -222,8 +220,7 @@ class FirmwareSimulator:
         def _reboot() -> None:
             self._tx_seq = 0
             self._t0 = time.monotonic()
-            self._recent.clear()
-            self._last_state_seq = self._sync_seq = None
+            self.gate.reset()
             self._parser = wire.FrameParser()
             self.model.state, self.model.fault_code = InjectorState.IDLE, 0
             self._last_host_rx = time.monotonic()
@@ -337,26 +334,16 @@ class FirmwareSimulator:
             return
         self.stats.commands += 1
         self._last_host_rx = time.monotonic()
-        if frame.flags & wire.FLAG_SYNC and frame.seq != self._sync_seq:
-            # a (re)connected host: adopt its seq space
-            self._sync_seq = frame.seq
-            self._recent.clear()
-            self._last_state_seq = None
-        if frame.seq in self._recent:
-            status = AckStatus.DUPLICATE
-        elif frame.type is MsgType.HEARTBEAT:
-            self.host_hold_latched = bool(frame.payload[0])
-            status = AckStatus.APPLIED
-        elif self._last_state_seq is not None and not wire.seq_newer(frame.seq,
-                                                                     self._last_state_seq):
-            status = AckStatus.STALE  # reordered: a newer HOLD/RELEASE already applied
-        else:
-            self._last_state_seq = frame.seq
-            status = self.model.hold() if frame.type is MsgType.HOLD else self.model.release()
-        if status is not AckStatus.DUPLICATE:
-            self._recent[frame.seq] = status
-            while len(self._recent) > 64:
-                self._recent.popitem(last=False)
+        status = self.gate.admit(frame)
+        if status is None:  # admitted: apply it
+            if frame.type is MsgType.HEARTBEAT:
+                self.host_hold_latched = bool(frame.payload[0])
+                status = AckStatus.APPLIED
+            elif frame.type is MsgType.HOLD:
+                status = self.model.hold()
+            else:
+                status = self.model.release()
+            self.gate.done(frame.seq, status)
         self._record(Received(rx_ns, frame, status))
         self._send(wire.ack_frame(self._next_seq(), frame.seq, status))
 

@@ -3,7 +3,7 @@
 Pure functions and a streaming parser; no I/O, no clocks. See docs/firmware-protocol.md.
 
 On the wire every frame is ``0x00 || COBS(header || payload || crc32) || 0x00``.
-Header (little-endian, 7 bytes): version u8, type u8, flags u8, seq u16, length u16.
+Header (little-endian, 7 bytes): version u8, type u8, epoch u8, seq u16, length u16.
 CRC-32 (IEEE 802.3, as zlib.crc32) over header and payload, little-endian u32.
 """
 
@@ -23,7 +23,9 @@ MAX_RAW = HEADER.size + MAX_PAYLOAD + CRC.size
 # COBS adds one byte per 254 plus one; anything longer without a delimiter is garbage
 MAX_ENCODED = MAX_RAW + MAX_RAW // 254 + 2
 
-FLAG_SYNC = 0x01  # first command after (re)connect: the firmware adopts this seq as baseline
+# Host link epoch: commands carry 1..255, a new value for every (re)connect or resync; the
+# firmware starts its duplicate/order bookkeeping afresh when the epoch changes. 0: device frames.
+NO_EPOCH = 0
 
 
 class MsgType(enum.IntEnum):
@@ -140,7 +142,7 @@ class Frame:
     type: int
     seq: int
     payload: bytes = b""
-    flags: int = 0
+    epoch: int = NO_EPOCH
     version: int = PROTOCOL_VERSION
 
 
@@ -152,7 +154,7 @@ def encode_frame(frame: Frame) -> bytes:
     """Frame -> bytes on the wire, delimiters included."""
     if len(frame.payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
-    raw = HEADER.pack(frame.version, frame.type, frame.flags, frame.seq & 0xFFFF,
+    raw = HEADER.pack(frame.version, frame.type, frame.epoch, frame.seq & 0xFFFF,
                       len(frame.payload)) + frame.payload
     raw += CRC.pack(crc32(raw))
     # leading delimiter: whatever garbage came before ends here, so this frame survives it
@@ -181,7 +183,7 @@ def decode_frame(chunk: bytes) -> Frame | Reject:
     body, (crc,) = raw[: -CRC.size], CRC.unpack(raw[-CRC.size :])
     if crc32(body) != crc:
         return Reject(NakReason.BAD_CRC, "CRC mismatch")
-    version, mtype, flags, seq, length = HEADER.unpack_from(body)
+    version, mtype, epoch, seq, length = HEADER.unpack_from(body)
     if version != PROTOCOL_VERSION:
         return Reject(NakReason.BAD_VERSION, f"protocol version {version}", seq)
     payload = body[HEADER.size :]
@@ -193,7 +195,7 @@ def decode_frame(chunk: bytes) -> Frame | Reject:
         return Reject(NakReason.UNKNOWN_TYPE, f"unknown message type 0x{mtype:02x}", seq)
     if PAYLOAD_SIZES[mtype_e] != length:
         return Reject(NakReason.BAD_PAYLOAD, f"{mtype_e.name} payload of {length} bytes", seq)
-    return Frame(mtype_e, seq, payload, flags, version)
+    return Frame(mtype_e, seq, payload, epoch, version)
 
 
 class FrameParser:
@@ -268,16 +270,16 @@ class Telemetry:
         return cls(pos, vol, pres, flow, InjectorState(state), fault, up)
 
 
-def hold_frame(seq: int, reason: HoldReason, flags: int = 0) -> Frame:
-    return Frame(MsgType.HOLD, seq, HOLD_PAYLOAD.pack(int(reason)), flags)
+def hold_frame(seq: int, reason: HoldReason, epoch: int = 1) -> Frame:
+    return Frame(MsgType.HOLD, seq, HOLD_PAYLOAD.pack(int(reason)), epoch)
 
 
-def release_frame(seq: int, flags: int = 0) -> Frame:
-    return Frame(MsgType.RELEASE, seq, b"", flags)
+def release_frame(seq: int, epoch: int = 1) -> Frame:
+    return Frame(MsgType.RELEASE, seq, b"", epoch)
 
 
-def heartbeat_frame(seq: int, hold_latched: bool, flags: int = 0) -> Frame:
-    return Frame(MsgType.HEARTBEAT, seq, HEARTBEAT_PAYLOAD.pack(int(hold_latched)), flags)
+def heartbeat_frame(seq: int, hold_latched: bool, epoch: int = 1) -> Frame:
+    return Frame(MsgType.HEARTBEAT, seq, HEARTBEAT_PAYLOAD.pack(int(hold_latched)), epoch)
 
 
 def ack_frame(seq: int, acked_seq: int, status: AckStatus) -> Frame:
@@ -296,3 +298,45 @@ def seq_newer(a: int, b: int) -> bool:
     """RFC 1982 serial-number arithmetic on 16 bits: is a newer than b?"""
     diff = (a - b) & 0xFFFF
     return 0 < diff < 0x8000
+
+
+class CommandGate:
+    """The firmware's rules for admitting a command (docs/firmware-protocol.md), pure so the
+    simulator runs them and the tests can fuzz them:
+
+    - a new host epoch starts the bookkeeping afresh (reconnect, restarted bridge);
+    - a seq seen recently is a DUPLICATE: ACKed again, not applied again;
+    - a HOLD/RELEASE not newer than the last applied one is STALE: ACKed, not applied.
+
+    `admit()` returns the status to ACK without applying, or None: apply it, then `done()`.
+    """
+
+    WINDOW = 64
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self.recent: dict[int, AckStatus] = {}  # insertion-ordered: oldest first
+        self.last_state_seq: int | None = None
+
+    def reset(self) -> None:
+        self.epoch = None
+        self.recent.clear()
+        self.last_state_seq = None
+
+    def admit(self, frame: Frame) -> AckStatus | None:
+        if frame.epoch != self.epoch:
+            self.reset()
+            self.epoch = frame.epoch
+        if frame.seq in self.recent:
+            return AckStatus.DUPLICATE
+        if frame.type in (MsgType.HOLD, MsgType.RELEASE):
+            if self.last_state_seq is not None and not seq_newer(frame.seq, self.last_state_seq):
+                self.done(frame.seq, AckStatus.STALE)
+                return AckStatus.STALE
+            self.last_state_seq = frame.seq
+        return None
+
+    def done(self, seq: int, status: AckStatus) -> None:
+        self.recent[seq] = status
+        while len(self.recent) > self.WINDOW:
+            del self.recent[next(iter(self.recent))]

@@ -77,19 +77,23 @@ def test_commands_acked_applied_deduplicated_and_stale(sim: FirmwareSimulator) -
     port = Port(sim.port)
     t = port.telemetry()
     assert t.state is InjectorState.INJECTING
-    port.send(wire.hold_frame(100, HoldReason.CLINICAL_ALERT, wire.FLAG_SYNC))
+    port.send(wire.hold_frame(100, HoldReason.CLINICAL_ALERT, epoch=7))
     assert port.ack_for(100) == (100, AckStatus.APPLIED)
     held = port.telemetry(lambda t: t.state is InjectorState.HELD)
     assert held.flow_ul_per_min == 0
-    port.send(wire.hold_frame(100, HoldReason.CLINICAL_ALERT, wire.FLAG_SYNC))  # retransmit
+    port.send(wire.hold_frame(100, HoldReason.CLINICAL_ALERT, epoch=7))  # retransmit
     assert port.ack_for(100) == (100, AckStatus.DUPLICATE)
-    port.send(wire.release_frame(102))
+    port.send(wire.release_frame(102, epoch=7))
     assert port.ack_for(102) == (102, AckStatus.APPLIED)
-    port.send(wire.hold_frame(101, HoldReason.CLINICAL_ALERT))  # overtaken: must not re-hold
+    port.send(wire.hold_frame(101, HoldReason.CLINICAL_ALERT, epoch=7))  # overtaken: no re-hold
     assert port.ack_for(101) == (101, AckStatus.STALE)
     moving = port.telemetry(lambda t: t.state is InjectorState.INJECTING)
     later = port.telemetry(lambda t: t.volume_ul > moving.volume_ul)
     assert later.position_um > moving.position_um
+    # a new host (new epoch) starts afresh: its first command applies whatever its seq
+    port.send(wire.hold_frame(50, HoldReason.CLINICAL_ALERT, epoch=8))
+    assert port.ack_for(50) == (50, AckStatus.APPLIED)
+    assert port.telemetry(lambda t: t.state is InjectorState.HELD)
     port.ser.close()
 
 
@@ -117,7 +121,7 @@ def test_unplug_is_seen_by_pyserial_and_replug_reopens(sim: FirmwareSimulator) -
     sim.replug()
     assert Path(sim.port).resolve() == Path(sim.pty_name)
     port = Port(sim.port)
-    port.send(wire.hold_frame(7, HoldReason.REASSERT, wire.FLAG_SYNC))
+    port.send(wire.hold_frame(7, HoldReason.REASSERT, epoch=9))
     assert port.ack_for(7) == (7, AckStatus.APPLIED)
     assert sim.stats.unplugs == 1 and sim.pty_name
     port.ser.close()

@@ -27,14 +27,19 @@ def ack_payload(seq: int, status: AckStatus = AckStatus.APPLIED) -> bytes:
     return wire.ACK_PAYLOAD.pack(seq, status)
 
 
-def test_first_command_after_connect_carries_sync_then_not() -> None:
+def test_epoch_is_constant_until_resync_and_moves_pending_commands() -> None:
     ch = CommandChannel(seq_start=10)
     first = sent_frame(ch.command(MsgType.HEARTBEAT, 0, hold_latched=False))
     second = sent_frame(ch.command(MsgType.HOLD, 0, reason=HoldReason.CLINICAL_ALERT))
-    assert first.flags & wire.FLAG_SYNC and not second.flags & wire.FLAG_SYNC
-    assert (first.seq, second.seq) == (11, 12)
+    assert 1 <= first.epoch <= 255 and first.epoch == second.epoch
+    assert (first.seq, second.seq) == (11, 12) and ch.last_state_seq == 12
     ch.resync()
-    assert sent_frame(ch.command(MsgType.RELEASE, 0)).flags & wire.FLAG_SYNC
+    resent, _ = ch.poll(10**9)  # both still in flight: they go out in the new epoch
+    assert {sent_frame(d).epoch for d in resent} == {ch.epoch} and ch.epoch != first.epoch
+    assert sent_frame(ch.command(MsgType.RELEASE, 0)).epoch == ch.epoch
+    for _ in range(300):  # wraps 255 -> 1, never 0 (device frames)
+        ch.resync()
+        assert 1 <= ch.epoch <= 255
 
 
 def test_retransmit_on_timeout_then_fail_after_bounded_attempts() -> None:
@@ -155,3 +160,103 @@ def test_parse_guidance_never_raises(topic: bytes, payload: bytes, nframes: int)
     assert isinstance(res, Rejected | GuidanceAlert | GuidanceHeartbeat | GuidanceStatus)
     res = messages.parse_ack(payload)
     assert isinstance(res, Rejected | messages.AckRequest)
+
+
+# ---- the safety property of the command path, fuzzed end to end (pure parts, no I/O)
+net_op = st.one_of(
+    st.tuples(st.just("send"), st.sampled_from([MsgType.HOLD, MsgType.RELEASE,
+                                                MsgType.HEARTBEAT])),
+    st.tuples(st.just("deliver"), st.integers(0, 63)),  # any in-flight frame: reordering
+    st.tuples(st.just("dup"), st.integers(0, 63)),
+    st.tuples(st.just("drop"), st.integers(0, 63)),
+    st.tuples(st.just("ack"), st.integers(0, 63)),  # an ACK reaches the host (any order)
+    st.tuples(st.just("ack_loss"), st.integers(0, 63)),
+    st.tuples(st.just("tick"), st.just(0)),  # ack time-out: retransmissions
+    st.tuples(st.just("reconnect"), st.just(0)),  # link lost: everything in flight is gone
+)
+
+
+@settings(max_examples=250, derandomize=True, deadline=None)
+@given(st.lists(net_op, max_size=80), st.integers(0, 0xFFFF))
+def test_firmware_ends_in_the_hosts_last_intent(ops: list, seq_start: int) -> None:
+    """A lossy, duplicating, reordering line between CommandChannel and the firmware's
+    CommandGate: the firmware never applies an older HOLD/RELEASE after a newer one, never
+    applies one twice, and once the line is good again it ends in the host's last intent."""
+    ch = CommandChannel(ack_timeout_ns=40 * MS, max_attempts=10_000, seq_start=seq_start)
+    gate = wire.CommandGate()
+    fw_state: MsgType | None = None
+    applied: dict[int, list[int]] = {}  # epoch -> state-command seqs in the order applied
+    to_fw: list[bytes] = []
+    to_host: list[bytes] = []
+    intent: MsgType | None = None
+    now = 0
+
+    def host_sends(mtype: MsgType) -> None:
+        nonlocal intent
+        kw = {"reason": HoldReason.CLINICAL_ALERT} if mtype is MsgType.HOLD else (
+            {"hold_latched": intent is MsgType.HOLD} if mtype is MsgType.HEARTBEAT else {})
+        to_fw.append(ch.command(mtype, now, **kw))
+        if mtype is not MsgType.HEARTBEAT:
+            intent = mtype
+
+    def firmware_reads(data: bytes) -> None:
+        nonlocal fw_state
+        (frame,) = FrameParser().feed(data)
+        status = gate.admit(frame)
+        if status is None:
+            if frame.type is not MsgType.HEARTBEAT:
+                seqs = applied.setdefault(frame.epoch, [])
+                assert frame.seq not in seqs, "a command applied twice"
+                assert not seqs or wire.seq_newer(frame.seq, seqs[-1]), "older after newer"
+                seqs.append(frame.seq)
+                fw_state = frame.type
+            status = AckStatus.APPLIED
+            gate.done(frame.seq, status)
+        to_host.append(wire.encode_frame(wire.ack_frame(0, frame.seq, status)))
+
+    def host_reads(data: bytes) -> None:
+        (frame,) = FrameParser().feed(data)
+        out = ch.on_ack(frame.payload, now)
+        # the bridge's rule: our newest HOLD/RELEASE called stale -> new epoch, send again
+        if (out and out.status is AckStatus.STALE and out.frame.type is not MsgType.HEARTBEAT
+                and out.frame.seq == ch.last_state_seq):
+            ch.resync()
+            host_sends(out.frame.type)
+
+    for kind, arg in ops:
+        if kind == "send":
+            host_sends(arg)
+        elif kind == "deliver" and to_fw:
+            firmware_reads(to_fw.pop(arg % len(to_fw)))
+        elif kind == "dup" and to_fw:
+            to_fw.append(to_fw[arg % len(to_fw)])
+        elif kind == "drop" and to_fw:
+            to_fw.pop(arg % len(to_fw))
+        elif kind == "ack" and to_host:
+            host_reads(to_host.pop(arg % len(to_host)))
+        elif kind == "ack_loss" and to_host:
+            to_host.pop(arg % len(to_host))
+        elif kind == "tick":
+            now += 40 * MS
+            to_fw += ch.poll(now)[0]
+        elif kind == "reconnect":
+            to_fw.clear()
+            to_host.clear()
+            lost = ch.abandon(now, "link lost")
+            ch.resync()
+            if intent is not None and any(o.frame.type is intent for o in lost):
+                host_sends(intent)  # the bridge re-asserts its hold; an operator re-acks
+
+    # the line is good again: deliver everything in order until nothing is in flight
+    for _ in range(50):
+        while to_fw:
+            firmware_reads(to_fw.pop(0))
+        while to_host:
+            host_reads(to_host.pop(0))
+        if not ch.pending:
+            break
+        now += 40 * MS
+        to_fw += ch.poll(now)[0]
+    assert not ch.pending
+    if intent is not None:
+        assert fw_state is intent

@@ -52,7 +52,7 @@ def test_crc_is_crc32_ieee_check_value() -> None:
 
 def test_known_hold_frame_bytes() -> None:
     data = wire.encode_frame(wire.hold_frame(5, wire.HoldReason.CLINICAL_ALERT))
-    raw = struct.pack("<BBBHHB", 1, 0x01, 0, 5, 1, 1)
+    raw = struct.pack("<BBBHHB", 1, 0x01, 1, 5, 1, 1)  # version, HOLD, epoch 1, seq, len, reason
     raw += struct.pack("<I", zlib.crc32(raw))
     assert data == b"\x00" + wire.cobs_encode(raw) + b"\x00"
 
