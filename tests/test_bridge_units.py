@@ -146,7 +146,7 @@ json_st = st.recursive(
                                                                 max_size=5), max_leaves=12)
 
 
-@settings(max_examples=200, derandomize=True, deadline=None)
+@settings(max_examples=120, derandomize=True, deadline=None)
 @given(st.sampled_from([b"alert", b"heartbeat", b"status", b""]),
        st.one_of(st.binary(max_size=200), json_st.map(lambda v: json.dumps(v).encode()),
                  st.dictionaries(st.sampled_from(list(guidance_doc()) + ["period_ms",
