@@ -162,3 +162,37 @@ def test_port_in_use_exits_2(tmp_path: Path) -> None:
         sim.stop()
         holder.close()
         ctx.term()
+
+
+def test_console_acks_a_hold_and_watches(tmp_path: Path) -> None:
+    from firmware_bridge.harness import BridgeThread
+    from firmware_bridge.link import SerialInjectorLink
+
+    ctx = zmq.Context()
+    sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
+    guidance = GuidancePublisher(ctx).start_heartbeats(0.1)
+    bt = BridgeThread(SerialInjectorLink(sim.port), guidance.endpoint, ctx,
+                      heartbeat_period_s=0.1).start()
+    tap = BridgeTap(ctx, bt.bridge.pub_address)
+    try:
+        assert tap.wait_for(lambda t, d: t == "heartbeat" and d["guidance"]["session"]
+                            == guidance.session, 5.0)
+        watch = run("-m", "firmware_bridge.console", "watch", "--endpoint",
+                    bt.bridge.pub_address, "--count", "2")
+        assert watch.returncode == 0 and watch.stdout.count("heartbeat link connected") >= 1
+        alert = guidance.alert("posterior_leak")
+        assert sim.wait_for(lambda r: any(x.frame.type == MsgType.HOLD for x in r), 3.0)
+        assert tap.wait_for(lambda t, d: t == "heartbeat" and d["hold_latched"], 3.0)
+        res = run("-m", "firmware_bridge.console", "ack", "--operator", "dr-cli",
+                  "--alert-id", alert["alert_id"], "--endpoint", bt.bridge.ack_address)
+        assert res.returncode == 0 and "accepted True" in res.stdout, res.stdout + res.stderr
+        assert sim.wait_for(lambda r: any(x.frame.type == MsgType.RELEASE for x in r), 3.0)
+        res = run("-m", "firmware_bridge.console", "ack", "--operator", "dr-cli",
+                  "--endpoint", bt.bridge.ack_address)
+        assert res.returncode == 1 and "no hold is latched" in res.stdout
+    finally:
+        bt.stop()
+        tap.close()
+        guidance.close()
+        sim.stop()
+        ctx.term()
