@@ -217,11 +217,8 @@ class Bridge:
         if (now - self._last_g_heartbeat_ns > c.guidance_timeout_s * 1e9
                 and "guidance_lost" not in self.active):
             silent_ms = (now - self._last_g_heartbeat_ns) / MS
-            alert_id = self._raise("guidance_lost", f"No guidance heartbeat for {silent_ms:.0f} ms"
-                                   f" (limit {c.guidance_timeout_s * 1000:.0f} ms): injector held.")
-            self._send_hold(HoldReason.GUIDANCE_LOST, now)
-            if self.latch.latch(alert_id, "guidance_lost"):
-                self._on_latched(alert_id, "guidance_lost")
+            self._guidance_lost(f"No guidance heartbeat for {silent_ms:.0f} ms (limit "
+                                f"{c.guidance_timeout_s * 1000:.0f} ms): injector held.", now)
         # firmware watchdog
         if (now - self._last_rx_ns > c.injector_timeout_s * 1e9
                 and "injector_silent" not in self.active):
@@ -320,7 +317,17 @@ class Bridge:
         else:
             log.info("alert %s %s (%s): no hold", alert.kind, alert.state, alert.priority)
 
+    def _guidance_lost(self, message: str, now: int) -> None:
+        alert_id = self._raise("guidance_lost", message)
+        self._send_hold(HoldReason.GUIDANCE_LOST, now)
+        if self.latch.latch(alert_id, "guidance_lost"):
+            self._on_latched(alert_id, "guidance_lost")
+
     def _on_heartbeat(self, hb: GuidanceHeartbeat, now: int) -> None:
+        if hb.state == "stopping":  # guidance is going away: no need to wait for the silence
+            if "guidance_lost" not in self.active:
+                self._guidance_lost("Guidance is stopping: injector held.", now)
+            return
         self._last_g_heartbeat_ns = now
         if "guidance_lost" in self.active:
             # the alert clears; the hold it latched stays until acknowledged

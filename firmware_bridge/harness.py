@@ -60,9 +60,9 @@ class GuidancePublisher:
         with self._lock:
             self.sock.send_multipart(frames)
 
-    def heartbeat(self) -> dict[str, Any]:
+    def heartbeat(self, state: str = "running") -> dict[str, Any]:
         with self._lock:
-            doc = self.envelope("heartbeat", period_ms=self.heartbeat_period_ms, state="running",
+            doc = self.envelope("heartbeat", period_ms=self.heartbeat_period_ms, state=state,
                                 active_alerts=list(self.active.values()),
                                 frames_processed=self.frame, dropped_frames=0,
                                 dropped_messages=0, last_frame=self.frame)

@@ -553,3 +553,12 @@ def test_firmware_restart_on_a_live_link_is_followed(rig: Rig) -> None:
     assert rig.injector_state("held", since=mark)
     assert rig.bridge.counters.firmware_restarts == 1
     assert rig.sim.commands(MsgType.RELEASE) == []
+
+
+def test_guidance_stopping_holds_at_once(rig: Rig) -> None:
+    rig.guidance.stop_heartbeats()
+    rig.guidance.heartbeat(state="stopping")
+    lost = rig.alert_seen("guidance_lost")
+    assert "stopping" in lost["message"]
+    (hold,) = rig.wait_commands(MsgType.HOLD)
+    assert hold.frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.GUIDANCE_LOST)
