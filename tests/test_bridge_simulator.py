@@ -137,3 +137,35 @@ def test_tx_faults_reach_the_wire(sim: FirmwareSimulator) -> None:
     assert port.parser.rejects - rejects_before == 2
     assert len(seqs) != len(set(seqs))  # the duplicate arrived twice, byte for byte
     port.ser.close()
+
+
+def test_link_interface_live_and_simulated(tmp_path: Path) -> None:
+    from firmware_bridge.link import LinkError, SerialInjectorLink, SimulatedInjectorLink, make_link
+
+    missing = make_link(str(tmp_path / "ttyACM9"))
+    assert isinstance(missing, SerialInjectorLink) and not missing.connected
+    with pytest.raises(LinkError, match="cannot open"):
+        missing.connect()
+    with pytest.raises(LinkError, match="not connected"):
+        missing.read()
+
+    link = make_link("sim")
+    assert isinstance(link, SimulatedInjectorLink)
+    try:
+        link.connect()
+        link.start()
+        assert link.connected and link.fileno() is not None
+        parser, frames = FrameParser(), []
+        deadline = time.monotonic() + 2
+        while not frames and time.monotonic() < deadline:
+            frames = [f for f in parser.feed(link.read()) if isinstance(f, wire.Frame)]
+        assert frames and frames[0].type == MsgType.TELEMETRY
+        link.write(wire.encode_frame(wire.hold_frame(3, HoldReason.CLINICAL_ALERT)))
+        assert link.simulator.wait_for(lambda r: any(x.frame.seq == 3 for x in r), 2.0)
+        link.simulator.unplug()
+        with pytest.raises(LinkError, match="went away"):
+            for _ in range(100):
+                link.read()
+        assert not link.connected  # a dead port is closed, ready for connect() again
+    finally:
+        link.close_simulator()
