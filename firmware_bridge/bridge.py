@@ -95,9 +95,13 @@ class Bridge:
         self.ctx = context or zmq.Context.instance()
         self.session = secrets.token_hex(6)
         self.envelope = messages.Envelope(self.session)
+        # ack replies go out on the REP, not the PUB: their own counter, so a PUB subscriber
+        # never sees a seq gap for a message it could not have received
+        self.reply_envelope = messages.Envelope(self.session)
         self.latch = HoldLatch()
         self.channel = CommandChannel(int(config.ack_timeout_s * 1e9), config.max_attempts)
         self.parser = wire.FrameParser()
+        self._frames_before = self._rejects_before = 0
         self.counters = Counters()
         self.active: dict[str, _Active] = {}  # kind -> raised alert
         self.state = "starting"
@@ -381,7 +385,7 @@ class Bridge:
         else:
             self.counters.acks_refused += 1
             log.warning("ack refused (operator %s, alert %s): %s", operator, alert_id, reason)
-        reply = self.envelope.make("ack_reply", {
+        reply = self.reply_envelope.make("ack_reply", {
             "accepted": accepted, "reason": reason, "hold_latched": self.latch.latched,
             "latched_alerts": sorted(self.latch.reasons), "operator": operator,
             "alert_id": alert_id}, now, time.time_ns())
@@ -403,6 +407,8 @@ class Bridge:
         fd = self.link.fileno()
         self._link_fd = fd
         self.poller.register(fd, zmq.POLLIN)
+        self._frames_before += self.parser.frames  # heartbeat counters stay cumulative
+        self._rejects_before += self.parser.rejects
         self.parser = wire.FrameParser()
         self.channel.resync()
         self._telemetry_seq = None
@@ -619,8 +625,8 @@ class Bridge:
             "active_alerts": [{"alert_id": a.alert_id, "kind": a.kind, "priority": a.priority,
                                "frame": None, "raised_seq": a.raised_seq}
                               for a in self.active.values()],
-            "frames_processed": self.parser.frames,
-            "dropped_frames": self.parser.rejects,
+            "frames_processed": self._frames_before + self.parser.frames,
+            "dropped_frames": self._rejects_before + self.parser.rejects,
             "dropped_messages": self.counters.dropped_messages,
             "last_frame": None,
             "hold_latched": self.latch.latched,
