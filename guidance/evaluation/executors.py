@@ -12,6 +12,7 @@ import os
 import queue as queue_mod
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 
 from guidance.errors import BadInputError
 from guidance.evaluation.runner import LoopTask, base_result, evaluate_loop
@@ -73,27 +74,44 @@ def _worker_init(threads: int) -> None:
 def run_processes(
     tasks: list[LoopTask], workers: int, threads: int, progress: Progress
 ) -> Iterator[dict]:
-    """Spawned processes (no fork: onnxruntime and OpenCV thread pools do not survive it)."""
+    """Spawned processes (no fork: onnxruntime and OpenCV thread pools do not survive it).
+
+    A worker that dies (crash, out of memory) breaks the whole pool, so the loops caught in
+    it are retried in a fresh pool, then each alone; only the loop that kills its own
+    process is reported failed."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         q = manager.Queue()
-        for t in tasks:
-            t.progress = q
-        with cf.ProcessPoolExecutor(
-            max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
-        ) as pool:
-            futures = {pool.submit(evaluate_loop, t): t for t in tasks}
-            pending = set(futures)
-            while pending:
-                done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-                _drain(q, progress)
-                for fut in done:
-                    result = _result_or_failure(fut, futures[fut])
-                    _drain(q, progress)
-                    progress.loop_done(result)
-                    yield result
-        for t in tasks:
-            t.progress = None
+        remaining = list(tasks)
+        for attempt in range(3):
+            if not remaining:
+                break
+            isolate = attempt == 2
+            batches = [[t] for t in remaining] if isolate else [remaining]
+            remaining = []
+            for batch in batches:
+                for t in batch:
+                    t.progress = q
+                n = 1 if isolate else min(workers, len(batch))
+                with cf.ProcessPoolExecutor(
+                    max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
+                ) as pool:
+                    futures = {pool.submit(evaluate_loop, t): t for t in batch}
+                    pending = set(futures)
+                    while pending:
+                        done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+                        _drain(q, progress)
+                        for fut in done:
+                            task = futures[fut]
+                            if isinstance(fut.exception(), BrokenProcessPool) and not isolate:
+                                remaining.append(task)  # retried: maybe another loop's crash
+                                continue
+                            result = _result_or_failure(fut, task)
+                            _drain(q, progress)
+                            progress.loop_done(result)
+                            yield result
+                for t in batch:
+                    t.progress = None
 
 
 def _drain(q, progress: Progress) -> None:

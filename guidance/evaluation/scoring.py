@@ -153,11 +153,15 @@ class DiceCounter:
     def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
         if pred.shape != truth.shape:
             raise ValueError(f"prediction {pred.shape} and mask {truth.shape} differ")
-        p = pred.ravel().astype(np.int64)
-        t = truth.ravel().astype(np.int64)
-        self.pred += np.bincount(p, minlength=4)[:4]
-        self.truth += np.bincount(t, minlength=4)[:4]
-        self.inter += np.bincount(p[p == t], minlength=4)[:4]
+        # one 4x4 confusion matrix per frame (a 16-bin histogram of pred*4+truth): one pass
+        # over the pixels, which matters at 1024x1024 and 45 frames/s
+        # (classes are 0..3: masks are validated, predictions come from a 4-class argmax)
+        code = (pred.astype(np.uint8, copy=False) << 2) | truth.astype(np.uint8, copy=False)
+        hist = cv2.calcHist([code], [0], None, [16], [0, 16]).ravel().astype(np.int64)
+        confusion = hist.reshape(4, 4)  # [pred, truth]
+        self.pred += confusion.sum(axis=1)
+        self.truth += confusion.sum(axis=0)
+        self.inter += np.diagonal(confusion)
         self.frames += 1
 
     def add_counts(self, counts: Mapping) -> None:
