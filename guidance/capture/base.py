@@ -1,0 +1,188 @@
+"""The device interface every source implements, and the 1-deep newest-frame hand-over."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the source knows about itself (None where it does not)."""
+
+    name: str
+    kind: str  # "live", "replay" or "simulated"
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+    pixel_spacing_mm: float | None = None
+    posterior_side: str | None = None  # "left"/"right" when the acquisition says so
+    frame_count: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Frame:
+    """One captured frame. `image` is None when the frame arrived but could not be decoded
+    (`error` then says why): the loop raises a technical alert and skips it."""
+
+    index: int
+    capture_mono_ns: int
+    image: np.ndarray | None
+    info: SourceInfo
+    error: str | None = None
+
+
+class NewestFrameSlot:
+    """A buffer of one between a reader thread and the loop.
+
+    Lossy (live, paced replay): a new frame replaces an unread one, and the replaced frame is
+    counted as dropped; the loop always gets the newest frame, never a queue of stale ones.
+    Lossless (replay as fast as possible): the reader waits until the loop took the frame.
+    """
+
+    def __init__(self, lossy: bool) -> None:
+        self.lossy = lossy
+        self._cond = threading.Condition()
+        self._frame: Frame | None = None
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, frame: Frame, stop: threading.Event) -> None:
+        with self._cond:
+            if not self.lossy:
+                while self._frame is not None and not stop.is_set():
+                    self._cond.wait(0.1)
+                # as fast as possible: the frame "arrives" when the loop can take it, so the
+                # latency measures the pipeline, not a queue the reader filled ahead of it
+                frame.capture_mono_ns = time.monotonic_ns()
+            if self._frame is not None:
+                self.dropped += 1
+            self._frame = frame
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No more frames will come (end of a replay)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def get(self, timeout_s: float) -> Frame | None:
+        with self._cond:
+            if self._frame is None and not self._closed:
+                self._cond.wait(timeout_s)
+            frame, self._frame = self._frame, None
+            self._cond.notify_all()
+            return frame
+
+    @property
+    def exhausted(self) -> bool:
+        with self._cond:
+            return self._closed and self._frame is None
+
+
+class Source:
+    """connect() -> start() -> read() ... -> stop().
+
+    connect() validates and opens the device or file and raises BadInputError naming it when
+    it cannot be used; start() starts the reader thread; read(timeout) returns the newest
+    frame or None when none came in time; `ended` turns true when a replay is exhausted.
+    """
+
+    info: SourceInfo
+
+    def __init__(self, lossy: bool) -> None:
+        self._slot = NewestFrameSlot(lossy)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.frames_read = 0  # every frame that left the device, dropped or not
+        self.connected = False  # False while a live device is lost
+
+    # -- to implement -------------------------------------------------------------------
+    def connect(self) -> SourceInfo:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        """Reader thread body: read frames and hand them to self._deliver()."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Close the device or file (reader thread already stopped)."""
+
+    # -- shared -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._guarded_run, name=f"capture-{self.info.kind}", daemon=True
+        )
+        self._thread.start()
+
+    def _guarded_run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._slot.close()
+
+    def _deliver(self, frame: Frame) -> None:
+        self.frames_read += 1
+        self._slot.put(frame, self._stop)
+
+    def read(self, timeout_s: float = 0.1) -> Frame | None:
+        return self._slot.get(timeout_s)
+
+    @property
+    def ended(self) -> bool:
+        return self._slot.exhausted
+
+    @property
+    def dropped_frames(self) -> int:
+        return self._slot.dropped
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self._release()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ReplaySource(Source):
+    """A recorded loop: frames come from `_decode()` (an iterator of image-or-error), handed
+    over at the loop's fps (paced, lossy like a live grabber) or as fast as the loop takes
+    them (lossless)."""
+
+    def __init__(self, path: str, pace: bool, fps: float | None = None) -> None:
+        super().__init__(lossy=pace)
+        self.path = path
+        self.pace = pace
+        self._fps_override = fps
+
+    def _decode(self) -> Iterator[np.ndarray | Exception]:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        fps = self.info.fps or 0.0
+        period_ns = int(1e9 / fps) if (self.pace and fps > 0) else 0
+        t0 = time.monotonic_ns()
+        for index, item in enumerate(self._decode()):
+            if self._stop.is_set():
+                return
+            if period_ns:
+                # decoded ahead; release it at the instant the grabber would have delivered it
+                due = t0 + index * period_ns
+                while (now := time.monotonic_ns()) < due:
+                    if self._stop.wait((due - now) / 1e9):
+                        return
+            stamp = time.monotonic_ns()
+            if isinstance(item, Exception):
+                self._deliver(Frame(index, stamp, None, self.info, error=str(item) or repr(item)))
+            else:
+                self._deliver(Frame(index, stamp, item, self.info))

@@ -1,0 +1,195 @@
+"""Recorded loops (../shared/spec/recorded-loops.md): DICOM, MP4/AVI/MKV, PNG folders."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from guidance.capture.base import ReplaySource, SourceInfo
+from guidance.errors import BadInputError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv")
+EXPECTED = "a DICOM file, an MP4/AVI/MKV video or a folder of 000000.png frames"
+
+
+def sidecar_metadata(path: Path) -> dict:
+    """Acquisition metadata from `NAME.labels.json` next to a loop (fps, pixel spacing,
+    posterior side): a recorder writes them beside the video when the video cannot carry
+    them. Events and masks are ground truth and never read here."""
+    base = path if path.is_dir() else path.with_suffix("")
+    labels = base.parent / (base.name + ".labels.json")
+    if not labels.is_file():
+        return {}
+    try:
+        data = json.loads(labels.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{labels}: unreadable labels sidecar ({exc})") from None
+    keep = ("fps", "pixel_spacing_mm", "posterior_side", "view")
+    return {k: data[k] for k in keep if data.get(k) is not None}
+
+
+class VideoFileSource(ReplaySource):
+    """MP4/AVI/MKV through OpenCV's FFmpeg backend."""
+
+    def connect(self) -> SourceInfo:
+        path = Path(self.path)
+        if not path.is_file():
+            raise BadInputError(f"{path}: no such file (expected {EXPECTED})")
+        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        ok, first = cap.read() if cap.isOpened() else (False, None)
+        if not ok or first is None:
+            cap.release()
+            raise BadInputError(f"{path}: not a video OpenCV can decode (expected {EXPECTED})")
+        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        self._cap = cap
+        side = sidecar_metadata(path)
+        fps = self._fps_override or side.get("fps") or (cap.get(cv2.CAP_PROP_FPS) or None)
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+        self.info = SourceInfo(
+            name=str(path),
+            kind="replay",
+            fps=fps,
+            width=first.shape[1],
+            height=first.shape[0],
+            pixel_spacing_mm=side.get("pixel_spacing_mm"),
+            posterior_side=side.get("posterior_side"),
+            frame_count=count if count and count > 0 else None,
+        )
+        return self.info
+
+    def _decode(self) -> Iterator[np.ndarray | Exception]:
+        while True:
+            ok, image = self._cap.read()
+            if not ok:
+                return  # FFmpeg skips undecodable packets itself; a read failure is the end
+            yield image
+
+    def _release(self) -> None:
+        cap = getattr(self, "_cap", None)
+        if cap is not None:
+            cap.release()
+
+
+class PngFolderSource(ReplaySource):
+    """A folder of 000000.png, 000001.png, ... (8- or 16-bit grey)."""
+
+    def connect(self) -> SourceInfo:
+        path = Path(self.path)
+        self._files = sorted(p for p in path.iterdir() if re.fullmatch(r"\d+\.png", p.name))
+        if not self._files:
+            raise BadInputError(f"{path}: folder holds no 000000.png frames (expected {EXPECTED})")
+        first = cv2.imread(str(self._files[0]), cv2.IMREAD_UNCHANGED)
+        if first is None:
+            raise BadInputError(f"{self._files[0]}: not a PNG frame OpenCV can read")
+        side = sidecar_metadata(path)
+        self.info = SourceInfo(
+            name=str(path),
+            kind="replay",
+            fps=self._fps_override or side.get("fps"),
+            width=first.shape[1],
+            height=first.shape[0],
+            pixel_spacing_mm=side.get("pixel_spacing_mm"),
+            posterior_side=side.get("posterior_side"),
+            frame_count=len(self._files),
+        )
+        return self.info
+
+    def _decode(self) -> Iterator[np.ndarray | Exception]:
+        for file in self._files:
+            image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+            yield image if image is not None else ValueError(f"{file.name}: unreadable PNG frame")
+
+
+class DicomSource(ReplaySource):
+    """DICOM single- or multi-frame, MONOCHROME1/2 (or colour, converted to grey), 8-16 bits,
+    any transfer syntax pydicom's decoders handle. Frames are decoded one at a time, so a
+    long cine costs one frame of memory and a corrupt frame costs only itself."""
+
+    def connect(self) -> SourceInfo:
+        import pydicom  # only DICOM loops pay for it
+        from pydicom.errors import InvalidDicomError
+
+        path = Path(self.path)
+        try:
+            ds = pydicom.dcmread(str(path), stop_before_pixels=False, defer_size="1 KB")
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            raise BadInputError(
+                f"{path}: not a readable DICOM file ({exc}); expected {EXPECTED}"
+            ) from None
+        if "PixelData" not in ds:
+            raise BadInputError(f"{path}: DICOM without pixel data (expected an image or cine)")
+        self._ds = ds
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        fps = self._fps_override
+        if fps is None and getattr(ds, "FrameTime", None):
+            fps = 1000.0 / float(ds.FrameTime)
+        if fps is None and getattr(ds, "CineRate", None):
+            fps = float(ds.CineRate)
+        if fps is None and getattr(ds, "RecommendedDisplayFrameRate", None):
+            fps = float(ds.RecommendedDisplayFrameRate)
+        side = sidecar_metadata(path)
+        self.info = SourceInfo(
+            name=str(path),
+            kind="replay",
+            fps=fps or side.get("fps"),
+            width=int(ds.Columns),
+            height=int(ds.Rows),
+            pixel_spacing_mm=dicom_pixel_spacing(ds) or side.get("pixel_spacing_mm"),
+            posterior_side=side.get("posterior_side"),
+            frame_count=frames,
+            extra={
+                "photometric": str(ds.get("PhotometricInterpretation", "")),
+                "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
+            },
+        )
+        # decode the first frame now, so an undecodable syntax is refused before the loop starts
+        first = next(self._decode(limit=1))
+        if isinstance(first, Exception):
+            raise BadInputError(f"{path}: cannot decode DICOM pixel data ({first})")
+        return self.info
+
+    def _decode(self, limit: int | None = None) -> Iterator[np.ndarray | Exception]:
+        from pydicom.pixels import pixel_array
+
+        ds = self._ds
+        count = self.info.frame_count or 1
+        for index in range(count if limit is None else min(limit, count)):
+            try:
+                image = pixel_array(ds, index=index if count > 1 else None)
+                yield dicom_to_grey(image, ds)
+            except Exception as exc:  # any decoder failure is one bad frame, not the end  # noqa: BLE001
+                yield ValueError(f"DICOM frame {index}: {exc}")
+
+
+def dicom_pixel_spacing(ds) -> float | None:
+    """mm per pixel at the object: Pixel Spacing, else Imager Pixel Spacing corrected by the
+    estimated radiographic magnification."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value:
+            spacing = float(value[0])
+            if keyword == "ImagerPixelSpacing" and ds.get(
+                "EstimatedRadiographicMagnificationFactor"
+            ):
+                spacing /= float(ds.EstimatedRadiographicMagnificationFactor)
+            return spacing if spacing > 0 else None
+    return None
+
+
+def dicom_to_grey(image: np.ndarray, ds) -> np.ndarray:
+    """Decoded pixels -> unsigned grey, bright = more attenuating as MONOCHROME2 displays it."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if image.ndim == 3:  # colour secondary capture (pydicom returns RGB)
+        image = cv2.cvtColor(np.ascontiguousarray(image[..., :3]), cv2.COLOR_RGB2GRAY)
+    bits = int(ds.get("BitsStored", 8 * image.dtype.itemsize))
+    if image.dtype.kind == "i":  # signed storage: shift to unsigned, order kept
+        image = (image.astype(np.int32) + (1 << (bits - 1))).astype(np.uint16)
+    if photometric == "MONOCHROME1":  # minimum is white: invert within the stored range
+        image = ((1 << bits) - 1 - image.astype(np.int32)).clip(0, None)
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    return image.astype(dtype, copy=False)

@@ -1,0 +1,553 @@
+"""The guidance loop: small operators with one job each, wired in `compose()`.
+
+    capture ─▶ calibrate ─▶ segment ─▶ track ─▶ publish ─▶ ZeroMQ PUB (+ JSONL alert log)
+    (Source)    grey, undistort,  onnxruntime  pure       status every frame, alerts on
+                mm/px, FOV        class map    tracker    raise/clear; heartbeat thread
+
+The same composed pipeline runs live (`run_loop`) and offline (`run_replay`, as fast as
+possible, optionally without a socket). A bad frame or a model failure on one frame becomes a
+technical alert and the frame is skipped; silence from the video becomes `video_lost` and
+clears when frames come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from guidance.alerts.publisher import EventPublisher
+from guidance.capture import Frame, Source, SourceInfo, open_source
+from guidance.segmentation.model import Model
+from guidance.segmentation.preprocess import LetterboxGeometry
+from guidance.settings import Settings
+from guidance.tracking import TrackerConfig, TrackerState, TrackGeometry, TrackStatus, track
+
+log = logging.getLogger("guidance.loop")
+
+STAGES = ("capture", "calibrate", "segment", "track", "publish")
+
+
+class FrameError(Exception):
+    """This frame cannot be used (malformed, undecodable): alert, skip, go on."""
+
+
+class ModelRunError(Exception):
+    """The model failed on this frame: alert, skip, go on."""
+
+
+@dataclass
+class FrameResult:
+    """What one processed frame produced (handed to `on_result`)."""
+
+    index: int
+    capture_mono_ns: int
+    image: np.ndarray  # the frame as segmented: grey, after calibration
+    labels: np.ndarray  # uint8 class map at model resolution, cropped to the frame area
+    geometry: LetterboxGeometry
+    status: TrackStatus
+    messages: list[dict]  # every protocol message for this frame, exactly as published
+    latency_ms: dict[str, float]
+
+
+@dataclass
+class Context:
+    """What flows between operators for one frame."""
+
+    frame: Frame
+    picked_ns: int
+    image: np.ndarray | None = None
+    mm_per_px: float | None = None
+    valid: np.ndarray | None = None  # frame-size bool: inside FOV and not burned-in text
+    labels: np.ndarray | None = None
+    geometry: LetterboxGeometry | None = None
+    label_valid: np.ndarray | None = None
+    status: TrackStatus | None = None
+    messages: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# -- operators ---------------------------------------------------------------------------------
+
+
+class CalibrateOp:
+    """Grey, undistorted frame in detector-independent terms: mm/px, field of view, text."""
+
+    name = "calibrate"
+
+    def __init__(self, settings: Settings, info: SourceInfo) -> None:
+        self.calibration = None
+        self.polarity: str | None = None
+        self._valid_cache: dict[tuple[int, int], np.ndarray] = {}
+        if settings.calibration.file:
+            from calibration import load_calibration  # only when asked: calibration is optional
+
+            self.calibration = load_calibration(settings.calibration.file)
+        self.mm_per_px = (
+            settings.calibration.pixel_spacing_mm
+            or (self.calibration.pixel_spacing_mm if self.calibration else None)
+            or info.pixel_spacing_mm
+        )
+
+    @staticmethod
+    def grey(image: np.ndarray) -> np.ndarray:
+        if image is None or image.size == 0 or image.ndim not in (2, 3):
+            raise FrameError(f"malformed frame: shape {getattr(image, 'shape', None)}")
+        if image.dtype not in (np.uint8, np.uint16):
+            raise FrameError(f"malformed frame: dtype {image.dtype} (expected 8- or 16-bit)")
+        if image.ndim == 3:
+            channels = image.shape[2]
+            if channels == 1:
+                image = image[..., 0]
+            elif channels == 3:
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+            elif channels == 4:
+                image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+            else:
+                raise FrameError(f"malformed frame: {channels} channels")
+        if min(image.shape) < 8:
+            raise FrameError(f"malformed frame: {image.shape[1]}x{image.shape[0]} pixels")
+        return image
+
+    def compute(self, ctx: Context) -> None:
+        image = self.grey(ctx.frame.image)
+        if self.calibration is not None:
+            image = self.calibration.undistort(image)
+            key = image.shape[:2]
+            if key not in self._valid_cache:  # FOV and burned-in text are fixed per set-up
+                from calibration import intensity
+
+                valid = np.asarray(self.calibration.fov_mask(key), bool)
+                valid &= ~np.asarray(intensity.text_mask(image), bool)
+                self._valid_cache[key] = valid
+                self.polarity = intensity.detect_polarity(image, valid)
+                log.info("calibration: %s, polarity %s", self.calibration, self.polarity)
+            ctx.valid = self._valid_cache[key]
+        ctx.image = image
+        ctx.mm_per_px = self.mm_per_px
+
+
+class SegmentOp:
+    """onnxruntime: frame -> class map at model resolution (cropped to the frame)."""
+
+    name = "segment"
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._label_valid: dict[tuple, np.ndarray] = {}
+
+    def compute(self, ctx: Context) -> None:
+        try:
+            x, geometry = self.model.preprocess(ctx.image)
+        except (ValueError, cv2.error) as exc:
+            raise FrameError(f"frame cannot be preprocessed: {exc}") from exc
+        try:
+            labels = geometry.crop(self.model.infer(x))
+        except Exception as exc:  # onnxruntime raises its own types  # noqa: BLE001
+            raise ModelRunError(f"model failed on the frame: {exc}") from exc
+        ctx.labels, ctx.geometry = labels, geometry
+        if ctx.valid is not None:
+            key = (id(ctx.valid), labels.shape)
+            if key not in self._label_valid:
+                h, w = labels.shape
+                small = cv2.resize(
+                    ctx.valid.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST
+                )
+                self._label_valid[key] = small.astype(bool)
+            ctx.label_valid = self._label_valid[key]
+
+
+class TrackOp:
+    """The pure tracker, holding its state between frames."""
+
+    name = "track"
+
+    def __init__(self, settings: Settings, info: SourceInfo) -> None:
+        t = settings.tracker
+        self.config = TrackerConfig(
+            raise_frames=t.raise_frames,
+            clear_frames=t.clear_frames,
+            area_threshold_mm2=t.area_threshold_mm2,
+            area_threshold_px=t.area_threshold_px,
+            hull_tolerance_mm=t.hull_tolerance_mm,
+            needle_margin_mm=t.needle_margin_mm,
+        )
+        self.side = t.posterior_side if t.posterior_side != "auto" else info.posterior_side
+        self.state = TrackerState()
+
+    def compute(self, ctx: Context) -> None:
+        geo = TrackGeometry(
+            frame_per_px=ctx.geometry.frame_pixels_per_model_pixel(),
+            mm_per_frame_px=ctx.mm_per_px,
+            posterior_side=self.side,
+        )
+        ctx.status, self.state = track(ctx.labels, geo, self.state, self.config, ctx.label_valid)
+
+
+KIND_ALERT = {"posterior": "posterior_leak", "venous": "venous_leak"}
+
+
+def _leak_sentence(kind: str, state: str, ev: dict | None) -> str:
+    what = (
+        "Posterior cement leak (behind the posterior wall)"
+        if kind == "posterior"
+        else "Venous cement leak (extravertebral)"
+    )
+    if state == "cleared":
+        return f"{what} no longer seen."
+    if ev is None:
+        return f"{what} detected."
+    extra = f", {ev['depth']:.1f} {ev['units']} past the wall" if kind == "posterior" else ""
+    return f"{what}: {ev['area']:.1f} {ev['units']}^2{extra}."
+
+
+class PublishOp:
+    """Alerts first (they are what matters), then the frame's status."""
+
+    name = "publish"
+
+    def __init__(self, publisher: EventPublisher, source: Source) -> None:
+        self.publisher = publisher
+        self.source = source
+
+    def compute(self, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        status, frame = ctx.status, ctx.frame.index
+        for kind, state in status.events:
+            ev = status.evidence.get(kind)
+            evd = ev.as_dict() if ev is not None else None
+            sentence = _leak_sentence(kind, state, evd)
+            msg = (
+                self.publisher.raise_alert(KIND_ALERT[kind], frame, sentence, evd)
+                if state == "raised"
+                else self.publisher.clear_alert(KIND_ALERT[kind], frame, sentence, evd)
+            )
+            if msg is not None:
+                ctx.messages.append(msg)
+        ctx.timings["publish"] = (time.perf_counter() - t0) * 1e3
+        msg = self.publisher.status(
+            frame,
+            ctx.frame.capture_mono_ns,
+            ctx.timings,
+            flags={"posterior": status.posterior, "venous": status.venous},
+            areas=status.areas,
+            posterior_depth=status.posterior_depth,
+            units=status.units,
+            dropped_frames=self.source.dropped_frames,
+        )
+        ctx.messages.append(msg)
+
+
+@dataclass
+class Pipeline:
+    """The composed operators; `process()` runs one frame through them, timing each."""
+
+    source: Source
+    operators: list
+    publisher: EventPublisher
+
+    def process(self, frame: Frame) -> Context:
+        ctx = Context(frame=frame, picked_ns=time.monotonic_ns())
+        ctx.timings["capture"] = (ctx.picked_ns - frame.capture_mono_ns) / 1e6
+        if frame.image is None:
+            raise FrameError(frame.error or "frame could not be decoded")
+        for op in self.operators:
+            if op.name == "publish":
+                op.compute(ctx)  # times itself: its send is the end of the measurement
+                continue
+            t0 = time.perf_counter()
+            op.compute(ctx)
+            ctx.timings[op.name] = (time.perf_counter() - t0) * 1e3
+        return ctx
+
+
+def compose(
+    settings: Settings, source: Source, model: Model, publisher: EventPublisher
+) -> Pipeline:
+    """capture -> calibrate -> segment -> track -> publish, in one readable place."""
+    info = source.info
+    return Pipeline(
+        source,
+        [
+            CalibrateOp(settings, info),
+            SegmentOp(model),
+            TrackOp(settings, info),
+            PublishOp(publisher, source),
+        ],
+        publisher,
+    )
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    source: str
+    model: str
+    frames_read: int = 0
+    frames_processed: int = 0
+    frames_skipped: int = 0
+    dropped_frames: int = 0
+    dropped_messages: int = 0
+    messages_sent: int = 0
+    alerts: list[dict] = field(default_factory=list)  # every alert message, in order
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)  # per stage, per frame
+    wall_s: float = 0.0
+    stopped_by: str = "end"  # end | signal | max_frames
+
+    @property
+    def fps(self) -> float:
+        return self.frames_processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    def percentiles(self, stage: str = "capture_to_publish") -> dict[str, float]:
+        values = np.asarray(self.latency_ms.get(stage, []), float)
+        if values.size == 0:
+            return {"p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+        return {
+            "p50": float(np.percentile(values, 50)),
+            "p99": float(np.percentile(values, 99)),
+            "max": float(values.max()),
+        }
+
+
+class GuidanceLoop:
+    """Owns the loop around a composed pipeline: technical alerts, counters, stop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source: Source,
+        model: Model,
+        publisher: EventPublisher,
+        on_result: Callable[[FrameResult], None] | None = None,
+        on_message: Callable[[dict], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.model = model
+        self.publisher = publisher
+        self.on_result = on_result
+        self.on_message = on_message
+        self.stop = stop or threading.Event()
+        self.pipeline = compose(settings, source, model, publisher)
+        self.summary = RunSummary(
+            source=source.info.name,
+            model=model.describe(),
+            latency_ms={k: [] for k in ("capture_to_publish", *STAGES)},
+        )
+        self._overruns = 0
+        self._in_budget = 0
+
+    def _emit(self, msg: dict | None, into: list[dict] | None = None) -> None:
+        if msg is None:
+            return
+        if into is not None:
+            into.append(msg)
+        if msg["type"] == "alert":
+            self.summary.alerts.append(msg)
+            if self.on_message is not None:
+                self.on_message(msg)
+
+    def _check_calibration(self) -> None:
+        calibrate: CalibrateOp = self.pipeline.operators[0]
+        if calibrate.mm_per_px is None:
+            self._emit(
+                self.publisher.raise_alert(
+                    "calibration_missing",
+                    None,
+                    "No calibration and no pixel spacing from the source: areas and depths are in "
+                    "pixels, thresholds in pixels.",
+                )
+            )
+
+    def _latency_watch(self, index: int, c2p: float, into: list[dict]) -> None:
+        budget = self.settings.loop.latency_budget_ms
+        if not budget:
+            return
+        n = self.settings.loop.overrun_frames
+        if c2p > budget:
+            self._overruns, self._in_budget = self._overruns + 1, 0
+            if self._overruns >= n:
+                self._emit(
+                    self.publisher.raise_alert(
+                        "latency_overrun",
+                        index,
+                        f"Capture-to-publish latency over {budget:.0f} ms for {n} frames "
+                        f"(last {c2p:.0f} ms).",
+                    ),
+                    into,
+                )
+        else:
+            self._overruns, self._in_budget = 0, self._in_budget + 1
+            if self._in_budget >= n and self.publisher.is_active("latency_overrun"):
+                self._emit(
+                    self.publisher.clear_alert(
+                        "latency_overrun", index, f"Latency back within {budget:.0f} ms."
+                    ),
+                    into,
+                )
+
+    def _handle(self, frame: Frame) -> None:
+        s = self.summary
+        pub = self.publisher
+        try:
+            ctx = self.pipeline.process(frame)
+        except FrameError as exc:
+            s.frames_skipped += 1
+            self._emit(
+                pub.raise_alert(
+                    "frame_error", frame.index, f"Frame {frame.index} skipped: {exc}"[:300]
+                )
+            )
+            log.warning("frame %d skipped: %s", frame.index, exc)
+            return
+        except ModelRunError as exc:
+            s.frames_skipped += 1
+            self._emit(
+                pub.raise_alert(
+                    "model_error", frame.index, f"Frame {frame.index} not segmented: {exc}"[:300]
+                )
+            )
+            log.warning("frame %d: %s", frame.index, exc)
+            return
+        for msg in ctx.messages:
+            self._emit(msg)
+        extra: list[dict] = []
+        for kind in ("frame_error", "model_error"):  # a good frame ends those episodes
+            if pub.is_active(kind):
+                self._emit(
+                    pub.clear_alert(
+                        kind, frame.index, f"Frame {frame.index} processed normally again."
+                    ),
+                    extra,
+                )
+        status_msg = next(m for m in ctx.messages if m["type"] == "status")
+        latency = dict(status_msg["latency_ms"])
+        self._latency_watch(frame.index, latency["capture_to_publish"], extra)
+        ctx.messages.extend(extra)
+        s.frames_processed += 1
+        for key, value in latency.items():
+            s.latency_ms.setdefault(key, []).append(value)
+        if self.on_result is not None:
+            self.on_result(
+                FrameResult(
+                    index=frame.index,
+                    capture_mono_ns=frame.capture_mono_ns,
+                    image=ctx.image,
+                    labels=ctx.labels,
+                    geometry=ctx.geometry,
+                    status=ctx.status,
+                    messages=ctx.messages,
+                    latency_ms=latency,
+                )
+            )
+
+    def run(self) -> RunSummary:
+        s, pub, source = self.summary, self.publisher, self.source
+        cfg = self.settings
+        fps = source.info.fps or 0.0
+        timeout_s = max(cfg.capture.video_timeout_s, 3.0 / fps if fps else 0.0)
+        self._check_calibration()
+        pub.state = "running"
+        source.start()
+        t_start = time.monotonic()
+        last_frame_at = t_start
+        try:
+            while not self.stop.is_set():
+                frame = source.read(0.05)
+                now = time.monotonic()
+                if frame is None:
+                    if source.ended:
+                        break
+                    if now - last_frame_at > timeout_s and not pub.is_active("video_lost"):
+                        pub.state = "video_lost"
+                        self._emit(
+                            pub.raise_alert(
+                                "video_lost",
+                                pub.last_frame,
+                                f"No video from {source.info.name} for "
+                                f"{now - last_frame_at:.1f} s.",
+                            )
+                        )
+                        log.warning("video lost: %s", source.info.name)
+                    continue
+                last_frame_at = now
+                if pub.is_active("video_lost"):
+                    pub.state = "running"
+                    self._emit(
+                        pub.clear_alert(
+                            "video_lost", frame.index, f"Video from {source.info.name} is back."
+                        )
+                    )
+                self._handle(frame)
+                if (
+                    cfg.loop.max_frames
+                    and s.frames_processed + s.frames_skipped >= cfg.loop.max_frames
+                ):
+                    s.stopped_by = "max_frames"
+                    break
+            else:
+                s.stopped_by = "signal"
+        finally:
+            source.stop()
+            s.wall_s = time.monotonic() - t_start
+            s.frames_read = source.frames_read
+            s.dropped_frames = source.dropped_frames
+            pub.dropped_frames = s.dropped_frames
+            s.dropped_messages = pub.dropped_messages
+            s.messages_sent = pub.sent
+        return s
+
+
+def load_model(settings: Settings) -> Model:
+    seg = settings.segmentation
+    return Model(settings.model_path, seg.sha256sums, provider=seg.provider, threads=seg.threads)
+
+
+def make_publisher(settings: Settings) -> EventPublisher:
+    a = settings.alerts
+    return EventPublisher(
+        a.address,
+        sndhwm=a.sndhwm,
+        linger_ms=a.linger_ms,
+        heartbeat_ms=a.heartbeat_ms,
+        alert_log=a.log,
+    )
+
+
+def run_replay(
+    source: str | Path | Source,
+    settings: Settings | None = None,
+    on_result: Callable[[FrameResult], None] | None = None,
+    model: Model | None = None,
+) -> RunSummary:
+    """Run the SAME composed pipeline as live on a recorded loop, as fast as possible and
+    lossless. With `settings.alerts.address` None no socket is bound (many can run in
+    parallel); messages are still built, logged when `alerts.log` is set, and handed to
+    `on_result` with each frame. Pass `model` to share one loaded Model between runs."""
+    settings = settings or Settings()
+    if isinstance(source, Source):
+        src = source
+        if not hasattr(src, "info"):
+            src.connect()
+    else:
+        src = open_source(str(source), kind="auto", pace=False, fps=settings.capture.fps)
+    model = model or load_model(settings)
+    if not model.warm:
+        model.warm_up(settings.segmentation.warmup_runs)
+    publisher = make_publisher(settings).open()
+    try:
+        if settings.alerts.address:
+            publisher.start_heartbeat()
+        loop = GuidanceLoop(settings, src, model, publisher, on_result=on_result)
+        return loop.run()
+    finally:
+        publisher.close()

@@ -1,0 +1,209 @@
+"""The segmentation model as one object (MONAI-Deploy-like): it knows its file, its checksum,
+its metadata (input size, normalisation, classes) and how to run itself.
+
+A model file is trusted only when `SHA256SUMS` next to it (sha256sum format) lists it with the
+same hash: a missing, corrupt or unlisted file is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from guidance.errors import ModelError
+from guidance.segmentation.preprocess import LetterboxGeometry, preprocess
+
+METADATA_KEY = "guidance"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_sha256sums(path: Path) -> dict[str, str]:
+    """`<hex>  name` or `<hex> *name` lines -> {name: hex}."""
+    sums: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) == 2 and len(parts[0]) == 64:
+            sums[parts[1].lstrip("*").strip()] = parts[0].lower()
+    return sums
+
+
+def verify_model_file(onnx_path: Path, sha256sums_path: Path) -> str:
+    """The file's sha256 when SHA256SUMS vouches for it; ModelError naming the file otherwise."""
+    if not onnx_path.is_file():
+        raise ModelError(f"{onnx_path}: model file missing")
+    if not sha256sums_path.is_file():
+        raise ModelError(
+            f"{onnx_path}: checksum list {sha256sums_path} missing; refusing an unverified model"
+        )
+    sums = read_sha256sums(sha256sums_path)
+    expected = sums.get(onnx_path.name)
+    actual = sha256_of(onnx_path)
+    if expected is None:
+        raise ModelError(f"{onnx_path}: not listed in {sha256sums_path} (sha256 {actual})")
+    if expected != actual:
+        raise ModelError(
+            f"{onnx_path}: sha256 mismatch, expected {expected}, actual {actual} "
+            "(corrupt or replaced model file)"
+        )
+    return actual
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    input_name: str
+    size: int
+    channels: int
+    normalization: dict
+    classes: tuple[str, ...]
+    output_name: str
+    output_kind: str  # "logits" (argmax over classes) or "labels"
+    raw: dict
+
+
+def parse_metadata(onnx_path: Path, props: dict[str, str]) -> ModelInfo:
+    text = props.get(METADATA_KEY)
+    if text is None:
+        raise ModelError(
+            f"{onnx_path}: no '{METADATA_KEY}' metadata (input size, "
+            "normalisation, classes); not a cement-guidance model"
+        )
+    try:
+        meta = json.loads(text)
+        inp, out = meta["input"], meta.get("output", {})
+        info = ModelInfo(
+            name=str(meta["name"]),
+            version=str(meta["version"]),
+            input_name=str(inp["name"]),
+            size=int(inp["size"]),
+            channels=int(inp.get("channels", 1)),
+            normalization=dict(meta["normalization"]),
+            classes=tuple(meta["classes"]),
+            output_name=str(out.get("name", "logits")),
+            output_kind=str(out.get("kind", "logits")),
+            raw=meta,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{onnx_path}: malformed '{METADATA_KEY}' metadata ({exc!r})") from None
+    if info.channels != 1 or inp.get("layout", "NCHW") != "NCHW":
+        raise ModelError(
+            f"{onnx_path}: expects {info.channels}-channel {inp.get('layout')} input; "
+            "this service feeds 1-channel NCHW"
+        )
+    if meta.get("resize", "letterbox") != "letterbox":
+        raise ModelError(f"{onnx_path}: resize {meta.get('resize')!r} unsupported (letterbox only)")
+    for needed in ("vertebral_body", "cement", "needle"):
+        if needed not in info.classes:
+            raise ModelError(f"{onnx_path}: class list {list(info.classes)} lacks {needed!r}")
+    return info
+
+
+class Model:
+    """Model(onnx_path, sha256sums_path) -> verified, loaded, ready after warm_up()."""
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        sha256sums_path: str | Path | None = None,
+        provider: str = "cpu",
+        threads: int = 0,
+        spinning: bool = False,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(onnx_path)
+        sums = Path(sha256sums_path) if sha256sums_path else self.path.parent / "SHA256SUMS"
+        self.sha256 = verify_model_file(self.path, sums)
+        available = ort.get_available_providers()
+        if provider == "auto":
+            provider = "cuda" if PROVIDERS["cuda"] in available else "cpu"
+        if provider not in PROVIDERS:
+            raise ModelError(f"provider {provider!r}: expected cpu, cuda or auto")
+        if PROVIDERS[provider] not in available:
+            raise ModelError(
+                f"{self.path}: provider {provider} requested but onnxruntime offers "
+                f"only {', '.join(available)} (install onnxruntime-gpu for cuda)"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # no busy-waiting between runs: on 2 shared cores a spinning pool starves capture
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
+        providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types  # noqa: BLE001
+            raise ModelError(f"{self.path}: onnxruntime cannot load it ({exc})") from None
+        self.provider = self.session.get_providers()[0]
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.info = parse_metadata(self.path, props)
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if self.info.input_name not in inputs or self.info.output_name not in outputs:
+            raise ModelError(
+                f"{self.path}: graph I/O {sorted(inputs)} -> {sorted(outputs)} does not "
+                f"match its metadata ({self.info.input_name} -> {self.info.output_name})"
+            )
+        self.cement_class = self.info.classes.index("cement")
+        self.warm = False
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    def describe(self) -> str:
+        return (
+            f"{self.info.name} {self.info.version} ({self.path.name}, sha256 "
+            f"{self.sha256[:12]}, {self.provider})"
+        )
+
+    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxGeometry]:
+        return preprocess(image, self.info.size, self.info.normalization)
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Model input (1, 1, S, S) -> class map (S, S) uint8 at model resolution."""
+        out = self.session.run([self.info.output_name], {self.info.input_name: x})[0]
+        if self.info.output_kind == "labels":
+            return np.asarray(out).reshape(self.info.size, self.info.size).astype(np.uint8)
+        return np.argmax(out[0], axis=0).astype(np.uint8)
+
+    def segment(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxGeometry]:
+        """Grey frame -> (class map at model resolution, letterbox-cropped to the frame area,
+        geometry)."""
+        x, geometry = self.preprocess(image)
+        return geometry.crop(self.infer(x)), geometry
+
+    def warm_up(self, runs: int = 3) -> float:
+        """Run on blank and noise inputs so the first real frame pays no allocation/JIT cost.
+        Returns the last run's time in ms."""
+        rng = np.random.default_rng(0)
+        elapsed = 0.0
+        for i in range(max(1, runs)):
+            x = (
+                rng.normal(0, 1, (1, 1, self.size, self.size)).astype(np.float32)
+                if i
+                else np.zeros((1, 1, self.size, self.size), np.float32)
+            )
+            t0 = time.perf_counter()
+            self.infer(x)
+            elapsed = (time.perf_counter() - t0) * 1e3
+        self.warm = True
+        return elapsed

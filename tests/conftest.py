@@ -1,0 +1,234 @@
+"""Shared test fixtures: a small stand-in ONNX segmenter (real onnx graph, real onnxruntime),
+and writers for real loops (video, PNG folders, DICOM) that the tests create themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from guidance.capture.simulated import draw_scene
+from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION
+
+# grey level (after the percentile window, 0..1) each class of the stand-in sits at
+STAND_IN_CENTRES = (0.0, 0.45, 1.0, 0.73)  # background, vertebral_body, cement, needle
+
+
+def stand_in_metadata(size: int) -> dict:
+    return {
+        "name": "stand-in",
+        "version": "0.0-test",
+        "input": {
+            "name": "image",
+            "size": size,
+            "channels": 1,
+            "layout": "NCHW",
+            "dtype": "float32",
+        },
+        "resize": "letterbox",
+        "normalization": dict(DEFAULT_NORMALIZATION),
+        "classes": ["background", "vertebral_body", "cement", "needle"],
+        "output": {"name": "logits", "kind": "logits"},
+        "training": {"note": "not trained: intensity bins standing in for the real model"},
+    }
+
+
+def build_stand_in(
+    path: Path, size: int = 64, fragile: bool = False, metadata: dict | None = None
+) -> Path:
+    """A graph that classifies each pixel by its windowed intensity (nearest class centre):
+    bright -> cement, mid -> needle/body, dark -> background. `fragile`: fails at run time on a
+    uniform frame (a data-dependent Reshape), so tests can see the model fail on one frame."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    norm = DEFAULT_NORMALIZATION
+    inits = [
+        numpy_helper.from_array(np.array(norm["std"], np.float32), "std"),
+        numpy_helper.from_array(np.array(norm["mean"], np.float32), "mean"),
+        numpy_helper.from_array(
+            np.array(STAND_IN_CENTRES, np.float32).reshape(1, 4, 1, 1), "centres"
+        ),
+        numpy_helper.from_array(np.array(-50.0, np.float32), "sharp"),
+    ]
+    nodes = []
+    x = "image"
+    if fragile:
+        inits += [
+            numpy_helper.from_array(np.array(-1.9, np.float32), "blank_level"),
+            numpy_helper.from_array(np.array([2], np.int64), "two"),
+            numpy_helper.from_array(np.array([1], np.int64), "one"),
+            numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+            numpy_helper.from_array(np.array([1, 1, size, size], np.int64), "full_shape"),
+        ]
+        nodes += [
+            helper.make_node("ReduceMax", ["image"], ["peak"], keepdims=0),
+            helper.make_node("Less", ["peak", "blank_level"], ["blank"]),
+            helper.make_node("Cast", ["blank"], ["blank_i"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["blank_i", "two"], ["k2"]),
+            helper.make_node("Add", ["k2", "one"], ["k"]),  # 1, or 3 on a blank frame
+            helper.make_node("Concat", ["minus_one", "k"], ["odd_shape"], axis=0),
+            helper.make_node("Reshape", ["image", "odd_shape"], ["flat"]),
+            helper.make_node("Reshape", ["flat", "full_shape"], ["checked"]),
+        ]
+        x = "checked"
+    nodes += [
+        helper.make_node("Mul", [x, "std"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "mean"], ["unit"]),
+        helper.make_node("Sub", ["unit", "centres"], ["diff"]),
+        helper.make_node("Mul", ["diff", "diff"], ["sq"]),
+        helper.make_node("Mul", ["sq", "sharp"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stand_in",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, size, size])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = metadata if metadata is not None else stand_in_metadata(size)
+    helper.set_model_props(model, {"guidance": json.dumps(meta)})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def write_sums(onnx_path: Path, sums_path: Path | None = None) -> Path:
+    sums_path = sums_path or onnx_path.parent / "SHA256SUMS"
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    with sums_path.open("a") as fh:
+        fh.write(f"{digest}  {onnx_path.name}\n")
+    return sums_path
+
+
+@pytest.fixture
+def stand_in(tmp_path) -> tuple[Path, Path]:
+    """(onnx_path, sha256sums_path) of a 64x64 stand-in segmenter."""
+    d = tmp_path / "model"
+    d.mkdir()
+    onnx_path = build_stand_in(d / "segmenter.onnx", 64)
+    return onnx_path, write_sums(onnx_path)
+
+
+@pytest.fixture
+def fragile_model(tmp_path) -> tuple[Path, Path]:
+    d = tmp_path / "fragile"
+    d.mkdir()
+    onnx_path = build_stand_in(d / "segmenter.onnx", 64, fragile=True)
+    return onnx_path, write_sums(onnx_path)
+
+
+def scene_frames(count: int, size=(96, 128), leak="posterior", onset=8, seed=0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [draw_scene(size, t, leak, onset, rng)[0] for t in range(count)]
+
+
+def write_video(
+    path: Path, frames: list[np.ndarray], fps: float = 15.0, fourcc: str | None = None
+) -> Path:
+    codec = fourcc or {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "FFV1"}[path.suffix]
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (w, h), isColor=True)
+    assert writer.isOpened(), f"OpenCV cannot write {path}"
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) if f.ndim == 2 else f)
+    writer.release()
+    return path
+
+
+def write_pngs(folder: Path, frames: list[np.ndarray]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(frames):
+        assert cv2.imwrite(str(folder / f"{i:06d}.png"), f)
+    return folder
+
+
+def write_labels(
+    base: Path,
+    fps: float,
+    pixel_spacing_mm: float | None = None,
+    posterior_side: str | None = "right",
+) -> Path:
+    path = base.parent / (base.name + ".labels.json")
+    data = {"schema": "cine-labels/1", "fps": fps, "view": "lateral", "events": []}
+    if pixel_spacing_mm:
+        data["pixel_spacing_mm"] = pixel_spacing_mm
+    if posterior_side:
+        data["posterior_side"] = posterior_side
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_dicom(
+    path: Path,
+    frames: list[np.ndarray],
+    photometric: str = "MONOCHROME2",
+    bits: int = 8,
+    syntax: str = "explicit",
+    frame_time_ms: float | None = 66.67,
+    spacing: float | None = 0.3,
+) -> Path:
+    """A multi-frame (or single-frame when one frame) XA-like DICOM file. bits: stored bits
+    (values are scaled from the 8-bit scene); MONOCHROME1 stores inverted values;
+    syntax: explicit | rle | jpeg (baseline, 8-bit, encapsulated from OpenCV's encoder)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        JPEGBaseline8Bit,
+        RLELossless,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
+
+    stack = np.stack(frames).astype(np.float64) / 255.0
+    top = (1 << bits) - 1
+    values = np.round(stack * top)
+    if photometric == "MONOCHROME1":
+        values = top - values
+    dtype = np.uint8 if bits <= 8 else np.uint16
+    pixels = values.astype(dtype)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "XA"
+    ds.Rows, ds.Columns = pixels.shape[1:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if bits <= 8 else 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    if len(frames) > 1:
+        ds.NumberOfFrames = len(frames)
+    if frame_time_ms:
+        ds.FrameTime = f"{frame_time_ms:.2f}"
+    if spacing:
+        ds.PixelSpacing = [spacing, spacing]
+    data = pixels if len(frames) > 1 else pixels[0]
+    if syntax == "jpeg":
+        assert bits == 8
+        parts = [
+            cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in pixels
+        ]
+        ds.PixelData = encapsulate(parts)
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.LossyImageCompression = "01"
+    else:
+        ds.PixelData = data.tobytes()
+        if syntax == "rle":
+            ds.compress(RLELossless, data)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
