@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from guidance.errors import BadInputError
+from guidance.evaluation.discovery import LoopRef
 from guidance.evaluation.labels import Event
 from guidance.evaluation.report import render_report
 from guidance.evaluation.runner import base_result
-from guidance.evaluation.discovery import LoopRef
 from guidance.evaluation.scoring import AlertRaise, DiceCounter, score_loop
 from guidance.evaluation.summary import (
     build_summary,

@@ -122,17 +122,21 @@ class _Collector:
 
         geometry = fr.geometry
         self.size = (int(geometry.frame_height), int(geometry.frame_width))
-        if self.masks is not None and self.dice is not None and self.mask_mismatch is None:
-            if idx < self.masks.shape[0]:
-                truth = self.masks[idx]
-                if not _same_aspect(truth.shape, self.size):
-                    self.mask_mismatch = (
-                        f"mask size {truth.shape[1]}x{truth.shape[0]} does not match the frame "
-                        f"{self.size[1]}x{self.size[0]}"
-                    )
-                else:
-                    pred = labels_at_mask_resolution(np.asarray(fr.labels), *truth.shape)
-                    self.dice.add(pred, truth)
+        if (
+            self.masks is not None
+            and self.dice is not None
+            and self.mask_mismatch is None
+            and idx < self.masks.shape[0]
+        ):
+            truth = self.masks[idx]
+            if not _same_aspect(truth.shape, self.size):
+                self.mask_mismatch = (
+                    f"mask size {truth.shape[1]}x{truth.shape[0]} does not match the frame "
+                    f"{self.size[1]}x{self.size[0]}"
+                )
+            else:
+                pred = labels_at_mask_resolution(np.asarray(fr.labels), *truth.shape)
+                self.dice.add(pred, truth)
 
         raised = [a for a in alerts if a.get("state") == "raised"]
         for a in alerts:
@@ -186,29 +190,52 @@ def base_result(ref: LoopRef) -> dict:
     }
 
 
+_MODELS: dict[tuple, object] = {}
+
+
+def shared_model(settings):
+    """One loaded, warmed Model per process and model file: a worker that runs many loops
+    pays for the session and its warm-up once."""
+    from guidance.pipeline import load_model
+
+    seg = settings.segmentation
+    key = (settings.model_path, seg.sha256sums, seg.provider, seg.threads)
+    if key not in _MODELS:
+        model = load_model(settings)
+        model.warm_up(seg.warmup_runs)
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
 def evaluate_loop(task: LoopTask) -> dict:
     """Run and score one loop. Never raises: a loop that cannot be read or run comes back as
     status "failed" with the reason, so the other loops still complete."""
-    from guidance import pipeline  # the live service's pipeline, not a copy
+    from guidance.capture import open_source
+    from guidance.pipeline import run_replay  # the live service's pipeline, not a copy
 
     result = base_result(task.ref)
     result["slug"] = task.slug
     labels = task.labels
     if labels is not None:
         result["events"] = [{"kind": e.kind, "onset_frame": e.onset_frame} for e in labels.events]
+    settings = task.settings
     t0 = time.perf_counter()
     collector = None
     try:
-        video_fps = pipeline.probe_fps(task.ref.source) if hasattr(pipeline, "probe_fps") else None
+        model = shared_model(settings)
+        source = open_source(task.ref.source, kind="replay", pace=False, fps=settings.capture.fps)
+        video_fps = source.info.fps
         fps = labels.fps if labels and labels.fps else video_fps
         result["fps"] = fps
         result["fps_source"] = "labels" if labels and labels.fps else ("video" if fps else None)
         if labels is not None and fps is None:
+            source.stop()
             raise LabelsError(labels.path, "fps", "is required: the video carries no frame rate")
         collector = _Collector(task, fps)
-        run_summary = pipeline.run_replay(task.ref.source, task.settings, on_result=collector)
+        t0 = time.perf_counter()  # the loop's own time, not the model's first load
+        run = run_replay(source, settings, on_result=collector, model=model)
         collector.close()
-        del run_summary
+        result["frames_read"] = run.frames_read
     except LabelsError as exc:
         result["reason"] = str(exc)
         return _finish(result, collector, t0)
@@ -230,7 +257,8 @@ def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -
     result["wall_s"] = wall
     if col is None:
         return result
-    frames = (max(col.frames_seen) + 1) if col.frames_seen else 0
+    # frames the source delivered (decodable or not), so skipped frames at the end count too
+    frames = max(result.get("frames_read") or 0, (max(col.frames_seen) + 1) if col.frames_seen else 0)
     result["frames"] = frames
     result["size"] = list(col.size) if col.size else None
     result["missing_frames"] = frames - len(set(col.frames_seen))
