@@ -70,6 +70,7 @@ def results():
     unscored = fake_result("nolabels", [], [], status="unscored")
     failed = base_result(LoopRef("broken", "broken", "/data/broken.dcm", "dicom", None))
     failed["reason"] = "cannot be read or run: not a DICOM file"
+    failed["failure"] = "unreadable"
     return [miss, failed, hit, unscored]
 
 
@@ -129,6 +130,7 @@ def test_fail_under_parsing_and_bounds(results):
 def test_labels_failure_found_while_running_is_exit_2(results):
     bad = base_result(LoopRef("x", "x", "/x.mp4", "video", "/x.labels.json"))
     bad["reason"] = "labels /x.labels.json: field 'masks': has 3 frames, the loop has 4"
+    bad["failure"] = "labels"
     assert exit_code(build_summary([results[2], bad], {})) == 2
 
 

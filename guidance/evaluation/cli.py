@@ -23,7 +23,7 @@ from guidance.evaluation.discovery import discover
 from guidance.evaluation.executors import Progress, run_all
 from guidance.evaluation.labels import load_labels
 from guidance.evaluation.report import render_report
-from guidance.evaluation.runner import LoopTask, base_result
+from guidance.evaluation.runner import LoopTask, base_result, shared_model
 from guidance.evaluation.summary import (
     build_summary,
     check_fail_under,
@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     # every labels file is validated before any loop runs: a broken ground truth stops here
     labels = {r.loop_id: load_labels(r.labels) if r.labels else None for r in refs}
     settings = eval_settings.build(args)
+    # a missing, corrupt or unlisted model is refused here, naming the file, before any loop
+    # runs (and serial runs reuse this loaded, warmed model)
+    shared_model(settings)
 
     out = Path(args.out)
     try:
@@ -161,6 +164,7 @@ def base_result_for_orphan(path: str) -> dict:
 
     name = Path(path).name.removesuffix(".labels.json")
     r = base_result(LoopRef(loop_id=path, name=name, source=path, form="none", labels=path))
+    r["failure"] = "no_loop"
     r["reason"] = "labels file without a loop beside it (no NAME.dcm, .mp4, .avi, .mkv or NAME/)"
     return r
 

@@ -129,6 +129,7 @@ def _result_or_failure(fut, task: LoopTask) -> dict:
         return fut.result()
     except Exception as exc:  # the worker process died (crash, out of memory) on this loop
         result = base_result(task.ref)
+        result["failure"] = "worker"
         result["reason"] = f"worker failed: {type(exc).__name__}: {exc}"
         return result
 
@@ -141,9 +142,11 @@ def run_dask(tasks: list[LoopTask], address: str, progress: Progress) -> Iterato
     except ImportError:
         raise BadInputError("--dask needs dask.distributed: pip install 'cement-guidance[cluster]'") from None
     try:
-        client = Client(address, timeout="10s", set_as_default=False)
-    except (OSError, TimeoutError) as exc:
-        raise BadInputError(f"--dask {address}: cannot connect to the scheduler ({exc})") from None
+        client = Client(address, timeout="10s")
+    except Exception as exc:  # distributed raises OSError, TimeoutError, ValueError ...
+        raise BadInputError(
+            f"--dask {address}: cannot connect to the scheduler ({type(exc).__name__}: {exc})"
+        ) from None
     try:
         futures = {}
         for t in tasks:

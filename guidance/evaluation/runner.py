@@ -181,7 +181,7 @@ def _same_aspect(mask_hw: tuple[int, int], frame_hw: tuple[int, int]) -> bool:
 def base_result(ref: LoopRef) -> dict:
     return {
         "loop_id": ref.loop_id, "name": ref.name, "source": ref.source, "form": ref.form,
-        "labels": ref.labels, "status": "failed", "reason": None, "frames": 0, "fps": None,
+        "labels": ref.labels, "status": "failed", "failure": None, "reason": None, "frames": 0, "fps": None,
         "fps_source": None, "size": None, "missing_frames": 0, "raises": [],
         "technical_alerts": [], "score": None, "dice": None, "dice_counts": None,
         "latency_ms": latency_stats([]), "latencies_ms": [], "wall_s": None,
@@ -237,13 +237,16 @@ def evaluate_loop(task: LoopTask) -> dict:
         collector.close()
         result["frames_read"] = run.frames_read
     except LabelsError as exc:
+        result["failure"] = "labels"
         result["reason"] = str(exc)
         return _finish(result, collector, t0)
     except GuidanceError as exc:
+        result["failure"] = "unreadable"
         result["reason"] = f"cannot be read or run: {exc}"
         return _finish(result, collector, t0)
     except Exception as exc:  # a crash on one loop must not take the others down
         log.debug("loop %s failed:\n%s", task.ref.loop_id, traceback.format_exc())
+        result["failure"] = "unreadable"
         result["reason"] = f"cannot be read or run: {type(exc).__name__}: {exc}"
         return _finish(result, collector, t0)
     finally:
@@ -290,6 +293,7 @@ def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -
         return result
     labels = col.task.labels
     if frames == 0:
+        result["failure"] = "unreadable"
         result["reason"] = "cannot be read or run: no frame could be read"
         return result
     if labels is None:
@@ -298,15 +302,18 @@ def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -
         return result
     late = [e for e in labels.events if e.onset_frame >= frames]
     if late:
+        result["failure"] = "labels"
         result["reason"] = str(LabelsError(
             labels.path, "events[].onset_frame",
             f"onset {late[0].onset_frame} is beyond the loop's {frames} frames"))
         return result
     if col.masks is not None:
         if col.mask_mismatch:
+            result["failure"] = "labels"
             result["reason"] = str(LabelsError(labels.path, "masks", col.mask_mismatch))
             return result
         if col.masks.shape[0] != frames:
+            result["failure"] = "labels"
             result["reason"] = str(LabelsError(
                 labels.path, "masks", f"has {col.masks.shape[0]} frames, the loop has {frames}"))
             return result

@@ -23,7 +23,7 @@ TIMING_TOP_FIELDS = ("run", "latency_ms")
 
 # Row fields of a loop result that go into summary.json (the rest goes to loops/<slug>.json)
 ROW_FIELDS = (
-    "loop_id", "name", "source", "form", "labels", "status", "reason", "frames", "fps",
+    "loop_id", "name", "source", "form", "labels", "status", "failure", "reason", "frames", "fps",
     "fps_source", "size", "missing_frames", "raises", "technical_alerts", "score", "dice",
     "latency_ms", "wall_s", "realtime_factor", "artifacts",
 )
@@ -156,7 +156,7 @@ def exit_code(summary: dict) -> int:
     """2: a labels file broke the spec (found while running); 1: a loop failed or a threshold
     is unmet; 0: otherwise."""
     rows = summary["loops"]
-    if any(r["status"] == "failed" and (r.get("reason") or "").startswith("labels ") for r in rows):
+    if any(r["status"] == "failed" and r.get("failure") == "labels" for r in rows):
         return EXIT_BAD_INPUT
     if any(r["status"] == "failed" for r in rows):
         return EXIT_FAILURE
