@@ -11,6 +11,8 @@ import numpy as np
 # BGR, per class id: vertebral body green, cement yellow, needle cyan
 CLASS_COLOURS = np.array([[0, 0, 0], [80, 200, 60], [0, 220, 255], [255, 200, 0]], dtype=np.float32)
 ALPHA = 0.40
+_COLOUR_LUT = np.zeros((1, 256, 3), np.uint8)
+_COLOUR_LUT[0, :4] = CLASS_COLOURS.astype(np.uint8)
 RED = (40, 40, 255)
 BLUE = (255, 120, 40)
 WHITE = (255, 255, 255)
@@ -47,10 +49,10 @@ def render(
     out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     if labels is not None:
         lab = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
-        mask = lab > 0
-        if mask.any():
-            colours = CLASS_COLOURS[np.minimum(lab[mask], 3)]
-            out[mask] = (out[mask] * (1 - ALPHA) + colours * ALPHA).astype(np.uint8)
+        # colour by table lookup and blend in C: this runs on every frame of every loop
+        colour = cv2.LUT(cv2.merge([lab, lab, lab]), _COLOUR_LUT)
+        blended = cv2.addWeighted(out, 1.0 - ALPHA, colour, ALPHA, 0.0)
+        cv2.copyTo(blended, lab, out)  # only where a class is (mask: lab != 0)
     scale = max(0.35, h / 900)
     thick = 1 if h < 700 else 2
     bar = max(12, int(22 * scale / 0.6))
@@ -61,8 +63,11 @@ def render(
         cv2.rectangle(out, (w // 2, 0), (w - 1, bar), BLUE, -1)
         cv2.putText(out, "VENOUS", (w // 2 + 4, bar - 4), cv2.FONT_HERSHEY_SIMPLEX, scale, WHITE, thick)
     y = bar + int(18 * scale / 0.5)
+    if lines:  # one dark box behind all lines, one putText per line (text is costly)
+        step = int(20 * scale / 0.5)
+        cv2.rectangle(out, (0, bar + 2), (int(w * 0.6), y + step * (len(lines) - 1) + 6),
+                      (0, 0, 0), -1)
     for text, colour in lines:
-        cv2.putText(out, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2)
         cv2.putText(out, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick)
         y += int(20 * scale / 0.5)
     return out

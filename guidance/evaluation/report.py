@@ -152,7 +152,7 @@ def latency_histogram_svg(latencies: Sequence[float], width: int = 560, height: 
         out.append(f'<text x="{left + plot_w * i / 4:.1f}" y="{height - 8}" font-size="10" '
                    f'text-anchor="middle">{v:.0f}</text>')
     out.append(f'<text x="{left + plot_w / 2}" y="{height}" font-size="10" text-anchor="middle">'
-               'capture-to-publish latency, ms</text></svg>')
+               'per-frame latency (picked -> published), ms</text></svg>')
     return "".join(out)
 
 

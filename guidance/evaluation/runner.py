@@ -111,11 +111,14 @@ class _Collector:
         s["flag_posterior"].append(bool(flags.get("posterior")))
         s["flag_venous"].append(bool(flags.get("venous")))
         lat = dict(fr.latency_ms or {})
-        total = lat.get("capture_to_publish")
-        if total is None and lat:
-            total = sum(v for v in lat.values() if isinstance(v, int | float))
-        if total is not None:
-            self.latencies.append(float(total))
+        # processing latency: frame picked by the loop -> published. The service's
+        # capture_to_publish also holds "capture", which in an unpaced replay is the time the
+        # frame waited for the loop (the previous frame's processing), not a grabber's delay.
+        if "capture_to_publish" in lat:
+            total = lat["capture_to_publish"] - lat.get("capture", 0.0)
+        else:
+            total = sum(v for k, v in lat.items() if k != "capture" and isinstance(v, int | float))
+        self.latencies.append(float(total))
         for k, v in lat.items():
             if isinstance(v, int | float):
                 self.stage_latencies.setdefault(k, []).append(float(v))
