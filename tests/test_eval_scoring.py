@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guidance.evaluation.labels import Event
 from guidance.evaluation.scoring import (
@@ -167,3 +169,36 @@ def test_model_resolution_map_is_compared_at_mask_resolution():
     assert (big[:2, 2:] == 2).all() and (big[2:, :2] == 3).all()
     assert set(np.unique(big)) <= {0, 1, 2, 3}
     assert math.isclose(float((big == 2).mean()), 0.25)
+
+
+# ---- properties over random alert lists -----------------------------------------------
+
+kinds = st.sampled_from([P, V])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=st.lists(st.builds(Event, kinds, st.integers(0, 300)), max_size=4),
+    raises=st.lists(st.builds(AlertRaise, kinds, st.integers(0, 400)), max_size=8),
+    fps=st.sampled_from([7.5, 15.0, 25.0, 30.0]),
+)
+def test_scoring_invariants(events, raises, fps):
+    window = detection_window_frames(fps)
+    rows = score_events(events, raises, fps)
+    assert len(rows) == len(events)
+    for ev, row in zip(events, rows, strict=True):
+        in_window = [r.frame for r in raises
+                     if r.kind == ev.kind and ev.onset_frame <= r.frame <= ev.onset_frame + window]
+        assert row["detected"] == bool(in_window)
+        if in_window:
+            assert row["detect_frame"] == min(in_window)
+            assert 0 <= row["delay_frames"] <= window
+            assert row["delay_ms"] == pytest.approx(row["delay_frames"] / fps * 1000)
+    fa = false_alerts(events, raises)
+    # a raise is false exactly when no event of its kind started at or before it
+    expected_false = [r for r in raises
+                      if not any(e.kind == r.kind and e.onset_frame <= r.frame for e in events)]
+    assert [(a["kind"], a["frame"]) for a in fa] == [(r.kind, r.frame) for r in expected_false]
+    # a raise that detects an event is never a false alert
+    detecting = {(row["kind"], row["detect_frame"]) for row in rows if row["detected"]}
+    assert not detecting & {(a["kind"], a["frame"]) for a in fa}
