@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from models.sim.imaging import Imaging
-from models.sim.scene import CEMENT, LoopScene
+from models.sim.scene import LoopScene
 
 LEAK_KINDS = ("posterior", "venous")
 FORMATS = ("mp4", "avi", "dcm", "png")
@@ -29,6 +29,7 @@ class LoopConfig:
     spacing_mm: float | None = None  # None: drawn so the vertebra fills a plausible share
     bit_depth: int = 8
     jpeg: bool = False
+    imaging: dict = field(default_factory=dict)  # Imaging attributes to force (bone_dark, fov, text ...)
 
     def validate(self) -> None:
         if not (64 <= self.height <= 4096 and 64 <= self.width <= 4096):
@@ -37,8 +38,8 @@ class LoopConfig:
             raise ValueError(f"fps {self.fps} must be within 1..120")
         if self.frames < 2:
             raise ValueError(f"frames {self.frames} must be at least 2")
-        if self.view != "lateral":
-            raise ValueError(f"view {self.view!r}: only 'lateral' is simulated so far (AP is not)")
+        if self.view not in ("lateral", "ap"):
+            raise ValueError(f"view {self.view!r} must be 'lateral' or 'ap'")
         unknown = set(self.leaks) - set(LEAK_KINDS)
         if unknown:
             raise ValueError(f"unknown leak kind(s) {sorted(unknown)}; expected {list(LEAK_KINDS)}")
@@ -80,6 +81,8 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
     scene = LoopScene.sample(rng, h, w, spacing, config.view, config.frames, config.fps,
                              set(config.leaks), margin_px=max(8, int(4.0 / spacing)))
     imaging = Imaging.sample(rng, h, w, bit_depth=config.bit_depth, jpeg=config.jpeg)
+    for key, value in config.imaging.items():  # forced conditions, e.g. for robustness subsets
+        setattr(imaging, key, value)
     maps = imaging.distortion_maps()
     fov = imaging.fov_mask()
     frames = np.empty((config.frames, h, w), np.uint8 if config.bit_depth <= 8 else np.uint16)
@@ -87,15 +90,10 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
     extra = {k: np.zeros(config.frames) for k in LEAK_KINDS}
     margin_x = (scene.grid.width - w) / 2.0
     margin_y = (scene.grid.height - h) / 2.0
-    treated = scene.treated_body
-    behind = scene.behind_wall
     for i in range(config.frames):
         integral, lab = scene.frame(i)
-        # extravertebral cement by kind, on the scene grid (same definition as the spec)
-        out = (lab == CEMENT) & ~treated
-        area_px = scene.grid.spacing_mm**2
-        extra["posterior"][i] = np.count_nonzero(out & behind) * area_px
-        extra["venous"][i] = np.count_nonzero(out & ~behind) * area_px
+        for kind, area in scene.leak_areas_mm2(i, lab).items():  # the spec's onset definition
+            extra[kind][i] = area
         bx, by = scene.breathing_shift_px(i)
         shift = np.float32([[1, 0, -(margin_x + bx)], [0, 1, -(margin_y + by)]])
         ideal = cv2.warpAffine(integral, shift, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
@@ -108,7 +106,7 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
         if hits.size:
             events.append({"kind": kind, "onset_frame": int(hits[0])})
     events.sort(key=lambda e: e["onset_frame"])
-    side = "right" if scene.posterior_sign > 0 else "left"
+    side = None if scene.view == "ap" else "right" if scene.posterior_sign > 0 else "left"
     return SimulatedLoop(frames, labels, config.fps, spacing, scene.view, side, events, extra)
 
 

@@ -34,6 +34,7 @@ from models.sim.anatomy import (
     ellipse_sdf,
     rim_chord,
     smooth_noise,
+    window,
 )
 
 BACKGROUND, BODY, CEMENT, NEEDLE = 0, 1, 2, 3
@@ -100,8 +101,9 @@ class LoopScene:
     behind_wall: np.ndarray  # bool: beyond the line of the treated body's posterior wall
     needle_integral: np.ndarray
     needle_mask: np.ndarray
-    arrival: np.ndarray  # cement arrival field on the scene grid (inf: never)
-    epidural: np.ndarray  # bool: epidural/foraminal space (thin cement layer there)
+    arrival: np.ndarray  # cement arrival in the body on the scene grid (1e6: never)
+    epidural_arrival: np.ndarray  # cement arrival in the epidural space (a thin layer)
+    epidural: np.ndarray  # bool: epidural/foraminal space
     max_thickness: float
     schedule: np.ndarray  # per-frame injected "arrival budget"
     vein_arrival: np.ndarray
@@ -109,14 +111,15 @@ class LoopScene:
     fragments: list[dict] = field(default_factory=list)
     planned: dict = field(default_factory=dict)
     breathing: tuple[float, float, float, float] = (0.0, 0.0, 4.0, 0.0)  # amp, angle, period, phase
+    mu_cement: float = MU_CEMENT  # opacifier content varies between cements
 
     # ------------------------------------------------------------------ per frame
     def cement_thickness(self, i: int) -> np.ndarray:
         budget = float(self.schedule[i])
-        body = np.sqrt(np.clip(budget - self.arrival, 0, None)) * 2.2
-        body = np.minimum(body, np.where(self.epidural, 0.28 * self.max_thickness, self.max_thickness))
+        body = np.minimum(np.sqrt(np.clip(budget - self.arrival, 0, None)) * 2.2, self.max_thickness)
+        epidural = self.epidural_thickness(i)
         vein = np.where(self.vein_arrival <= budget, self.vein_diameter, 0.0)
-        thickness = np.maximum(body, vein).astype(np.float32)
+        thickness = np.maximum(np.maximum(body, vein), epidural).astype(np.float32)
         for frag in self.fragments:
             if frag["start"] <= budget:
                 travelled = min(frag["length"], (budget - frag["start"]) * frag["speed"])
@@ -128,10 +131,28 @@ class LoopScene:
                            float(frag["radius"] * 1.6), -1, lineType=cv2.LINE_AA, shift=2)
         return thickness
 
+    def epidural_thickness(self, i: int) -> np.ndarray:
+        budget = float(self.schedule[i])
+        return np.minimum(np.sqrt(np.clip(budget - self.epidural_arrival, 0, None)) * 2.2, 0.28 * self.max_thickness)
+
+    def leak_areas_mm2(self, i: int, labels: np.ndarray) -> dict[str, float]:
+        """Extravertebral cement of each kind (the spec's onset definition). Lateral: behind the
+        line of the posterior wall or not. AP: the wall is seen en face, so posterior cement is
+        the epidural cement itself (extravertebral in 3-D though it projects over the body)."""
+        cement = labels == CEMENT
+        px = self.grid.spacing_mm**2
+        if self.view == "lateral":
+            out = cement & ~self.treated_body
+            return {"posterior": np.count_nonzero(out & self.behind_wall) * px,
+                    "venous": np.count_nonzero(out & ~self.behind_wall) * px}
+        epidural = cement & (self.epidural_thickness(i) >= VISIBLE_CEMENT_MM)
+        venous = cement & ~self.treated_body & ~self.epidural
+        return {"posterior": np.count_nonzero(epidural) * px, "venous": np.count_nonzero(venous) * px}
+
     def frame(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(line integral, labels) on the scene grid for frame i."""
         cement = self.cement_thickness(i)
-        integral = self.static_integral + self.needle_integral + MU_CEMENT * cement
+        integral = self.static_integral + self.needle_integral + self.mu_cement * cement
         labels = self.body_labels.copy()
         labels[cement >= VISIBLE_CEMENT_MM] = CEMENT
         labels[self.needle_mask] = NEEDLE
@@ -154,9 +175,9 @@ class LoopScene:
         # Anatomy is built with posterior = +x; the grid mirrors x when the canal is on the left.
         grid.x_sign = posterior_sign
         x, y = grid.mm_coords()
-        if view != "lateral":
-            raise ValueError(f"view {view!r}: only the lateral view is simulated so far")
-        return _sample_lateral(cls, rng, grid, x, y, posterior_sign, frames, fps, leaks)
+        if view not in ("lateral", "ap"):
+            raise ValueError(f"view {view!r} must be 'lateral' or 'ap'")
+        return _sample_view(cls, rng, grid, x, y, posterior_sign, frames, fps, leaks, view)
 
 
 def _texture(rng: np.random.Generator, shape: tuple[int, int], spacing: float) -> np.ndarray:
@@ -177,8 +198,17 @@ def _vertebra(rng: np.random.Generator, scale: float = 1.0) -> Vertebra:
     )
 
 
-def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool) -> tuple:
-    """Line integral and mask of one vertebral body (+ pedicles and posterior elements)."""
+def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool, view: str = "lateral") -> tuple:
+    """Line integral and mask of one vertebral body (+ pedicles and posterior elements).
+    Lateral: u runs anterior -> posterior. AP: u runs right -> left, the beam goes through
+    the body front to back, and the pedicles are seen end-on as rings over the body."""
+    full_shape = x.shape
+    reach = v.half_depth + v.half_height + 60.0  # body, pedicles and posterior elements
+    win = window(x, y, ox, oy, reach)
+    if win is None:
+        empty = np.zeros(full_shape, np.float32)
+        return empty, np.zeros(full_shape, bool), np.full(full_shape, 1e3, np.float32), empty, empty
+    x, y, tex = x[win], y[win], tex[win]
     lx, ly = x - ox, y - oy
     sdf = v.sdf(lx, ly)
     u, w = v.to_body(lx, ly)
@@ -191,11 +221,14 @@ def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool) -
     trab = MU_TRABECULAR * chord_lr * density * inside
     shell = rng.uniform(0.6, 1.4)
     rim = rim_chord(sdf, shell, rng.uniform(6, 14))
-    if defect and v.defect_y is not None:
+    if defect and v.defect_y is not None and view == "lateral":
         y0, y1 = v.defect_y
         wall_gap = (u > v.half_depth - 3 * shell) & (w > y0) & (w < y1)
         rim = np.where(wall_gap, rim * 0.15, rim)
     integral = trab + MU_CORTICAL * rim
+    if view == "ap":
+        integral = _ap_elements(rng, v, u, w, integral)
+        return _embed(win, full_shape, integral, inside, sdf, u, w)
     # pedicles (both overlap in a lateral view) and posterior elements behind the canal
     ped_u = v.half_depth + rng.uniform(4, 8)
     ped_v = -v.half_height * rng.uniform(0.2, 0.5)
@@ -213,7 +246,37 @@ def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool) -
     ):
         esdf = ellipse_sdf(u, w, cu, cv_, a, b, ang)
         integral = integral + MU_TRABECULAR * thick * (esdf < 0) + MU_CORTICAL * rim_chord(esdf, 0.8, 4)
-    return integral.astype(np.float32), inside, sdf, u, w
+    return _embed(win, full_shape, integral, inside, sdf, u, w)
+
+
+def _embed(win, shape, integral, inside, sdf, u, w) -> tuple:
+    """Place a window's planes back on the full grid (sdf far outside, body coords extrapolated)."""
+    out_i = np.zeros(shape, np.float32)
+    out_i[win] = integral
+    out_in = np.zeros(shape, bool)
+    out_in[win] = inside
+    out_sdf = np.full(shape, 1e3, np.float32)
+    out_sdf[win] = sdf
+    out_u = np.full(shape, 1e3, np.float32)
+    out_w = np.full(shape, 1e3, np.float32)
+    out_u[win], out_w[win] = u, w
+    return out_i, out_in, out_sdf, out_u, out_w
+
+
+def _ap_elements(rng, v: Vertebra, u, w, integral: np.ndarray) -> np.ndarray:
+    ped_u, ped_v = v.half_depth * rng.uniform(0.45, 0.65), -v.half_height * rng.uniform(0.15, 0.4)
+    a, b = rng.uniform(3.5, 5.5), rng.uniform(5, 8)
+    for side in (-1, 1):  # pedicles end-on: cortical rings
+        psdf = ellipse_sdf(u, w, side * ped_u, ped_v, a, b, rng.uniform(-0.2, 0.2))
+        integral = integral + MU_TRABECULAR * 10 * (psdf < 0) + MU_CORTICAL * rim_chord(psdf, 1.0, 10)
+        tsdf = ellipse_sdf(u, w, side * (v.half_depth + rng.uniform(6, 14)), ped_v, rng.uniform(7, 12),
+                           rng.uniform(3, 5), rng.uniform(-0.3, 0.3))  # transverse processes
+        integral = integral + MU_TRABECULAR * 8 * (tsdf < 0) + MU_CORTICAL * rim_chord(tsdf, 0.8, 4)
+    ssdf = ellipse_sdf(u, w, rng.uniform(-2, 2), v.half_height * rng.uniform(0.2, 0.6), rng.uniform(2.5, 5),
+                       rng.uniform(6, 11))  # spinous process, midline
+    lsdf = ellipse_sdf(u, w, 0, v.half_height * rng.uniform(0.3, 0.7), v.half_depth * 0.7, rng.uniform(3, 5))
+    integral = integral + MU_TRABECULAR * 12 * (ssdf < 0) + MU_CORTICAL * rim_chord(ssdf, 0.8, 6)
+    return integral + MU_TRABECULAR * 6 * (lsdf < 0)
 
 
 def _soft_tissue(rng, x, y, spacing, lateral: bool) -> np.ndarray:
@@ -298,13 +361,17 @@ def _schedule(rng, frames: int, start_budget: float, end_budget: float) -> np.nd
     return (start_budget + (end_budget - start_budget) * cum).astype(np.float32)
 
 
-def _sample_lateral(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str]) -> LoopScene:
+def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str], view: str) -> LoopScene:
     spacing = grid.spacing_mm
+    lateral = view == "lateral"
     tex = _texture(rng, x.shape, spacing)
-    static = _soft_tissue(rng, x, y, spacing, lateral=True)
+    static = _soft_tissue(rng, x, y, spacing, lateral=lateral)
     body_labels = np.zeros(x.shape, np.uint8)
 
     treated = _vertebra(rng)
+    if not lateral:  # seen from the front: wider than deep
+        treated.half_depth, treated.width_lr = rng.uniform(19, 27), rng.uniform(28, 44)
+        treated.anterior_collapse *= 0.5
     disrupted = "posterior" in leaks or rng.random() < 0.5  # most cancer patients: disrupted wall
     if disrupted:
         c = rng.uniform(-0.5, 0.5) * treated.half_height
@@ -316,28 +383,37 @@ def _sample_lateral(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[st
             rng.uniform(3, 10), rng.uniform(3, 8),
             float(rng.choice([rng.uniform(0.2, 0.7), rng.uniform(1.4, 2.4)], p=[0.65, 0.35])),
         ))
-    integral, inside, sdf, u, w = _body_integral(rng, treated, x, y, 0.0, 0.0, tex, spacing, True)
+    integral, inside, sdf, u, w = _body_integral(rng, treated, x, y, 0.0, 0.0, tex, spacing, True, view)
     static += integral
     body_labels[inside] = BODY
     # neighbours above and below (discs between), following the spine's curve
     for k in (-2, -1, 1, 2):
         nb = _vertebra(rng)
+        if not lateral:
+            nb.half_depth, nb.width_lr = treated.half_depth * rng.uniform(0.9, 1.1), treated.width_lr
+            nb.anterior_collapse = 0.0
         disc = rng.uniform(5, 11)
         oy = k * (treated.half_height + nb.half_height + disc) * (1 if abs(k) == 1 else 1.02)
         ox = k * rng.uniform(-4, 4) + (k * k) * rng.uniform(-1.5, 1.5)
         nb.tilt = treated.tilt + k * rng.uniform(-0.12, 0.12)
-        ni, ninside, *_ = _body_integral(rng, nb, x, y, ox, oy, tex, spacing, False)
+        ni, ninside, *_ = _body_integral(rng, nb, x, y, ox, oy, tex, spacing, False, view)
         static += ni
         body_labels[ninside] = BODY
 
-    behind = treated.behind_posterior_wall(x, y)
+    behind = treated.behind_posterior_wall(x, y) if lateral else np.zeros(x.shape, bool)
     # needles: transpedicular, from behind, tip in the anterior-middle body
     n_needles = int(rng.choice([1, 2], p=[0.55, 0.45]))
     tips_entries = []
-    ped = np.array(treated.from_body(treated.half_depth + rng.uniform(4, 8),
-                                     -treated.half_height * rng.uniform(0.15, 0.45)))
-    for _ in range(n_needles):
-        tip_body = (rng.uniform(-0.65, 0.15) * treated.half_depth, rng.uniform(-0.45, 0.45) * treated.half_height)
+    hd, hh = treated.half_depth, treated.half_height
+    first_side = int(rng.choice([-1, 1]))
+    for k in range(n_needles):
+        if lateral:
+            ped = np.array(treated.from_body(hd + rng.uniform(4, 8), -hh * rng.uniform(0.15, 0.45)))
+            tip_body = (rng.uniform(-0.65, 0.15) * hd, rng.uniform(-0.45, 0.45) * hh)
+        else:  # AP: through each pedicle ring toward the midline
+            side = first_side * (1 if k == 0 else -1)
+            ped = np.array(treated.from_body(side * hd * 0.55, -hh * rng.uniform(0.15, 0.4)))
+            tip_body = (side * rng.uniform(-0.2, 0.3) * hd, rng.uniform(-0.35, 0.4) * hh)
         tip = np.array(treated.from_body(*tip_body), dtype=np.float64)
         through = ped + rng.normal(0, 1.5, size=2)
         tips_entries.append((tip, through))
@@ -368,19 +444,35 @@ def _sample_lateral(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[st
     arrival = cv2.resize(np.where(np.isfinite(arrival_c), arrival_c, 1e6).astype(np.float32),
                          (x.shape[1], x.shape[0]), interpolation=cv2.INTER_LINEAR)
     arrival += 0.8 * smooth_noise(rng, x.shape, 0.6 / spacing)  # irregular, lobulated edges
-    arrival[sdf > 0] = np.where(epidural_c.any(), arrival[sdf > 0], 1e6)
     epidural = cv2.resize(epidural_c.astype(np.uint8), (x.shape[1], x.shape[0]),
                           interpolation=cv2.INTER_NEAREST).astype(bool)
-    arrival[(sdf > 0) & ~epidural] = 1e6
+    epidural_arrival = np.where(epidural & (sdf > 0), arrival, 1e6).astype(np.float32)
+    arrival[sdf > 0] = 1e6
+    if not lateral and "posterior" in leaks:
+        # AP: the epidural space lies behind the body, so its cement spreads from the wall defect
+        # over the projection of the body: its own arrival field, started where the body's
+        # cement reaches the defect.
+        defect = np.array(treated.from_body(rng.uniform(-0.3, 0.3) * hd, rng.uniform(-0.4, 0.4) * hh))
+        dpx, dpy = grid.px_from_mm(*defect)
+        r, c = int(np.clip(dpy, 0, x.shape[0] - 1)), int(np.clip(dpx, 0, x.shape[1] - 1))
+        band = (np.abs(u_c) < hd * rng.uniform(0.25, 0.45)) & (np.abs(w_c) < hh + rng.uniform(3, 12))
+        epi_cost = np.where(band, rng.uniform(0.5, 1.5) * np.exp(0.3 * porosity), np.inf).astype(np.float32)
+        epi_c = _arrival_times(epi_cost, [(min(r // coarse, cs[0] - 1), min(c // coarse, cs[1] - 1))])
+        epi = cv2.resize(np.where(np.isfinite(epi_c), epi_c * spacing * coarse, 1e6).astype(np.float32),
+                         (x.shape[1], x.shape[0]), interpolation=cv2.INTER_LINEAR)
+        epidural = cv2.resize(band.astype(np.uint8), (x.shape[1], x.shape[0]),
+                              interpolation=cv2.INTER_NEAREST).astype(bool)
+        a_defect = float(arrival[r, c]) if arrival[r, c] < 1e5 else 0.0
+        epidural_arrival = np.where(epidural, a_defect + epi, 1e6).astype(np.float32)
 
     finite = arrival_c[np.isfinite(arrival_c)]
     fill_budget = float(np.quantile(finite, rng.uniform(0.15, 0.6))) if finite.size else 1.0
     end_budget = fill_budget
     planned: dict = {}
     if "posterior" in leaks and treated.defect_y is not None:
-        gap_px = epidural & (arrival < 1e5)
+        gap_px = epidural_arrival < 1e5
         if gap_px.any():
-            a_def = float(arrival[gap_px].min())
+            a_def = float(epidural_arrival[gap_px].min())
             end_budget = max(end_budget, a_def + rng.uniform(4, 14))
             planned["posterior"] = a_def
 
@@ -390,7 +482,11 @@ def _sample_lateral(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[st
         for _ in range(int(rng.choice([1, 2], p=[0.7, 0.3]))):
             # exit anterior or through an endplate corner toward paravertebral / segmental veins
             where = rng.choice(["anterior", "superior", "inferior"], p=[0.5, 0.25, 0.25])
-            if where == "anterior":
+            if not lateral and where == "anterior":  # AP: segmental veins leave the lateral walls
+                side = rng.choice([-1, 1])
+                ub, vb = side * treated.half_depth, rng.uniform(-0.6, 0.6) * treated.half_height
+                heading_b = (0.0 if side > 0 else math.pi) + rng.uniform(-0.6, 0.6)
+            elif where == "anterior":
                 ub, vb = -treated.half_depth, rng.uniform(-0.6, 0.6) * treated.half_height
                 heading_b = math.pi + rng.uniform(-0.6, 0.6)
             else:
@@ -434,10 +530,11 @@ def _sample_lateral(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[st
     schedule = _schedule(rng, frames, start_budget, end_budget)
 
     return cls(
-        grid=grid, view="lateral", posterior_sign=sign, frames=frames, fps=fps,
+        grid=grid, view=view, posterior_sign=sign if lateral else 0, frames=frames, fps=fps,
         static_integral=static, body_labels=body_labels, treated_body=inside, behind_wall=behind,
         needle_integral=needle_integral, needle_mask=needle_mask, arrival=arrival.astype(np.float32),
-        epidural=epidural, max_thickness=treated.width_lr * rng.uniform(0.3, 0.6), schedule=schedule,
+        epidural_arrival=epidural_arrival, epidural=epidural, max_thickness=treated.width_lr * rng.uniform(0.3, 0.6), schedule=schedule,
         vein_arrival=vein_arrival, vein_diameter=vein_diameter, fragments=fragments, planned=planned,
+        mu_cement=MU_CEMENT * float(rng.uniform(1.0, 2.5)),
         breathing=(rng.uniform(0, 3.0), rng.uniform(0, 2 * math.pi), rng.uniform(3, 6), rng.uniform(0, 6.3)),
     )

@@ -1,0 +1,79 @@
+"""Training and validation frames from the simulator, preprocessed exactly as the runtime does.
+
+No torch here: the same frames feed training (`models.train`) and the ONNX evaluation
+(`models.evaluate`). Train and validation sets come from disjoint seed ranges.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import dataclass
+
+import numpy as np
+
+from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, LetterboxGeometry, letterbox_labels, preprocess
+from models.sim.loop import LEAK_KINDS, LoopConfig, simulate
+
+FRAMES_PER_LOOP = 8
+MIX = [frozenset(), frozenset({"posterior"}), frozenset({"venous"}), frozenset(LEAK_KINDS)]
+
+
+@dataclass
+class FrameSet:
+    images: np.ndarray  # [n, size, size] float16, normalised model input
+    labels: np.ndarray  # [n, size, size] uint8 at model resolution
+    seeds: list[int]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
+    h = int(rng.choice([512, 768, 1024])) if big else int(rng.integers(20, 49) * 16)
+    aspect = float(rng.choice([1.0, 1.0, 4 / 3, 5 / 4, 3 / 4]))
+    w = max(64, int(h * aspect) // 16 * 16)
+    return LoopConfig(height=h, width=w, frames=FRAMES_PER_LOOP, fps=15.0,
+                      view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
+                      leaks=MIX[int(rng.choice(4, p=[0.25, 0.3, 0.3, 0.15]))],
+                      bit_depth=int(rng.choice([8, 8, 12, 16])), jpeg=bool(rng.random() < 0.4))
+
+
+def render_seed(args: tuple[int, int, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """One simulated loop -> its frames preprocessed to the model plane, and its labels."""
+    seed, size, big = args
+    rng = np.random.default_rng(seed)
+    loop = simulate(rng, _loop_config(rng, big))
+    images, labels = [], []
+    for frame, lab in zip(loop.frames, loop.labels, strict=True):
+        x, geometry = preprocess(frame, size, DEFAULT_NORMALIZATION)
+        images.append(x[0, 0].astype(np.float16))
+        labels.append(letterbox_labels(lab, geometry))
+    return np.stack(images), np.stack(labels)
+
+
+def build(seeds: range | list[int], size: int = 256, big: bool = False, workers: int = 2,
+          progress: bool = True) -> FrameSet:
+    jobs = [(int(s), size, big) for s in seeds]
+    results = []
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for k, res in enumerate(pool.imap(render_seed, jobs, chunksize=4)):
+            results.append(res)
+            if progress and (k + 1) % 50 == 0:
+                print(f"  rendered {k + 1}/{len(jobs)} loops", flush=True)
+    images = np.concatenate([r[0] for r in results])
+    labels = np.concatenate([r[1] for r in results])
+    return FrameSet(images, labels, [int(s) for s in seeds])
+
+
+def full_resolution_cases(seeds: range | list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(frame, labels) pairs at the loop's own resolution, for Dice the way the service sees it."""
+    cases = []
+    for seed in seeds:
+        rng = np.random.default_rng(int(seed))
+        loop = simulate(rng, _loop_config(rng, big=True))
+        for frame, lab in zip(loop.frames, loop.labels, strict=True):
+            cases.append((frame, lab))
+    return cases
+
+
+__all__ = ["FrameSet", "build", "full_resolution_cases", "LetterboxGeometry"]

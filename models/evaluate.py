@@ -1,0 +1,149 @@
+"""Measure the shipped ONNX model the way the card reports it (no torch needed).
+
+    python -m models.evaluate                       # models/segmenter.onnx, writes models/metrics.json
+    python -m models.evaluate --loops 6 --quick     # a fast look
+
+Dice is computed at each held-out frame's own resolution (512-1024 px; the logits are
+letterbox-cropped and resized back, as the service does), over all frames of a condition:
+as drawn (random polarity, text, field of view), and with each hard condition forced:
+bone-dark (inverted) and bone-bright polarity, burned-in text, a circular field of view.
+Held-out loops come from a seed range that neither training nor validation used.
+Latency: onnxruntime on the CPU with 2 intra-op threads, 1024 x 1024 input frames.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+
+from guidance.segmentation.preprocess import CLASS_NAMES, LetterboxGeometry, preprocess
+from models.sim.loop import LoopConfig, simulate
+
+TEST_SEED_BASE = 7_000_000
+CONDITIONS: dict[str, dict] = {
+    "as_drawn": {},
+    "bone_dark": {"bone_dark": True},
+    "bone_bright": {"bone_dark": False},
+    "text_overlay": {"text": [("ACC 12345 L2 VERTEBROPLASTY", (20, 40), 1.2, 2), ("KV 78 MA 2.1 FPS 15", (20, 980), 1.0, 2),
+                              ("R", (900, 60), 2.0, 3), ("12:34:56 29-NOV-2026", (560, 980), 1.0, 2)]},
+    "circular_fov": {"fov": "centre"},
+}
+
+
+def load_session(path: Path, threads: int = 2) -> tuple[ort.InferenceSession, dict]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    meta = json.loads(session.get_modelmeta().custom_metadata_map["guidance"])
+    return session, meta
+
+
+def segment(session: ort.InferenceSession, meta: dict, frame: np.ndarray) -> np.ndarray:
+    """Class map at the frame's own resolution."""
+    x, geometry = preprocess(frame, meta["input"]["size"], meta["normalization"])
+    logits = session.run(None, {meta["input"]["name"]: x})[0][0]
+    return labels_at_frame_resolution(logits, geometry)
+
+
+def labels_at_frame_resolution(logits: np.ndarray, geometry: LetterboxGeometry) -> np.ndarray:
+    inner = geometry.crop(logits)
+    planes = [cv2.resize(p, (geometry.frame_width, geometry.frame_height), interpolation=cv2.INTER_LINEAR)
+              for p in inner]
+    return np.argmax(np.stack(planes), axis=0).astype(np.uint8)
+
+
+def held_out_config(rng: np.random.Generator, condition: dict, size: int) -> LoopConfig:
+    h = int(rng.choice([512, 768, 1024])) if size == 0 else size
+    w = int(rng.choice([h, h * 4 // 3 // 16 * 16]))
+    forced = dict(condition)
+    if forced.get("fov") == "centre":
+        forced["fov"] = (w / 2, h / 2, min(h, w) * float(rng.uniform(0.42, 0.5)))
+    if "text" in forced:  # scale the overlay to the frame
+        forced["text"] = [(t, (int(x * w / 1024), int(y * h / 1024)), s * w / 1024, th) for t, (x, y), s, th in forced["text"]]
+    leaks = [frozenset(), frozenset({"posterior"}), frozenset({"venous"}), frozenset({"posterior", "venous"})]
+    return LoopConfig(height=h, width=w, frames=8, fps=15.0, leaks=leaks[int(rng.integers(0, 4))],
+                      view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
+                      bit_depth=int(rng.choice([8, 12, 16])), jpeg=bool(rng.random() < 0.4), imaging=forced)
+
+
+def dice_condition(session, meta, condition: dict, seeds: range, size: int) -> dict[str, float]:
+    inter = np.zeros(len(CLASS_NAMES))
+    total = np.zeros(len(CLASS_NAMES))
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        loop = simulate(rng, held_out_config(rng, condition, size))
+        for frame, truth in zip(loop.frames, loop.labels, strict=True):
+            pred = segment(session, meta, frame)
+            for c in range(1, len(CLASS_NAMES)):
+                p, t = pred == c, truth == c
+                inter[c] += np.logical_and(p, t).sum()
+                total[c] += p.sum() + t.sum()
+    return {CLASS_NAMES[c]: round(float(2 * inter[c] / total[c]), 4) if total[c] else None
+            for c in range(1, len(CLASS_NAMES))}
+
+
+def latency(session, meta, runs: int = 200) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    loop = simulate(rng, LoopConfig(height=1024, width=1024, frames=4, leaks=frozenset({"posterior"})))
+    frame = loop.frames[-1]
+    name = meta["input"]["name"]
+    x, _ = preprocess(frame, meta["input"]["size"], meta["normalization"])
+    for _ in range(20):  # warm-up, not measured
+        session.run(None, {name: x})
+    model_ms, pre_ms = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        x, _ = preprocess(frame, meta["input"]["size"], meta["normalization"])
+        t1 = time.perf_counter()
+        session.run(None, {name: x})
+        t2 = time.perf_counter()
+        pre_ms.append((t1 - t0) * 1e3)
+        model_ms.append((t2 - t1) * 1e3)
+    pct = lambda v, q: round(float(np.percentile(v, q)), 2)  # noqa: E731
+    return {"model_p50_ms": pct(model_ms, 50), "model_p99_ms": pct(model_ms, 99),
+            "preprocess_1024_p50_ms": pct(pre_ms, 50), "preprocess_1024_p99_ms": pct(pre_ms, 99), "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=Path(__file__).with_name("segmenter.onnx"))
+    p.add_argument("--loops", type=int, default=24, help="held-out loops per condition (8 frames each)")
+    p.add_argument("--size", type=int, default=0, help="frame height; 0: random of 512, 768, 1024")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="default: metrics.json beside the model")
+    p.add_argument("--quick", action="store_true", help="as-drawn condition only, fewer latency runs")
+    args = p.parse_args(argv)
+    if not args.model.is_file():
+        print(f"models.evaluate: error: model file {args.model} not found", flush=True)
+        return 2
+    session, meta = load_session(args.model, args.threads)
+    results: dict = {"model": args.model.name, "version": meta.get("version"), "parameters": meta.get("parameters"),
+                     "flops": 2 * int(meta.get("macs", 0)), "input_size": meta["input"]["size"],
+                     "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+                     "held_out_seeds": [TEST_SEED_BASE, TEST_SEED_BASE + args.loops], "dice": {}}
+    conditions = {"as_drawn": CONDITIONS["as_drawn"]} if args.quick else CONDITIONS
+    for name, condition in conditions.items():
+        t0 = time.monotonic()
+        results["dice"][name] = dice_condition(session, meta, condition,
+                                               range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops), args.size)
+        print(f"{name:>13}: {json.dumps(results['dice'][name])}  ({time.monotonic() - t0:.0f} s)", flush=True)
+    results["latency"] = latency(session, meta, runs=50 if args.quick else 300)
+    print(f"latency ({args.threads} threads): {json.dumps(results['latency'])}")
+    out = args.out or args.model.with_name("metrics.json")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""Train the segmentation model on simulated loops and export it as ONNX with its metadata.
+
+    python -m models.train --out models/segmenter.onnx            # the shipped model
+    python -m models.train --train-loops 8 --val-loops 2 --steps 5 --out /tmp/m.onnx   # smoke
+
+PyTorch is a training-only extra (`pip install -e ".[train]"`); the runtime never imports
+this module. Train and validation frames come from disjoint seed ranges (recorded in the
+model's metadata). Runs on the CPU; a GPU is used when present, but the shipped recipe
+does not depend on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
+from models import dataset
+
+MODEL_VERSION = "0.1.0"
+OPSET = 17
+TRAIN_SEED_BASE = 1_000_000
+VAL_SEED_BASE = 9_000_000
+
+
+# ----------------------------------------------------------------------------- network
+class SeparableConv(nn.Sequential):
+    """Depthwise 3x3 + pointwise 1x1 + BN + ReLU: most of a conv's reach at a fraction of its cost."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cin, 3, stride, padding=dilation, dilation=dilation, groups=cin, bias=False),
+            nn.Conv2d(cin, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class LeakUNet(nn.Module):
+    """A small U-Net: full-resolution stem for thin needles and veins, separable convs below."""
+
+    def __init__(self, classes: int = len(CLASS_NAMES), width: int = 16):
+        super().__init__()
+        w = width
+        self.full = ConvBNReLU(1, 8)  # 256
+        self.stem = nn.Sequential(ConvBNReLU(1, w, stride=2), SeparableConv(w, w))  # 128
+        self.down2 = nn.Sequential(SeparableConv(w, 2 * w, 2), SeparableConv(2 * w, 2 * w))  # 64
+        self.down3 = nn.Sequential(SeparableConv(2 * w, 4 * w, 2), SeparableConv(4 * w, 4 * w))  # 32
+        self.down4 = nn.Sequential(  # 16, dilated for context over the whole vertebra
+            SeparableConv(4 * w, 6 * w, 2), SeparableConv(6 * w, 6 * w, dilation=2), SeparableConv(6 * w, 6 * w, dilation=4)
+        )
+        self.up3 = SeparableConv(6 * w + 4 * w, 4 * w)
+        self.up2 = SeparableConv(4 * w + 2 * w, 2 * w)
+        self.up1 = nn.Sequential(SeparableConv(2 * w + w, w), SeparableConv(w, w))
+        self.up0 = SeparableConv(w + 8, 8)
+        self.head = nn.Conv2d(8, classes, 1)
+
+    @staticmethod
+    def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        f0 = self.full(image)
+        f1 = self.stem(image)
+        f2 = self.down2(f1)
+        f3 = self.down3(f2)
+        f4 = self.down4(f3)
+        x = self.up3(torch.cat([self._up(f4, f3), f3], 1))
+        x = self.up2(torch.cat([self._up(x, f2), f2], 1))
+        x = self.up1(torch.cat([self._up(x, f1), f1], 1))
+        x = self.up0(torch.cat([self._up(x, f0), f0], 1))
+        return self.head(x)
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates of one forward pass (convolutions; the rest is negligible)."""
+    macs = 0
+
+    def hook(module: nn.Conv2d, _inp, out):
+        nonlocal macs
+        k = module.kernel_size[0] * module.kernel_size[1]
+        macs += out.numel() * k * module.in_channels // module.groups
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, size, size))
+    for h in handles:
+        h.remove()
+    return macs
+
+
+# ----------------------------------------------------------------------------- training
+def sample_crops(images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops (the network is fully convolutional; crops make CPU training affordable),
+    most of them centred near a random foreground pixel so cement and needle are well seen."""
+    n, size, _ = images.shape
+    idx = torch.randint(0, n, (batch,), generator=gen)
+    xs, ys = [], []
+    for i in idx.tolist():
+        lab = labels[i]
+        if crop >= size:
+            y0 = x0 = 0
+        else:
+            fg = torch.nonzero(lab >= 2) if torch.rand(1, generator=gen) < 0.7 else torch.empty(0, 2)
+            if len(fg):
+                cy, cx = fg[torch.randint(0, len(fg), (1,), generator=gen)][0].tolist()
+                cy += int(torch.randint(-crop // 3, crop // 3 + 1, (1,), generator=gen))
+                cx += int(torch.randint(-crop // 3, crop // 3 + 1, (1,), generator=gen))
+            else:
+                cy, cx = torch.randint(0, size, (2,), generator=gen).tolist()
+            y0 = min(max(cy - crop // 2, 0), size - crop)
+            x0 = min(max(cx - crop // 2, 0), size - crop)
+        xs.append(images[i, y0 : y0 + crop, x0 : x0 + crop])
+        ys.append(lab[y0 : y0 + crop, x0 : x0 + crop])
+    return torch.stack(xs).float()[:, None], torch.stack(ys)
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cheap batch augmentations on top of the simulator's own randomisation."""
+    if torch.rand(1, generator=gen) < 0.5:
+        x, y = x.flip(-1), y.flip(-1)
+    if torch.rand(1, generator=gen) < 0.3:
+        x, y = x.flip(-2), y.flip(-2)
+    b = x.shape[0]
+    gain = 1 + 0.25 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    offset = 0.4 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    noise = 0.15 * torch.rand(b, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+    return x * gain + offset + noise, y
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(1)[:, 1:]
+    onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    inter = (probs * onehot).sum((0, 2, 3))
+    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return 1 - ((2 * inter + 1) / (denom + 1)).mean()
+
+
+def dice_per_class(pred: np.ndarray, target: np.ndarray, classes: int = len(CLASS_NAMES)) -> dict[str, float]:
+    """Dice over all given pixels, per foreground class (nan when a class is absent from both)."""
+    out = {}
+    for c in range(1, classes):
+        p, t = pred == c, target == c
+        denom = int(p.sum()) + int(t.sum())
+        out[CLASS_NAMES[c]] = float(2 * np.logical_and(p, t).sum() / denom) if denom else float("nan")
+    return out
+
+
+def evaluate_torch(model: nn.Module, frames: dataset.FrameSet, device: str, batch: int = 32) -> dict[str, float]:
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(frames), batch):
+            x = torch.from_numpy(frames.images[i : i + batch].astype(np.float32))[:, None].to(device)
+            preds.append(model(x).argmax(1).cpu().numpy().astype(np.uint8))
+    model.train()
+    return dice_per_class(np.concatenate(preds), frames.labels)
+
+
+def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
+    """ONNX with a fixed opset and the model's metadata inside; returns its sha256."""
+    import onnx
+
+    model = model.cpu().eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (torch.zeros(1, 1, size, size),), str(path), input_names=["image"], output_names=["logits"],
+        opset_version=OPSET, dynamo=False, dynamic_axes=None,
+    )
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "guidance", json.dumps(meta, sort_keys=True)
+    proto.producer_name = "cement-guidance models.train"
+    proto.model_version = int(MODEL_VERSION.replace(".", ""))
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_sha256sums(onnx_path: Path, digest: str) -> Path:
+    sums = onnx_path.parent / "SHA256SUMS"
+    lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(f"  {onnx_path.name}")]
+    lines.append(f"{digest}  {onnx_path.name}")
+    sums.write_text("\n".join(sorted(lines)) + "\n")
+    return sums
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("models/segmenter.onnx"))
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--train-loops", type=int, default=700)
+    p.add_argument("--val-loops", type=int, default=60)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--crop", type=int, default=160, help="training crop size (multiple of 16)")
+    p.add_argument("--lr", type=float, default=4e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes rendering the training frames")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--log", type=Path, default=None, help="write the training log (JSON lines) here")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.train_loops < 1 or args.val_loops < 1 or args.size % 16 or args.crop % 16:
+        p.error("--steps, --train-loops and --val-loops must be >= 1 and --size a multiple of 16")
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    t0 = time.monotonic()
+    train_seeds = range(TRAIN_SEED_BASE + args.seed * 100_000, TRAIN_SEED_BASE + args.seed * 100_000 + args.train_loops)
+    val_seeds = range(VAL_SEED_BASE, VAL_SEED_BASE + args.val_loops)
+    print(f"rendering {args.train_loops} training loops and {args.val_loops} validation loops ...", flush=True)
+    train = dataset.build(train_seeds, args.size, workers=args.workers)
+    val = dataset.build(val_seeds, args.size, workers=args.workers, progress=False)
+    t_data = time.monotonic() - t0
+    print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
+
+    model = LeakUNet(width=args.width).to(device).to(memory_format=torch.channels_last)
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(LeakUNet(width=args.width), args.size)
+    print(f"model: {params} parameters, {macs / 1e6:.1f} M MACs per frame", flush=True)
+
+    # class balance: rare classes (cement, needle) weigh more
+    freq = np.bincount(train.labels.ravel(), minlength=len(CLASS_NAMES)).astype(np.float64)
+    weights = torch.tensor((freq.sum() / np.maximum(freq, 1)) ** 0.35, dtype=torch.float32)
+    weights = (weights / weights.mean()).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = torch.from_numpy(train.images)
+    labels = torch.from_numpy(train.labels)
+    log = args.log.open("w") if args.log else None
+    t_train = time.monotonic()
+    model.train()
+    for step in range(1, args.steps + 1):
+        x, y = augment(*sample_crops(images, labels, args.batch, args.crop, gen), gen)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        y = y.to(device).long()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, weight=weights) + dice_loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps:
+            elapsed = time.monotonic() - t_train
+            line = {"step": step, "loss": round(float(loss.detach()), 4), "lr": sched.get_last_lr()[0], "s": round(elapsed, 1)}
+            if step % 500 == 0 or step == args.steps:
+                line["val_dice"] = evaluate_torch(model, val, device)
+            print(json.dumps(line), flush=True)
+            if log:
+                log.write(json.dumps(line) + "\n")
+                log.flush()
+    train_s = time.monotonic() - t_train
+    val_dice = evaluate_torch(model, val, device)
+    meta = {
+        "name": "segmenter",
+        "version": MODEL_VERSION,
+        "input": {"name": "image", "size": args.size, "channels": 1, "layout": "NCHW", "dtype": "float32"},
+        "resize": "letterbox",
+        "normalization": DEFAULT_NORMALIZATION,
+        "classes": list(CLASS_NAMES),
+        "output": {"name": "logits", "kind": "logits"},
+        "opset": OPSET,
+        "parameters": params,
+        "macs": macs,
+        "training": {
+            "train_seeds": [train_seeds.start, train_seeds.stop],
+            "val_seeds": [val_seeds.start, val_seeds.stop],
+            "frames_per_loop": dataset.FRAMES_PER_LOOP,
+            "steps": args.steps, "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
+            "device": device, "threads": args.threads,
+            "data_seconds": round(t_data), "train_seconds": round(train_s),
+            "val_dice_model_resolution": {k: round(v, 4) for k, v in val_dice.items()},
+            "data": "simulated only (models.sim)",
+        },
+    }
+    digest = export_onnx(model, args.out, args.size, meta)
+    sums = write_sha256sums(args.out, digest)
+    total = time.monotonic() - t0
+    print(f"exported {args.out} ({args.out.stat().st_size / 1e6:.2f} MB, sha256 {digest[:16]}..., listed in {sums})")
+    print(f"validation Dice at model resolution: {json.dumps(val_dice)}")
+    print(f"total {total / 60:.1f} min (data {t_data / 60:.1f}, training {train_s / 60:.1f})")
+    if log:
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
