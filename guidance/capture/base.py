@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
+
+
+@contextlib.contextmanager
+def quiet_opencv():
+    """Probing a source that may not be video: OpenCV/FFmpeg must not print their own lines
+    (the user gets one clear line from us)."""
+    logging_ = cv2.utils.logging
+    previous = logging_.getLogLevel()
+    logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        logging_.setLogLevel(previous)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 
 import cv2
 
-from guidance.capture.base import Frame, Source, SourceInfo
+from guidance.capture.base import Frame, Source, SourceInfo, quiet_opencv
 from guidance.errors import BadInputError
 
 EXPECTED = "a capture device index, a /dev/video device, a video path or a stream URL"
@@ -39,7 +39,8 @@ class LiveSource(Source):
         return cap
 
     def connect(self) -> SourceInfo:
-        cap = self._open()
+        with quiet_opencv():
+            cap = self._open()
         if cap is None:
             raise BadInputError(f"{self.target}: cannot open live video (expected {EXPECTED})")
         self._cap = cap

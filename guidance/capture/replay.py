@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from guidance.capture.base import ReplaySource, SourceInfo
+from guidance.capture.base import ReplaySource, SourceInfo, quiet_opencv
 from guidance.errors import BadInputError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv")
@@ -40,8 +40,9 @@ class VideoFileSource(ReplaySource):
         path = Path(self.path)
         if not path.is_file():
             raise BadInputError(f"{path}: no such file (expected {EXPECTED})")
-        cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-        ok, first = cap.read() if cap.isOpened() else (False, None)
+        with quiet_opencv():
+            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+            ok, first = cap.read() if cap.isOpened() else (False, None)
         if not ok or first is None:
             cap.release()
             raise BadInputError(f"{path}: not a video OpenCV can decode (expected {EXPECTED})")
@@ -83,7 +84,8 @@ class PngFolderSource(ReplaySource):
         self._files = sorted(p for p in path.iterdir() if re.fullmatch(r"\d+\.png", p.name))
         if not self._files:
             raise BadInputError(f"{path}: folder holds no 000000.png frames (expected {EXPECTED})")
-        first = cv2.imread(str(self._files[0]), cv2.IMREAD_UNCHANGED)
+        with quiet_opencv():
+            first = cv2.imread(str(self._files[0]), cv2.IMREAD_UNCHANGED)
         if first is None:
             raise BadInputError(f"{self._files[0]}: not a PNG frame OpenCV can read")
         side = sidecar_metadata(path)
@@ -101,7 +103,8 @@ class PngFolderSource(ReplaySource):
 
     def _decode(self) -> Iterator[np.ndarray | Exception]:
         for file in self._files:
-            image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+            with quiet_opencv():  # a bad frame becomes a frame_error alert, not a stray line
+                image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
             yield image if image is not None else ValueError(f"{file.name}: unreadable PNG frame")
 
 

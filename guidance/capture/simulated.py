@@ -41,7 +41,7 @@ def draw_scene(
         if leak == "posterior":  # behind the posterior wall (image right), in the canal
             centre = (x1 + max(3, int(0.06 * w)), int(0.40 * h))
         else:  # venous: in front of the anterior wall
-            centre = (x0 - max(3, int(0.06 * w)), int(0.60 * h))
+            centre = (x0 - max(6, int(0.10 * w)), int(0.60 * h))
         r = max(1, int(min(h, w) * min(0.06, 0.01 * grow)))
         cv2.circle(image, centre, r, CEMENT, -1)
         cv2.circle(labels, centre, r, 2, -1)

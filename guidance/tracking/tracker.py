@@ -118,6 +118,9 @@ class TrackStatus:
     wall: tuple[float, float, float, float] | None  # (vx, vy, x0, y0) in class-map pixels
 
 
+_OPEN_KERNEL = np.ones((3, 3), np.uint8)
+
+
 def _disk(radius_px: float) -> np.ndarray | None:
     r = int(round(radius_px))
     if r < 1:
@@ -130,6 +133,17 @@ def _dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
     if kernel is None:
         return mask
     return cv2.dilate(mask.view(np.uint8), kernel).astype(bool)
+
+
+def _main_needles(needle: np.ndarray) -> np.ndarray:
+    """The cannula(s): needle blobs at least a quarter the size of the largest. Stray needle
+    pixels on bright edges must not shield a leak from the venous check."""
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(needle.view(np.uint8), connectivity=8)
+    if count <= 2:
+        return needle
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.flatnonzero(areas >= max(4, 0.25 * areas.max())) + 1
+    return np.isin(comp, keep)
 
 
 def _treated_body(body: np.ndarray, hint: np.ndarray, min_px: int) -> np.ndarray | None:
@@ -229,6 +243,10 @@ def track(
     empty = np.zeros_like(body)
     posterior_mask, venous_mask, depth = empty, empty, 0.0
     side, wall = geo.posterior_side or prev.posterior_side, None
+    # opening drops 1-px rims and bridges the segmentation leaves along bright edges, which
+    # would otherwise pull a nearby leak into the body's hull
+    body = cv2.morphologyEx(body.view(np.uint8), cv2.MORPH_OPEN, _OPEN_KERNEL).astype(bool)
+    needle = _main_needles(needle)
     chosen = _treated_body(body, cement | needle, cfg.min_body_px)
     if chosen is not None:
         pts = cv2.findNonZero(chosen.view(np.uint8))

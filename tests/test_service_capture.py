@@ -1,0 +1,220 @@
+"""Capture on real files the tests write: OpenCV video, PNG folders, DICOM via pydicom."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import cv2
+import numpy as np
+import pytest
+from conftest import scene_frames, write_dicom, write_labels, write_pngs, write_video
+
+from guidance.capture import open_source
+from guidance.capture.base import NewestFrameSlot
+from guidance.errors import BadInputError
+
+
+def drain(source, limit: int = 1000) -> list:
+    """Every frame a source delivers until it ends (no timing: waits on the hand-over)."""
+    frames = []
+    source.start()
+    deadline = time.monotonic() + 30
+    while not source.ended and time.monotonic() < deadline and len(frames) < limit:
+        frame = source.read(0.2)
+        if frame is not None:
+            frames.append(frame)
+    source.stop()
+    return frames
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".avi", ".mkv"])
+def test_video_files_replay_every_frame_in_order(tmp_path, suffix):
+    frames = scene_frames(6, size=(48, 64))
+    path = write_video(tmp_path / f"loop{suffix}", frames, fps=12.0)
+    source = open_source(str(path), pace=False)
+    assert source.info.kind == "replay" and source.info.fps == pytest.approx(12.0)
+    assert (source.info.width, source.info.height) == (64, 48)
+    got = drain(source)
+    assert [f.index for f in got] == list(range(6))
+    assert source.dropped_frames == 0
+    stamps = [f.capture_mono_ns for f in got]
+    assert stamps == sorted(stamps)
+    # lossy codecs: close to what was written, and each frame is its own
+    grey = cv2.cvtColor(got[3].image, cv2.COLOR_BGR2GRAY)
+    assert np.abs(grey.astype(int) - frames[3].astype(int)).mean() < 6
+
+
+def test_sidecar_labels_give_fps_spacing_and_side(tmp_path):
+    path = write_video(tmp_path / "loop.mp4", scene_frames(3, size=(48, 64)), fps=25.0)
+    write_labels(tmp_path / "loop", fps=15.0, pixel_spacing_mm=0.2, posterior_side="left")
+    info = open_source(str(path), pace=False).info
+    assert info.fps == 15.0 and info.pixel_spacing_mm == 0.2 and info.posterior_side == "left"
+
+
+def test_png_folder_8_and_16_bit(tmp_path):
+    frames8 = scene_frames(4, size=(40, 50))
+    src = open_source(str(write_pngs(tmp_path / "p8", frames8)), pace=False, fps=10)
+    got = drain(src)
+    assert len(got) == 4 and got[2].image.dtype == np.uint8
+    assert np.array_equal(got[2].image, frames8[2])
+    frames16 = [f.astype(np.uint16) * 257 for f in frames8]
+    got16 = drain(open_source(str(write_pngs(tmp_path / "p16", frames16)), pace=False, fps=10))
+    assert got16[1].image.dtype == np.uint16 and np.array_equal(got16[1].image, frames16[1])
+
+
+def test_png_folder_corrupt_frame_is_an_error_frame_not_the_end(tmp_path):
+    folder = write_pngs(tmp_path / "loop", scene_frames(5, size=(40, 50)))
+    (folder / "000002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    got = drain(open_source(str(folder), pace=False, fps=10))
+    assert [f.index for f in got] == [0, 1, 2, 3, 4]
+    assert got[2].image is None and "000002.png" in got[2].error
+    assert got[3].image is not None
+
+
+@pytest.mark.parametrize(
+    "photometric,bits,syntax",
+    [
+        ("MONOCHROME2", 8, "explicit"),
+        ("MONOCHROME1", 8, "explicit"),
+        ("MONOCHROME2", 12, "explicit"),
+        ("MONOCHROME1", 16, "explicit"),
+        ("MONOCHROME2", 16, "rle"),
+        ("MONOCHROME1", 10, "rle"),
+        ("MONOCHROME2", 8, "jpeg"),
+    ],
+)
+def test_dicom_multiframe(tmp_path, photometric, bits, syntax):
+    frames = scene_frames(4, size=(40, 48))
+    path = write_dicom(tmp_path / "cine.dcm", frames, photometric, bits, syntax)
+    source = open_source(str(path), pace=False)
+    info = source.info
+    assert info.frame_count == 4 and info.fps == pytest.approx(15.0, rel=1e-3)
+    assert info.pixel_spacing_mm == pytest.approx(0.3)
+    got = drain(source)
+    assert len(got) == 4
+    image = got[2].image
+    assert image.dtype == (np.uint8 if bits <= 8 else np.uint16)
+    # MONOCHROME1 comes out inverted back: bright = cement in both
+    expected = frames[2].astype(float) / 255 * ((1 << bits) - 1)
+    tolerance = 0.03 * (1 << bits) if syntax == "jpeg" else 1.0
+    assert np.abs(image.astype(float) - expected).mean() < tolerance
+
+
+def test_dicom_single_frame_and_no_frame_time(tmp_path):
+    path = write_dicom(
+        tmp_path / "one.dcm", scene_frames(1, size=(32, 32)), frame_time_ms=None, spacing=None
+    )
+    source = open_source(str(path), pace=False)
+    assert source.info.frame_count == 1 and source.info.fps is None
+    assert source.info.pixel_spacing_mm is None
+    got = drain(source)
+    assert len(got) == 1 and got[0].image.shape == (32, 32)
+
+
+def test_dicom_corrupt_frame_mid_stream(tmp_path):
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate, generate_frames
+
+    path = write_dicom(tmp_path / "cine.dcm", scene_frames(4, size=(32, 32)), syntax="rle")
+    ds = dcmread(str(path))
+    frames = list(generate_frames(ds.PixelData, number_of_frames=4))
+    frames[1] = b"\xff" * 8 + frames[1][8:]  # frame 1's RLE header ruined
+    ds.PixelData = encapsulate(frames)
+    ds.save_as(str(path))
+    got = drain(open_source(str(path), pace=False))
+    assert [f.index for f in got] == [0, 1, 2, 3]
+    assert got[1].image is None and "frame 1" in got[1].error
+    assert got[0].image is not None and got[2].image is not None
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda d: d / "missing.mp4", "no such file"),
+        (lambda d: (d / "notes.mp4").write_text("hello") and d / "notes.mp4", "not a video"),
+        (lambda d: (d / "x.dcm").write_bytes(b"nonsense") and d / "x.dcm", "DICOM"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "no 000000.png"),
+        (lambda d: (d / "x.txt").write_text("1") and d / "x.txt", "unknown file type"),
+    ],
+)
+def test_bad_sources_are_refused_naming_them(tmp_path, make, expected):
+    path = make(tmp_path)
+    with pytest.raises(BadInputError) as err:
+        open_source(str(path))
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_dicom_without_pixels_is_refused(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.PatientName = "Test"
+    ds.save_as(str(tmp_path / "nopix.dcm"), enforce_file_format=True)
+    with pytest.raises(BadInputError, match="no pixel data|without pixel data"):
+        open_source(str(tmp_path / "nopix.dcm"))
+
+
+def test_live_reader_keeps_only_the_newest_frame_and_counts_drops(tmp_path):
+    """A video file opened as a live device: the reader thread runs as fast as OpenCV decodes,
+    the consumer takes a frame only now and then, so frames are replaced unread (dropped)."""
+    path = write_video(tmp_path / "live.avi", scene_frames(40, size=(48, 64)), fps=30.0)
+    source = open_source(str(path), kind="live", reconnect_s=0.05)
+    assert source.info.kind == "live"
+    source.start()
+    got = []
+    while len(got) < 5:
+        frame = source.read(1.0)
+        assert frame is not None
+        got.append(frame)
+        # wait until the reader has produced more frames than we took
+        deadline = time.monotonic() + 5
+        while source.frames_read < got[-1].index + 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    source.stop()
+    assert source.dropped_frames > 0
+    indices = [f.index for f in got]
+    assert indices == sorted(indices) and len(set(indices)) == len(indices)
+    # the gaps between indices the consumer saw are exactly the frames the slot dropped
+    assert source.frames_read >= indices[-1] + 1
+
+
+def test_slot_lossy_and_lossless():
+    import threading
+
+    from guidance.capture.base import Frame, SourceInfo
+
+    info = SourceInfo("t", "replay")
+    stop = threading.Event()
+    lossy = NewestFrameSlot(lossy=True)
+    for i in range(3):
+        lossy.put(Frame(i, 0, None, info), stop)
+    assert lossy.get(0.1).index == 2 and lossy.dropped == 2
+    lossless = NewestFrameSlot(lossy=False)
+    lossless.put(Frame(0, 0, None, info), stop)
+    t = threading.Thread(target=lossless.put, args=(Frame(1, 0, None, info), stop))
+    t.start()
+    assert lossless.get(1.0).index == 0
+    t.join(2.0)
+    assert lossless.get(1.0).index == 1 and lossless.dropped == 0
+
+
+def test_paced_replay_follows_the_loop_fps(tmp_path):
+    path = write_video(tmp_path / "loop.avi", scene_frames(6, size=(32, 32)), fps=50.0)
+    got = drain(open_source(str(path), pace=True))
+    span_ms = (got[-1].capture_mono_ns - got[0].capture_mono_ns) / 1e6
+    # frame 5 is not released before t0 + 100 ms (a lower bound the pacing guarantees)
+    assert len(got) == 6 and span_ms >= 60.0
+
+
+def test_simulated_source(tmp_path):
+    source = open_source("simulated:venous", pace=False)
+    assert source.info.kind == "simulated"
+    got = drain(source, limit=3)
+    assert got[0].image.dtype == np.uint8 and got[0].image.ndim == 2
+    assert json.dumps(source.info.name)

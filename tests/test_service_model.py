@@ -1,0 +1,97 @@
+"""The Model object on real onnxruntime, with stand-in graphs written by the tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import build_stand_in, scene_frames, stand_in_metadata, write_sums
+
+from guidance.errors import ModelError
+from guidance.segmentation.model import Model, read_sha256sums
+from guidance.segmentation.preprocess import CEMENT, NEEDLE, VERTEBRAL_BODY
+
+
+def test_model_knows_its_file_metadata_and_runs(stand_in):
+    onnx_path, sums = stand_in
+    model = Model(onnx_path, sums)
+    assert model.info.size == 64 and model.info.classes[2] == "cement"
+    assert model.info.normalization["scheme"] == "percentile"
+    assert model.sha256 == read_sha256sums(sums)["segmenter.onnx"]
+    assert model.provider == "CPUExecutionProvider"
+    assert "stand-in" in model.describe()
+    assert model.warm_up(2) >= 0 and model.warm
+    frame = scene_frames(12, size=(96, 128))[-1]
+    labels, geometry = model.segment(frame)
+    # letterboxed 128 wide -> 64: the frame area is 48 x 64 at model resolution
+    assert labels.shape == (48, 64) and labels.dtype == np.uint8
+    assert geometry.scale == pytest.approx(0.5)
+    assert {VERTEBRAL_BODY, CEMENT, NEEDLE} <= set(np.unique(labels).tolist())
+    # the cement blob sits at the needle tip (0.46 w, 0.5 h) of the frame
+    assert labels[24, int(0.46 * 64)] == CEMENT
+
+
+def test_sums_default_next_to_model(stand_in):
+    onnx_path, _ = stand_in
+    assert Model(onnx_path).path == onnx_path
+
+
+def test_missing_model_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="missing") as err:
+        Model(tmp_path / "segmenter.onnx", tmp_path / "SHA256SUMS")
+    assert "segmenter.onnx" in str(err.value)
+
+
+def test_corrupt_model_is_refused_with_expected_and_actual_hash(stand_in):
+    onnx_path, sums = stand_in
+    expected = read_sha256sums(sums)["segmenter.onnx"]
+    data = bytearray(onnx_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_path.write_bytes(bytes(data))
+    with pytest.raises(ModelError) as err:
+        Model(onnx_path, sums)
+    text = str(err.value)
+    assert str(onnx_path) in text and expected in text and "actual" in text
+
+
+def test_unlisted_model_and_missing_sums_are_refused(tmp_path):
+    path = build_stand_in(tmp_path / "other.onnx")
+    (tmp_path / "SHA256SUMS").write_text("0" * 64 + "  segmenter.onnx\n")
+    with pytest.raises(ModelError, match="not listed"):
+        Model(path, tmp_path / "SHA256SUMS")
+    with pytest.raises(ModelError, match="checksum list"):
+        Model(path, tmp_path / "nothing")
+
+
+def test_model_without_metadata_or_wrong_io_is_refused(tmp_path):
+    meta = stand_in_metadata(64)
+    meta["input"]["name"] = "pixels"
+    path = build_stand_in(tmp_path / "a.onnx", metadata=meta)
+    with pytest.raises(ModelError, match="does not match"):
+        Model(path, write_sums(path))
+    bad = build_stand_in(tmp_path / "b.onnx", metadata={"name": "x"})
+    with pytest.raises(ModelError, match="malformed"):
+        Model(bad, write_sums(bad))
+
+
+def test_garbage_file_listed_in_sums_is_refused_by_onnxruntime(tmp_path):
+    path = tmp_path / "segmenter.onnx"
+    path.write_bytes(b"not a protobuf at all")
+    with pytest.raises(ModelError, match="cannot load"):
+        Model(path, write_sums(path))
+
+
+def test_cuda_requested_without_cuda_is_refused(stand_in):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the refusal cannot happen here")
+    with pytest.raises(ModelError, match="cuda"):
+        Model(*stand_in, provider="cuda")
+    assert Model(*stand_in, provider="auto").provider == "CPUExecutionProvider"
+
+
+def test_metadata_json_round_trip(stand_in):
+    model = Model(*stand_in)
+    assert json.loads(json.dumps(model.info.raw))["output"]["name"] == "logits"

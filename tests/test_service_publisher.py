@@ -1,0 +1,195 @@
+"""The publisher on real ZeroMQ sockets over loopback; every message validated against the
+JSON Schemas in guidance/alerts/schemas/."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import zmq
+from conftest import validate_message
+
+from guidance.alerts import EventPublisher
+
+
+def subscriber(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    return sub
+
+
+def receive(sub: zmq.Socket, timeout_s: float = 5.0) -> dict:
+    if not sub.poll(int(timeout_s * 1000)):
+        raise AssertionError("nothing received before the deadline")
+    topic, payload = sub.recv_multipart()
+    msg = json.loads(payload)
+    assert topic.decode() == msg["type"]
+    validate_message(msg)
+    return msg
+
+
+def until(sub: zmq.Socket, pred, timeout_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        msg = receive(sub, deadline - time.monotonic())
+        if pred(msg):
+            return msg
+    raise AssertionError("expected message not received")
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.term()
+
+
+def test_status_alerts_heartbeats_on_a_real_socket(tmp_path, zctx):
+    log = tmp_path / "alerts.jsonl"
+    pub = EventPublisher("tcp://127.0.0.1:*", heartbeat_ms=100, alert_log=log).open()
+    assert pub.endpoint.startswith("tcp://127.0.0.1:")
+    sub = subscriber(zctx, pub.endpoint)
+    try:
+        pub.start_heartbeat()
+        hb = until(sub, lambda m: m["type"] == "heartbeat")  # joined: no sleep needed
+        assert hb["state"] == "starting" and hb["active_alerts"] == []
+        pub.state = "running"
+        t0 = time.monotonic_ns()
+        status = pub.status(
+            7,
+            t0,
+            {"capture": 0.1, "calibrate": 0.2, "segment": 3.0, "track": 0.5, "publish": 0.1},
+            {"posterior": False, "venous": False},
+            {"cement": 10.0, "posterior": 0.0, "venous": 0.0},
+            0.0,
+            "mm",
+            0,
+        )
+        assert status["latency_ms"]["capture_to_publish"] >= 0
+        raised = pub.raise_alert(
+            "posterior_leak",
+            8,
+            "Posterior leak.",
+            {
+                "area": 2.0,
+                "depth": 1.5,
+                "centroid": [10, 20],
+                "box": [5, 15, 12, 25],
+                "units": "mm",
+            },
+        )
+        assert raised["alert_id"] == f"{pub.session}:{raised['seq']}"
+        assert pub.raise_alert("posterior_leak", 9, "again") is None  # one raise per episode
+        got = until(sub, lambda m: m["type"] == "alert")
+        assert got == raised and got["priority"] == "high" and got["category"] == "physiological"
+        hb = until(sub, lambda m: m["type"] == "heartbeat")
+        assert [a["alert_id"] for a in hb["active_alerts"]] == [raised["alert_id"]]
+        assert hb["active_alerts"][0]["raised_seq"] == raised["seq"]
+        assert hb["last_frame"] == 7 and hb["frames_processed"] == 1
+        cleared = pub.clear_alert("posterior_leak", 20, "Gone.")
+        assert cleared["alert_id"] == raised["alert_id"] and cleared["state"] == "cleared"
+        assert pub.clear_alert("posterior_leak", 21, "Gone.") is None
+        tech = pub.raise_alert("video_lost", None, "No video.")
+        assert tech["priority"] == "medium" and tech["evidence"] is None
+        hb = until(sub, lambda m: m["type"] == "heartbeat" and m["seq"] > tech["seq"])
+        assert [a["kind"] for a in hb["active_alerts"]] == ["video_lost"]
+    finally:
+        sub.close()
+        pub.close()
+    # the log has every message sent, in seq order, each a valid protocol message
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [m["seq"] for m in lines] == list(range(1, len(lines) + 1))
+    assert len(lines) == pub.sent
+    for m in lines:
+        validate_message(m)
+    assert lines[-1]["type"] == "heartbeat" and lines[-1]["state"] == "stopping"
+    kinds = [(m["kind"], m["state"]) for m in lines if m["type"] == "alert"]
+    assert kinds == [
+        ("posterior_leak", "raised"),
+        ("posterior_leak", "cleared"),
+        ("video_lost", "raised"),
+    ]
+
+
+def test_late_subscriber_learns_the_whole_state_from_one_heartbeat(zctx):
+    pub = EventPublisher("tcp://127.0.0.1:*", heartbeat_ms=100).open()
+    try:
+        pub.start_heartbeat()
+        first = pub.raise_alert("venous_leak", 3, "Venous leak.", None)
+        pub.raise_alert("calibration_missing", None, "No calibration.")
+        sub = subscriber(zctx, pub.endpoint)  # connects after the alerts went out
+        hb = until(sub, lambda m: m["type"] == "heartbeat")
+        assert {a["kind"] for a in hb["active_alerts"]} == {"venous_leak", "calibration_missing"}
+        assert first["alert_id"] in {a["alert_id"] for a in hb["active_alerts"]}
+        # heartbeats keep coming with nothing else happening, at the promised period
+        a = until(sub, lambda m: m["type"] == "heartbeat")
+        b = until(sub, lambda m: m["type"] == "heartbeat")
+        assert b["seq"] > a["seq"] and b["period_ms"] == 100
+        sub.close()
+    finally:
+        pub.close()
+
+
+def test_no_subscriber_never_blocks_and_no_address_binds_nothing(tmp_path):
+    pub = EventPublisher("tcp://127.0.0.1:*", sndhwm=10).open()
+    try:
+        for i in range(5000):  # nobody listening: PUB drops, the sender never waits
+            pub.status(
+                i,
+                time.monotonic_ns(),
+                {},
+                {"posterior": False, "venous": False},
+                {"cement": 0, "posterior": 0, "venous": 0},
+                0.0,
+                "px",
+                0,
+            )
+        assert pub.sent == 5000
+    finally:
+        pub.close()
+    offline = EventPublisher(None, alert_log=tmp_path / "log.jsonl").open()
+    msg = offline.raise_alert("frame_error", 4, "Bad frame.")
+    offline.close()
+    assert offline.endpoint is None and msg["priority"] == "low"
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0]) == msg
+
+
+def test_alert_log_appends_never_truncates(tmp_path):
+    log = tmp_path / "a.jsonl"
+    log.write_text('{"already": "there"}\n')
+    pub = EventPublisher(None, alert_log=log).open()
+    pub.raise_alert("latency_overrun", 1, "Slow.")
+    # flushed as sent: readable before close
+    assert len(log.read_text().splitlines()) == 2
+    pub.close()
+    assert log.read_text().startswith('{"already": "there"}\n')
+
+
+def test_heartbeat_period_must_promise_at_least_1_hz():
+    with pytest.raises(ValueError):
+        EventPublisher(None, heartbeat_ms=1500)
+
+
+def test_schemas_reject_what_the_protocol_forbids():
+    import jsonschema
+
+    pub = EventPublisher(None).open()
+    msg = pub.raise_alert(
+        "posterior_leak",
+        1,
+        "x",
+        {"area": 1, "depth": 0, "centroid": [1, 2], "box": [0, 0, 1, 1], "units": "mm"},
+    )
+    pub.close()
+    validate_message(msg)
+    for bad in (
+        {**msg, "priority": "urgent"},
+        {**msg, "category": "technical"},
+        {**msg, "seq": 0},
+        {k: v for k, v in msg.items() if k != "alert_id"},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_message(bad)

@@ -1,0 +1,168 @@
+"""The pure tracker, frame by frame on synthetic class maps (no model, no files, no clock)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from guidance.segmentation.preprocess import CEMENT, NEEDLE, VERTEBRAL_BODY
+from guidance.tracking import TrackerConfig, TrackerState, TrackGeometry, track
+
+H, W = 64, 64
+BODY = (16, 44, 16, 40)  # y0, y1, x0, x1: posterior wall at x = 39 (image right)
+
+
+def scene(
+    posterior_px: int = 0, venous_px: int = 0, needle: bool = True, side: str = "right"
+) -> np.ndarray:
+    """A lateral class map: body, cement inside it, a needle entering from `side`, and square
+    leaks of the given edge lengths behind the wall / in front of the anterior wall."""
+    labels = np.zeros((H, W), np.uint8)
+    y0, y1, x0, x1 = BODY
+    labels[y0:y1, x0:x1] = VERTEBRAL_BODY
+    labels[26:34, 24:32] = CEMENT
+    if needle:
+        cols = slice(30, W) if side == "right" else slice(0, 26)
+        labels[36:38, cols] = NEEDLE
+    if posterior_px:
+        wall_out = x1 + 2 if side == "right" else x0 - 2 - posterior_px
+        labels[18 : 18 + posterior_px, wall_out : wall_out + posterior_px] = CEMENT
+    if venous_px:
+        front = x0 - 3 - venous_px if side == "right" else x1 + 3
+        labels[20 : 20 + venous_px, front : front + venous_px] = CEMENT
+    return labels
+
+
+MM = TrackGeometry(frame_per_px=4.0, mm_per_frame_px=0.25)  # 1 class-map pixel = 1 mm
+PX = TrackGeometry(frame_per_px=1.0)
+
+
+def run(frames, geo=MM, cfg=None):
+    cfg = cfg or TrackerConfig()
+    state = TrackerState()
+    out = []
+    for labels in frames:
+        status, state = track(labels, geo, state, cfg)
+        out.append(status)
+    return out
+
+
+def test_clean_injection_raises_nothing():
+    statuses = run([scene() for _ in range(10)])
+    assert not any(s.posterior or s.venous or s.events for s in statuses)
+    assert statuses[-1].body_found
+    assert statuses[-1].areas["cement"] == pytest.approx(64.0)  # 8x8 px at 1 mm^2 each
+    assert statuses[-1].posterior_side == "right"  # inferred from the needle's entry
+
+
+def test_posterior_leak_raises_on_second_visible_frame_with_evidence():
+    frames = [scene()] * 5 + [scene(posterior_px=3)] * 5
+    statuses = run(frames)
+    assert [s.posterior for s in statuses] == [False] * 6 + [True] * 4
+    assert statuses[6].events == (("posterior", "raised"),)
+    assert not any(s.venous for s in statuses)
+    s = statuses[6]
+    assert s.units == "mm"
+    assert s.areas["posterior"] == pytest.approx(9.0)
+    # leak columns x = 42..44 behind a wall at x = 39.5: deepest ~5 mm past it
+    assert 4.0 <= s.posterior_depth <= 6.0
+    ev = s.evidence["posterior"]
+    # frame pixels: class-map x 42..44 -> frame (x + 0.5) * 4 - 0.5
+    assert ev.box[0] == pytest.approx(42 * 4 - 0.5, abs=0.01)  # left edge of pixel 42
+    assert ev.centroid[0] == pytest.approx(43.5 * 4 - 0.5)
+
+
+def test_one_noisy_frame_raises_nothing():
+    frames = (
+        [scene()] * 3 + [scene(posterior_px=3)] + [scene()] * 3 + [scene(venous_px=3)] + [scene()]
+    )
+    statuses = run(frames)
+    assert not any(s.posterior or s.venous for s in statuses)
+    assert statuses[3].candidate["posterior"] and statuses[7].candidate["venous"]
+
+
+def test_noise_that_jumps_around_raises_nothing():
+    a, b = scene(posterior_px=2), scene()
+    b[50:52, 58:60] = CEMENT  # behind the wall too, but nowhere near the first blob
+    statuses = run([scene(), a, b, scene()])
+    assert all(s.candidate["posterior"] for s in statuses[1:3])
+    assert not any(s.posterior for s in statuses)
+
+
+def test_venous_leak_is_extravertebral_cement_elsewhere():
+    statuses = run([scene(venous_px=3)] * 3)
+    assert [s.venous for s in statuses] == [False, True, True]
+    assert not any(s.posterior for s in statuses)
+    assert statuses[1].areas["venous"] == pytest.approx(9.0)
+
+
+def test_cement_along_the_needle_is_not_venous():
+    labels = scene()
+    labels[38:40, 48:60] = CEMENT  # backflow along the cannula outside the body
+    statuses = run([labels] * 4, cfg=TrackerConfig(needle_margin_mm=3.0))
+    assert not any(s.venous for s in statuses)
+    assert statuses[-1].areas["venous"] == 0
+
+
+def test_clear_only_after_sustained_absence():
+    cfg = TrackerConfig(clear_frames=4)
+    frames = [scene(posterior_px=3)] * 3 + [scene()] * 3 + [scene(posterior_px=3)] + [scene()] * 5
+    statuses = run(frames, cfg=cfg)
+    flags = [s.posterior for s in statuses]
+    # raised at 1; a 3-frame gap does not clear it; the 4th leak-free frame after 6 clears it
+    assert flags == [False, True, True, True, True, True, True, True, True, True, False, False]
+    assert statuses[10].events == (("posterior", "cleared"),)
+
+
+def test_posterior_side_from_config_and_left_side():
+    frames = [scene(posterior_px=3, side="left")] * 3
+    statuses = run(frames)  # inferred from the needle entering from the left
+    assert statuses[-1].posterior_side == "left" and statuses[-1].posterior
+    fixed = TrackGeometry(frame_per_px=4.0, mm_per_frame_px=0.25, posterior_side="right")
+    statuses = run(frames, geo=fixed)  # told right: the left blob is not posterior
+    assert not any(s.posterior for s in statuses)
+    assert statuses[-1].venous
+
+
+def test_threshold_in_mm_and_in_pixels():
+    # a 1x1 leak: 1 mm^2 at 1 mm/px (meets 1 mm^2), 16 frame px^2 at 4 frame px per map px
+    one = scene()
+    one[20, 42] = CEMENT
+    assert run([one] * 2)[-1].posterior
+    assert not run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0))[-1].posterior
+    px_geo = TrackGeometry(frame_per_px=4.0)
+    out = run([one] * 2, geo=px_geo)
+    assert out[-1].units == "px" and out[-1].areas["posterior"] == pytest.approx(16.0)
+    assert out[-1].posterior
+    assert not run([one] * 2, geo=px_geo, cfg=TrackerConfig(area_threshold_px=20.0))[-1].posterior
+
+
+def test_cement_within_hull_tolerance_is_not_a_leak():
+    labels = scene()
+    labels[20:24, 40] = CEMENT  # touching the wall: within 1 mm of the hull
+    assert not any(s.candidate["posterior"] or s.candidate["venous"] for s in run([labels] * 3))
+
+
+def test_no_body_no_alert():
+    labels = np.zeros((H, W), np.uint8)
+    labels[10:20, 10:20] = CEMENT
+    statuses = run([labels] * 3)
+    assert not statuses[-1].body_found
+    assert not any(s.posterior or s.venous for s in statuses)
+
+
+def test_fov_mask_hides_cement_outside_it():
+    labels = scene(posterior_px=3)
+    valid = np.ones((H, W), bool)
+    valid[:, 41:] = False
+    state = TrackerState()
+    for _ in range(3):
+        status, state = track(labels, MM, state, TrackerConfig(), valid)
+    assert not status.posterior and status.areas["posterior"] == 0
+
+
+def test_tracker_is_pure():
+    frames = [scene()] * 2 + [scene(posterior_px=3)] * 3
+    a = [(s.posterior, s.venous, s.areas, s.events) for s in run(frames)]
+    b = [(s.posterior, s.venous, s.areas, s.events) for s in run(frames)]
+    assert a == b
