@@ -329,4 +329,26 @@ def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -
         result["dice"] = col.dice.dice()
     result["score"] = score_loop(labels.events, raises, fps, frames)
     result["status"] = "scored"
+    _caption_findings(result)
     return result
+
+
+def _caption_findings(result: dict) -> None:
+    """Say on each thumbnail what the scoring made of its moment (miss, false alert)."""
+    score = result["score"]
+    missed = {(e["kind"], e["onset_frame"]) for e in score["events"] if not e["detected"]}
+    missed_end = {(e["kind"], e["window_end_frame"]) for e in score["events"] if not e["detected"]}
+    false = {(a["kind"], a["frame"]) for a in score["false_alerts"]}
+    kind_of = {"posterior_leak": "posterior", "venous_leak": "venous"}
+    for t in result["thumbnails"]:
+        notes = []
+        for kind in ("posterior", "venous"):
+            if (kind, t["frame"]) in missed and f"{kind} onset" in t["why"]:
+                notes.append(f"{kind} MISSED")
+            if (kind, t["frame"]) in missed_end and f"{kind} window end" in t["why"]:
+                notes.append(f"{kind} still not raised")
+        for alert, kind in kind_of.items():
+            if (kind, t["frame"]) in false and f"{alert} raised" in t["why"]:
+                notes.append(f"{kind} FALSE ALERT")
+        if notes:
+            t["why"] += " - " + ", ".join(notes)
