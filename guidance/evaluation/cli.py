@@ -19,7 +19,7 @@ from pathlib import Path
 from guidance import DISCLAIMER, __version__
 from guidance.errors import BadInputError
 from guidance.evaluation import settings as eval_settings
-from guidance.evaluation.discovery import discover
+from guidance.evaluation.discovery import discover, estimate_frames
 from guidance.evaluation.executors import Progress, run_all
 from guidance.evaluation.labels import load_labels
 from guidance.evaluation.report import render_report
@@ -103,8 +103,11 @@ def run(args: argparse.Namespace) -> int:
                  video=not args.no_video, overlay_max_side=args.overlay_size, slug=s)
         for r, s in zip(refs, slugs, strict=True)
     ]
-    frames_total = None
-    progress = Progress(len(tasks), frames_total, args.quiet)
+    progress = Progress(len(tasks), None, args.quiet)
+    if progress.enabled:
+        counts = [estimate_frames(r) for r in refs]
+        progress.frames.total = None if None in counts else sum(counts)
+        progress.frames.refresh()
     try:
         results = run_all(tasks, workers=args.workers, threads=args.threads_per_worker,
                           dask_address=args.dask, progress=progress)

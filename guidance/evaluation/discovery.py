@@ -102,3 +102,25 @@ def discover(paths: list[str | Path]) -> tuple[list[LoopRef], list[str]]:
         seen[r.loop_id] = n + 1
         unique.append(r if n == 0 else LoopRef(f"{r.loop_id}#{n + 1}", r.name, r.source, r.form, r.labels))
     return unique, sorted(set(orphans))
+
+
+def estimate_frames(ref: LoopRef) -> int | None:
+    """Frame count from headers only (for the progress bar's total); None when unknown."""
+    try:
+        if ref.form == "png":
+            return sum(1 for p in Path(ref.source).iterdir() if re.fullmatch(r"\d+\.png", p.name))
+        if ref.form == "dicom":
+            import pydicom
+
+            ds = pydicom.dcmread(ref.source, stop_before_pixels=True)
+            return int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if ref.form == "video":
+            import cv2
+
+            cap = cv2.VideoCapture(ref.source, cv2.CAP_FFMPEG)
+            n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) if cap.isOpened() else 0
+            cap.release()
+            return n if n > 0 else None
+    except Exception:  # an unreadable loop fails later, with its reason; here it is unknown
+        return None
+    return None

@@ -25,6 +25,7 @@ class Progress:
         from tqdm import tqdm
 
         disable = quiet or not sys.stderr.isatty()
+        self.enabled = not disable
         self.loops = tqdm(total=loops, desc="loops ", unit="loop", position=0, disable=disable)
         self.frames = tqdm(total=frames, desc="frames", unit="fr", position=1, disable=disable,
                            smoothing=0.1)
