@@ -156,3 +156,22 @@ def test_discovery_bad_paths(tmp_path):
     with pytest.raises(BadInputError, match="not a loop"):
         discover([tmp_path / "x.txt"])
     assert discover([tmp_path]) == ([], [])
+
+
+def test_masks_stream_frame_by_frame(tmp_path):
+    from guidance.evaluation.labels import MaskStream
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 4, (5, 6, 7), dtype=np.uint8)
+    arr[4, 0, 0] = 9
+    lab = load_labels(write(tmp_path, {**GOOD, "masks": masks_file(tmp_path, labels=arr)}))
+    stream = MaskStream(lab)
+    assert len(stream) == 5
+    assert np.array_equal(stream.frame(0), arr[0])
+    assert np.array_equal(stream.frame(2), arr[2])  # frame 1 skipped
+    with pytest.raises(ValueError, match="after frame 2"):
+        stream.frame(1)
+    assert np.array_equal(stream.frame(3), arr[3])
+    with pytest.raises(LabelsError, match="frame 4 has 9"):
+        stream.frame(4)
+    stream.close()

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     slugs = _unique_slugs([r.slug for r in refs])
     tasks = [
-        LoopTask(ref=r, labels=labels[r.loop_id], settings=settings, out_dir=str(out),
+        LoopTask(ref=r, labels=labels[r.loop_id], settings=settings, out_dir=str(out.resolve()),
                  video=not args.no_video, overlay_max_side=args.overlay_size, slug=s)
         for r, s in zip(refs, slugs, strict=True)
     ]

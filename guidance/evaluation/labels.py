@@ -200,3 +200,62 @@ def load_masks(labels: Labels) -> np.ndarray:
             labels.path, "masks", f"values must be 0..{MASK_MAX_CLASS}; frame {frame} has {top}"
         )
     return masks
+
+
+class MaskStream:
+    """Masks read frame by frame, in order, straight from the .npz member: one frame in
+    memory instead of the whole [frames, h, w] array (a 30 s 1024x1024 loop is 470 MB),
+    so many workers can score long loops side by side. Values are checked per frame."""
+
+    def __init__(self, labels: Labels) -> None:
+        if labels.masks_path is None or labels.masks_shape is None:
+            raise ValueError("these labels have no masks")
+        self.labels = labels
+        self.shape = labels.masks_shape
+        self._zip = zipfile.ZipFile(labels.masks_path)
+        self._fh = self._zip.open(f"{MASK_KEY}.npy")
+        version = np.lib.format.read_magic(self._fh)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        _shape, fortran, _dtype = read_header(self._fh)
+        if fortran:
+            self.close()
+            raise LabelsError(labels.path, "masks", "Fortran-ordered arrays are not supported")
+        self._next = 0
+        self._frame_bytes = self.shape[1] * self.shape[2]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def frame(self, index: int) -> np.ndarray:
+        """Mask of frame `index`; indices must not go backwards (frames arrive in order)."""
+        if not 0 <= index < self.shape[0]:
+            raise IndexError(index)
+        if index < self._next:
+            raise ValueError(f"mask frame {index} requested after frame {self._next - 1}")
+        try:
+            while self._next < index:  # frames the pipeline skipped
+                self._read()
+            mask = self._read()
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise LabelsError(self.labels.path, "masks", f"cannot be read ({exc})") from None
+        top = int(mask.max())
+        if top > MASK_MAX_CLASS:
+            raise LabelsError(
+                self.labels.path, "masks", f"values must be 0..{MASK_MAX_CLASS}; frame {index} has {top}"
+            )
+        return mask
+
+    def _read(self) -> np.ndarray:
+        data = self._fh.read(self._frame_bytes)
+        if len(data) != self._frame_bytes:
+            raise EOFError(f"truncated at frame {self._next}")
+        self._next += 1
+        return np.frombuffer(data, np.uint8).reshape(self.shape[1], self.shape[2])
+
+    def close(self) -> None:
+        self._fh.close()
+        self._zip.close()

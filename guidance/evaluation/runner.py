@@ -17,7 +17,7 @@ import numpy as np
 from guidance.errors import GuidanceError
 from guidance.evaluation import overlay
 from guidance.evaluation.discovery import LoopRef
-from guidance.evaluation.labels import Labels, LabelsError, load_masks
+from guidance.evaluation.labels import Labels, LabelsError, MaskStream
 from guidance.evaluation.scoring import (
     DiceCounter,
     detection_window_frames,
@@ -55,7 +55,7 @@ class _Collector:
 
     def __init__(self, task: LoopTask, fps_hint: float | None) -> None:
         self.task = task
-        self.masks = load_masks(task.labels) if task.labels and task.labels.masks_path else None
+        self.masks = MaskStream(task.labels) if task.labels and task.labels.masks_path else None
         self.dice = DiceCounter() if self.masks is not None else None
         self.frames_seen: list[int] = []
         self.series: dict[str, list] = {k: [] for k in ("frame", "cement", "posterior", "venous",
@@ -129,10 +129,16 @@ class _Collector:
             self.masks is not None
             and self.dice is not None
             and self.mask_mismatch is None
-            and idx < self.masks.shape[0]
+            and idx < len(self.masks)
         ):
-            truth = self.masks[idx]
-            if not _same_aspect(truth.shape, self.size):
+            try:
+                truth = self.masks.frame(idx)
+            except LabelsError as exc:
+                self.mask_mismatch = exc.why
+                truth = None
+            if truth is None:
+                pass
+            elif not _same_aspect(truth.shape, self.size):
                 self.mask_mismatch = (
                     f"mask size {truth.shape[1]}x{truth.shape[0]} does not match the frame "
                     f"{self.size[1]}x{self.size[0]}"
@@ -170,6 +176,8 @@ class _Collector:
         self.closed = True
         if self.video is not None:
             self.video.close()
+        if self.masks is not None:
+            self.masks.close()
         prog = self.task.progress
         if prog is not None:
             rest = len(self.frames_seen) % self.task.progress_every
@@ -315,16 +323,22 @@ def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -
             result["failure"] = "labels"
             result["reason"] = str(LabelsError(labels.path, "masks", col.mask_mismatch))
             return result
-        if col.masks.shape[0] != frames:
+        if len(col.masks) != frames:
             result["failure"] = "labels"
             result["reason"] = str(LabelsError(
-                labels.path, "masks", f"has {col.masks.shape[0]} frames, the loop has {frames}"))
+                labels.path, "masks", f"has {len(col.masks)} frames, the loop has {frames}"))
             return result
-        # frames the pipeline skipped (corrupt) count as predicted background
-        seen = set(col.frames_seen)
-        for idx in range(frames):
-            if idx not in seen:
-                col.dice.add(np.zeros_like(col.masks[idx]), col.masks[idx])
+        # frames the pipeline skipped (corrupt) count as predicted background: every truth
+        # pixel of theirs is a false negative
+        skipped = sorted(set(range(frames)) - set(col.frames_seen))
+        if skipped:
+            again = MaskStream(labels)
+            try:
+                for idx in skipped:
+                    truth = again.frame(idx)
+                    col.dice.add(np.zeros_like(truth), truth)
+            finally:
+                again.close()
         result["dice_counts"] = col.dice.counts()
         result["dice"] = col.dice.dice()
     result["score"] = score_loop(labels.events, raises, fps, frames)

@@ -6,6 +6,7 @@ and inference threads per worker."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from guidance.settings import Settings, load_settings
 
@@ -28,6 +29,15 @@ def build(args: argparse.Namespace) -> Settings:
             "calibration": {"file": args.calibration},
         },
     )
+    seg = settings.segmentation
+    # absolute paths: worker processes and Dask workers may not share this working directory
+    absolute = {k: str(Path(v).resolve()) for k, v in
+                (("model", seg.model), ("sha256sums", seg.sha256sums)) if v}
+    if absolute:
+        settings = settings.replace(segmentation=absolute)
+    if settings.calibration.file:
+        settings = settings.replace(
+            calibration={"file": str(Path(settings.calibration.file).resolve())})
     return for_evaluation(settings, threads=args.threads_per_worker)
 
 
