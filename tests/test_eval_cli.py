@@ -254,3 +254,38 @@ def test_orphan_labels_are_a_failed_row(archive, model, tmp_path):
     lost = [r for r in rows if r["status"] == "failed"]
     assert len(lost) == 1 and "without a loop" in lost[0]["reason"]
     assert lost[0]["failure"] == "no_loop"
+
+
+class Bomb:
+    """Settings that kill the worker process that unpickles them (a stand-in for a loop that
+    crashes its worker: segfault, out of memory)."""
+
+    def __init__(self) -> None:
+        self.parent = __import__("os").getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        import os
+
+        if os.getpid() != state["parent"]:
+            os._exit(3)
+        self.__dict__.update(state)
+
+
+def test_a_worker_that_dies_fails_only_its_loop(archive, model):
+    from guidance.evaluation.discovery import discover
+    from guidance.evaluation.executors import Progress, run_processes
+    from guidance.evaluation.runner import LoopTask
+
+    refs, _ = discover([archive / "sim"])
+    settings = for_evaluation(load_settings(overrides={"segmentation": {"model": str(model)}}))
+    good = [r for r in refs if r.labels][:2]
+    tasks = [LoopTask(ref=r, labels=load_labels(r.labels), settings=settings, out_dir="/nowhere",
+                      video=False) for r in good]
+    tasks.insert(1, LoopTask(ref=refs[-1], labels=None, settings=Bomb(), out_dir="/nowhere",
+                             video=False, slug="bomb"))
+    results = list(run_processes(tasks, workers=2, threads=1, progress=Progress(3, None, True)))
+    by_id = {r["loop_id"]: r for r in results}
+    assert len(results) == 3
+    assert by_id[refs[-1].loop_id]["status"] == "failed"
+    assert by_id[refs[-1].loop_id]["failure"] == "worker"
+    assert all(by_id[r.loop_id]["status"] == "scored" for r in good)

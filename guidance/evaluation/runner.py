@@ -155,8 +155,9 @@ class _Collector:
         if self.video is not None or reasons:
             lines = [(f"frame {idx}", overlay.WHITE)]
             lines += [(f"ALERT {k}", overlay.RED) for k, on in sorted(self.active.items()) if on]
-            lines += [(f"label: {m}", (0, 255, 0)) for m in self.moments.get(idx, [])
-                      if m.endswith("onset")]
+            lines += [(f"label: {e.kind} leak since frame {e.onset_frame}", (0, 255, 0))
+                      for e in (self.task.labels.events if self.task.labels else ())
+                      if e.onset_frame <= idx]
             max_side = self.task.overlay_max_side
             size = overlay.fit_size(self.size[0], self.size[1], max_side)
             bgr = overlay.render(fr.image, np.asarray(fr.labels), size, flags, lines)
