@@ -142,7 +142,7 @@ def test_discovery_finds_every_form_and_pairs_labels(tmp_path):
     assert refs[1].labels is None
     assert refs[4].labels == str(root / "sub" / "e.labels.json")
     assert orphans == [str(root / "sub" / "ghost.labels.json")]
-    assert refs[2].slug == "sub_c.avi"
+    assert refs[2].slug == "sub_c" and refs[4].slug == "sub_e"
 
     # a loop given directly, and the same loop twice, count once
     refs2, _ = discover([root / "b.mp4", root / "b.mp4", root / "sub" / "e"])

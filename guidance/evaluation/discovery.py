@@ -25,8 +25,11 @@ class LoopRef:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe, unique-per-run form of the id for output files."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.loop_id).strip("_") or "loop"
+        """A file-name-safe form of the id for output files (the CLI makes it unique)."""
+        stem = self.loop_id
+        if self.form in ("dicom", "video"):
+            stem = re.sub(r"\.(dcm|mp4|avi|mkv)(#\d+)?$", r"\2", stem, flags=re.IGNORECASE)
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "loop"
 
 
 def _form(path: Path) -> str | None:
