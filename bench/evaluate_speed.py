@@ -71,6 +71,26 @@ def run_eval(paths: list[Path], out: Path, workers: int, cpus: list[int], model:
     return wall, summary
 
 
+def bare_inference_ms(model_path: str | None, cpus: list[int]) -> float:
+    """The model alone on one thread, pinned like the one-core run, for context."""
+    code = (
+        "import os, sys, time, numpy as np\n"
+        f"os.sched_setaffinity(0, {cpus!r})\n"
+        "from guidance.settings import load_settings\n"
+        "from guidance.pipeline import load_model\n"
+        "s = load_settings(overrides={'segmentation': {'model': sys.argv[1] or None, 'threads': 1}})\n"
+        "m = load_model(s); m.warm_up(3)\n"
+        "x = np.random.default_rng(0).normal(size=(1, 1, m.size, m.size)).astype(np.float32)\n"
+        "ts = []\n"
+        "for _ in range(50):\n"
+        "    t0 = time.perf_counter(); m.infer(x); ts.append((time.perf_counter() - t0) * 1e3)\n"
+        "print(float(np.median(ts)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, model_path or ""], cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     available = sorted(os.sched_getaffinity(0))
@@ -110,6 +130,15 @@ def main() -> int:
         stages = row["latency_ms"].get("stages_p50", {})
         print("   per-frame pipeline p50 ms: "
               + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        if not args.no_video:
+            lean = []
+            for r in range(args.repeats):
+                _, s2 = run_eval(loops[:1], tmp_path / f"lean{r}", 1, one_core, args.model,
+                                 ["--no-video"])
+                lean.append(s2["loops"][0]["realtime_factor"])
+            print(f"   same without overlay video: real-time factor {statistics.median(lean):.2f}x")
+        print(f"   bare inference, 1 thread, one core: {bare_inference_ms(args.model, one_core):.1f} ms"
+              " per frame (median of 50)")
 
         # 2. scaling, side by side: alternate 1 worker / N workers
         walls: dict[int, list[float]] = {1: [], n: []}
