@@ -104,7 +104,7 @@ class OverlayVideo:
             self.writer = None
 
 
-def png_base64(bgr: np.ndarray, max_side: int = 200) -> str:
+def png_base64(bgr: np.ndarray, max_side: int = 192) -> str:
     import base64
 
     h, w = bgr.shape[:2]

@@ -29,7 +29,8 @@ from guidance.evaluation.summary import latency_stats
 
 log = logging.getLogger(__name__)
 
-MAX_THUMBNAILS = 16
+MAX_THUMBNAILS = 8  # per loop in the report: findings first, then onsets, then raises
+MAX_CANDIDATES = 48  # moments kept while the loop runs, before the scoring picks
 
 
 @dataclass
@@ -163,7 +164,7 @@ class _Collector:
             bgr = overlay.render(fr.image, np.asarray(fr.labels), size, flags, lines)
             if self.video is not None:
                 self.video.write(bgr)
-            if reasons and len(self.thumbnails) < MAX_THUMBNAILS:
+            if reasons and len(self.thumbnails) < MAX_CANDIDATES:
                 self.thumbnails.append(
                     {"frame": idx, "why": ", ".join(reasons), "png": overlay.png_base64(bgr)}
                 )
@@ -268,6 +269,13 @@ def evaluate_loop(task: LoopTask) -> dict:
 
 
 def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -> dict:
+    result = _finish_loop(result, col, t0, ok)
+    if len(result["thumbnails"]) > MAX_THUMBNAILS:  # loops that were not scored
+        _keep_thumbnails(result)
+    return result
+
+
+def _finish_loop(result: dict, col: _Collector | None, t0: float, ok: bool) -> dict:
     wall = time.perf_counter() - t0
     result["wall_s"] = wall
     if col is None:
@@ -349,7 +357,8 @@ def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -
 
 
 def _caption_findings(result: dict) -> None:
-    """Say on each thumbnail what the scoring made of its moment (miss, false alert)."""
+    """Say on each thumbnail what the scoring made of its moment (miss, false alert), and
+    keep the ones that matter most: misses and false alerts, then onsets, then raises."""
     score = result["score"]
     missed = {(e["kind"], e["onset_frame"]) for e in score["events"] if not e["detected"]}
     missed_end = {(e["kind"], e["window_end_frame"]) for e in score["events"] if not e["detected"]}
@@ -367,3 +376,13 @@ def _caption_findings(result: dict) -> None:
                 notes.append(f"{kind} FALSE ALERT")
         if notes:
             t["why"] += " - " + ", ".join(notes)
+        t["rank"] = 0 if notes else 1 if "onset" in t["why"] else 2
+    _keep_thumbnails(result)
+
+
+def _keep_thumbnails(result: dict) -> None:
+    ranked = sorted(result["thumbnails"], key=lambda t: (t.get("rank", 2), t["frame"]))
+    keep = sorted(ranked[:MAX_THUMBNAILS], key=lambda t: t["frame"])
+    for t in keep:
+        t.pop("rank", None)
+    result["thumbnails"] = keep
