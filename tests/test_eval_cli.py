@@ -289,3 +289,26 @@ def test_a_worker_that_dies_fails_only_its_loop(archive, model):
     assert by_id[refs[-1].loop_id]["status"] == "failed"
     assert by_id[refs[-1].loop_id]["failure"] == "worker"
     assert all(by_id[r.loop_id]["status"] == "scored" for r in good)
+
+
+def test_a_corrupt_frame_is_skipped_reported_and_scored_as_background(archive, model, tmp_path):
+    loops = tmp_path / "loops"
+    src = next((archive / "sim").glob("png_*.labels.json"))
+    name = src.name.removesuffix(".labels.json")
+    shutil.copytree(archive / "sim" / name, loops / name)
+    for suffix in (".labels.json", ".masks.npz"):
+        shutil.copy(archive / "sim" / f"{name}{suffix}", loops)
+    (loops / name / "000005.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    proc = evaluate(loops, "--out", out, "--model", model, "-q")
+    assert proc.returncode == 0, proc.stderr
+    [row] = read_summary(out)["loops"]
+    assert row["status"] == "scored" and row["frames"] == 30 and row["missing_frames"] == 1
+    assert {"kind": "frame_error", "state": "raised", "frame": 5} in row["technical_alerts"]
+    assert row["latency_ms"]["n"] == 29
+    detail = json.loads((out / row["artifacts"]["detail"]).read_text())
+    assert 5 not in detail["series"]["frame"] and len(detail["series"]["frame"]) == 29
+    assert json.loads(json.dumps(detail["dice_counts"]))["frames"] == 30  # skipped = background
+    cap = cv2.VideoCapture(str(out / row["artifacts"]["video"]))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 30  # a placeholder keeps it in step
+    cap.release()

@@ -73,6 +73,16 @@ def render(
     return out
 
 
+def skipped_frame(size: tuple[int, int], index: int) -> np.ndarray:
+    """A dark frame that keeps the video in step with the loop where the pipeline skipped one."""
+    h, w = size
+    out = np.full((h, w, 3), 40, np.uint8)
+    scale = max(0.35, h / 900)
+    cv2.putText(out, f"frame {index}: skipped by the pipeline", (4, h // 2),
+                cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 200, 255), 1)
+    return out
+
+
 class OverlayVideo:
     """mp4v writer; opened on the first frame (its size is known only then)."""
 

@@ -96,6 +96,13 @@ class _Collector:
 
     def __call__(self, fr) -> None:  # FrameResult
         idx = int(fr.index)
+        geometry = fr.geometry
+        self.size = (int(geometry.frame_height), int(geometry.frame_width))
+        if self.video is not None:
+            for gap in range(self.frames_seen[-1] + 1 if self.frames_seen else 0, idx):
+                # a frame the pipeline skipped: keep the video in step with the loop
+                self.video.write(overlay.skipped_frame(
+                    overlay.fit_size(*self.size, self.task.overlay_max_side), gap))
         self.frames_seen.append(idx)
         status = next((m for m in fr.messages if m.get("type") == "status"), None)
         alerts = [m for m in fr.messages if m.get("type") == "alert"]
@@ -124,8 +131,6 @@ class _Collector:
             if isinstance(v, int | float):
                 self.stage_latencies.setdefault(k, []).append(float(v))
 
-        geometry = fr.geometry
-        self.size = (int(geometry.frame_height), int(geometry.frame_width))
         if (
             self.masks is not None
             and self.dice is not None
@@ -249,6 +254,9 @@ def evaluate_loop(task: LoopTask) -> dict:
         run = run_replay(source, settings, on_result=collector, model=model)
         collector.close()
         result["frames_read"] = run.frames_read
+        # every alert the loop published, including those of frames that produced no result
+        # (a frame_error raise on a skipped frame, calibration_missing before the first frame)
+        collector.messages = [dict(m) for m in run.alerts]
     except LabelsError as exc:
         result["failure"] = "labels"
         result["reason"] = str(exc)
