@@ -14,7 +14,7 @@ import numpy as np
 from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, LetterboxGeometry, letterbox_labels, preprocess
 from models.sim.loop import LEAK_KINDS, LoopConfig, simulate
 
-FRAMES_PER_LOOP = 8
+FRAMES_PER_LOOP = 10
 MIX = [frozenset(), frozenset({"posterior"}), frozenset({"venous"}), frozenset(LEAK_KINDS)]
 
 

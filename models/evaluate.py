@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="as-drawn condition only, fewer latency runs")
     args = p.parse_args(argv)
     if not args.model.is_file():
-        print(f"models.evaluate: error: model file {args.model} not found", flush=True)
+        print(f"models.evaluate: error: model file {args.model} not found", file=sys.stderr)
         return 2
     session, meta = load_session(args.model, args.threads)
     results: dict = {"model": args.model.name, "version": meta.get("version"), "parameters": meta.get("parameters"),

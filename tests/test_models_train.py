@@ -1,0 +1,88 @@
+"""Training runs end to end (tiny) and exports an ONNX file the runtime accepts; the shipped
+model is the one listed in SHA256SUMS, carries its metadata, and segments a demo loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from guidance.segmentation.preprocess import CLASS_NAMES, preprocess
+from models.evaluate import labels_at_frame_resolution, load_session
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "models" / "segmenter.onnx"
+REQUIRED_META = {"name", "version", "input", "resize", "normalization", "classes", "output", "training", "opset"}
+
+
+def test_tiny_training_run_exports_a_working_onnx(tmp_path):
+    out = tmp_path / "m.onnx"
+    res = subprocess.run(
+        [sys.executable, "-m", "models.train", "--train-loops", "2", "--val-loops", "1", "--steps", "3",
+         "--size", "64", "--crop", "32", "--batch", "2", "--workers", "1", "--out", str(out),
+         "--log", str(tmp_path / "log.jsonl")],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert (tmp_path / "SHA256SUMS").read_text() == f"{digest}  m.onnx\n"
+    session, meta = load_session(out)
+    assert REQUIRED_META <= set(meta)
+    assert meta["classes"] == list(CLASS_NAMES) and meta["input"]["size"] == 64
+    train, val = meta["training"]["train_seeds"], meta["training"]["val_seeds"]
+    assert train[1] <= val[0] or val[1] <= train[0], "train and validation seeds overlap"
+    logits = session.run(None, {"image": np.zeros((1, 1, 64, 64), np.float32)})[0]
+    assert logits.shape == (1, 4, 64, 64)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 3 and "val_dice" in log[-1]
+
+
+def test_bad_training_arguments_are_refused():
+    res = subprocess.run([sys.executable, "-m", "models.train", "--steps", "0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--steps" in res.stderr
+
+
+def test_shipped_model_is_listed_small_and_described():
+    sums = dict(reversed(line.split("  ")) for line in (REPO / "models" / "SHA256SUMS").read_text().splitlines())
+    assert sums["segmenter.onnx"] == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()
+    assert SHIPPED.stat().st_size <= 10 * 1024 * 1024
+    meta = json.loads(ort.InferenceSession(str(SHIPPED), providers=["CPUExecutionProvider"])
+                      .get_modelmeta().custom_metadata_map["guidance"])
+    assert REQUIRED_META <= set(meta) and meta["classes"] == list(CLASS_NAMES)
+    assert meta["training"]["data"].startswith("simulated")
+
+
+def test_shipped_model_segments_the_bundled_demo():
+    """Not a Dice target (the card measures that on held-out loops): the demo's last frame
+    must come out with body, cement and needle where the labels put them."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(REPO / "models" / "demo" / "posterior_leak.mp4"))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    masks = np.load(REPO / "models" / "demo" / "posterior_leak.masks.npz")["labels"]
+    assert len(frames) == len(masks)
+    session, meta = load_session(SHIPPED)
+    truth = masks[-1]
+    x, geometry = preprocess(frames[-1], meta["input"]["size"], meta["normalization"])
+    pred = labels_at_frame_resolution(session.run(None, {"image": x})[0][0], geometry)
+    for cls in (1, 2, 3):
+        p, t = pred == cls, truth == cls
+        dice = 2 * np.logical_and(p, t).sum() / (p.sum() + t.sum())
+        assert dice > 0.6, (CLASS_NAMES[cls], dice)
+
+
+def test_evaluate_refuses_a_missing_model(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "models.evaluate", "--model", str(tmp_path / "none.onnx")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "none.onnx" in res.stderr
