@@ -51,6 +51,7 @@ def add_parser(subparsers) -> None:
     )
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration", metavar="FILE", help="calibration file (see calibration/)")
+    g.add_argument("--angulation", help="calibration angulation (when the file holds several)")
     g.add_argument("--pixel-spacing", type=float, metavar="MM", help="mm per pixel at the vertebra")
     g = p.add_argument_group("segmentation")
     g.add_argument("--model", help="ONNX model (default: the shipped models/segmenter.onnx)")
@@ -60,9 +61,7 @@ def add_parser(subparsers) -> None:
     g = p.add_argument_group("tracker")
     g.add_argument("--posterior-side", choices=("auto", "left", "right"))
     g = p.add_argument_group("alerts")
-    g.add_argument(
-        "--address", help="PUB address (default tcp://127.0.0.1:5556; 'none': no socket)"
-    )
+    g.add_argument("--address", help="PUB address (default tcp://127.0.0.1:5556; 'none': no socket)")
     g.add_argument("--alert-log", metavar="PATH", help="append every message as JSON lines")
     g.add_argument("--heartbeat-ms", type=int, help="heartbeat period (<= 1000)")
     g = p.add_argument_group("loop")
@@ -75,7 +74,11 @@ def add_parser(subparsers) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     return {
         "capture": {"source": args.source, "kind": args.kind, "fps": args.fps, "pace": args.pace},
-        "calibration": {"file": args.calibration, "pixel_spacing_mm": args.pixel_spacing},
+        "calibration": {
+            "file": args.calibration,
+            "angulation": args.angulation,
+            "pixel_spacing_mm": args.pixel_spacing,
+        },
         "segmentation": {
             "model": args.model,
             "sha256sums": args.sha256sums,

@@ -24,6 +24,7 @@ import numpy as np
 
 from guidance.alerts.publisher import EventPublisher
 from guidance.capture import Frame, Source, SourceInfo, open_source
+from guidance.errors import GuidanceError
 from guidance.segmentation.model import Model
 from guidance.segmentation.preprocess import LetterboxGeometry
 from guidance.settings import Settings
@@ -88,7 +89,12 @@ class CalibrateOp:
         if settings.calibration.file:
             from calibration import load_calibration  # only when asked: calibration is optional
 
-            self.calibration = load_calibration(settings.calibration.file)
+            angulation = settings.calibration.angulation
+            self.calibration = (
+                load_calibration(settings.calibration.file, angulation=angulation)
+                if angulation
+                else load_calibration(settings.calibration.file)
+            )
         self.mm_per_px = (
             settings.calibration.pixel_spacing_mm
             or (self.calibration.pixel_spacing_mm if self.calibration else None)
@@ -118,13 +124,16 @@ class CalibrateOp:
     def compute(self, ctx: Context) -> None:
         image = self.grey(ctx.frame.image)
         if self.calibration is not None:
-            image = self.calibration.undistort(image)
+            try:
+                image = self.calibration.undistort(image)
+            except (GuidanceError, ValueError, cv2.error) as exc:  # e.g. a frame of another size
+                raise FrameError(f"frame does not fit the calibration: {exc}") from exc
             key = image.shape[:2]
             if key not in self._valid_cache:  # FOV and burned-in text are fixed per set-up
                 from calibration import intensity
 
                 valid = np.asarray(self.calibration.fov_mask(key), bool)
-                valid &= ~np.asarray(intensity.text_mask(image), bool)
+                valid = valid & ~np.asarray(intensity.text_mask(image), bool)
                 self._valid_cache[key] = valid
                 self.polarity = intensity.detect_polarity(image, valid)
                 log.info("calibration: %s, polarity %s", self.calibration, self.polarity)
@@ -156,9 +165,7 @@ class SegmentOp:
             key = (id(ctx.valid), labels.shape)
             if key not in self._label_valid:
                 h, w = labels.shape
-                small = cv2.resize(
-                    ctx.valid.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST
-                )
+                small = cv2.resize(ctx.valid.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
                 self._label_valid[key] = small.astype(bool)
             ctx.label_valid = self._label_valid[key]
 
@@ -267,9 +274,7 @@ class Pipeline:
         return ctx
 
 
-def compose(
-    settings: Settings, source: Source, model: Model, publisher: EventPublisher
-) -> Pipeline:
+def compose(settings: Settings, source: Source, model: Model, publisher: EventPublisher) -> Pipeline:
     """capture -> calibrate -> segment -> track -> publish, in one readable place."""
     info = source.info
     return Pipeline(
@@ -380,8 +385,7 @@ class GuidanceLoop:
                     self.publisher.raise_alert(
                         "latency_overrun",
                         index,
-                        f"Capture-to-publish latency over {budget:.0f} ms for {n} frames "
-                        f"(last {c2p:.0f} ms).",
+                        f"Capture-to-publish latency over {budget:.0f} ms for {n} frames (last {c2p:.0f} ms).",
                     ),
                     into,
                 )
@@ -389,9 +393,7 @@ class GuidanceLoop:
             self._overruns, self._in_budget = 0, self._in_budget + 1
             if self._in_budget >= n and self.publisher.is_active("latency_overrun"):
                 self._emit(
-                    self.publisher.clear_alert(
-                        "latency_overrun", index, f"Latency back within {budget:.0f} ms."
-                    ),
+                    self.publisher.clear_alert("latency_overrun", index, f"Latency back within {budget:.0f} ms."),
                     into,
                 )
 
@@ -402,20 +404,12 @@ class GuidanceLoop:
             ctx = self.pipeline.process(frame)
         except FrameError as exc:
             s.frames_skipped += 1
-            self._emit(
-                pub.raise_alert(
-                    "frame_error", frame.index, f"Frame {frame.index} skipped: {exc}"[:300]
-                )
-            )
+            self._emit(pub.raise_alert("frame_error", frame.index, f"Frame {frame.index} skipped: {exc}"[:300]))
             log.warning("frame %d skipped: %s", frame.index, exc)
             return
         except ModelRunError as exc:
             s.frames_skipped += 1
-            self._emit(
-                pub.raise_alert(
-                    "model_error", frame.index, f"Frame {frame.index} not segmented: {exc}"[:300]
-                )
-            )
+            self._emit(pub.raise_alert("model_error", frame.index, f"Frame {frame.index} not segmented: {exc}"[:300]))
             log.warning("frame %d: %s", frame.index, exc)
             return
         for msg in ctx.messages:
@@ -424,9 +418,7 @@ class GuidanceLoop:
         for kind in ("frame_error", "model_error"):  # a good frame ends those episodes
             if pub.is_active(kind):
                 self._emit(
-                    pub.clear_alert(
-                        kind, frame.index, f"Frame {frame.index} processed normally again."
-                    ),
+                    pub.clear_alert(kind, frame.index, f"Frame {frame.index} processed normally again."),
                     extra,
                 )
         status_msg = next(m for m in ctx.messages if m["type"] == "status")
@@ -473,8 +465,7 @@ class GuidanceLoop:
                             pub.raise_alert(
                                 "video_lost",
                                 pub.last_frame,
-                                f"No video from {source.info.name} for "
-                                f"{now - last_frame_at:.1f} s.",
+                                f"No video from {source.info.name} for {now - last_frame_at:.1f} s.",
                             )
                         )
                         log.warning("video lost: %s", source.info.name)
@@ -482,16 +473,9 @@ class GuidanceLoop:
                 last_frame_at = now
                 if pub.is_active("video_lost"):
                     pub.state = "running"
-                    self._emit(
-                        pub.clear_alert(
-                            "video_lost", frame.index, f"Video from {source.info.name} is back."
-                        )
-                    )
+                    self._emit(pub.clear_alert("video_lost", frame.index, f"Video from {source.info.name} is back."))
                 self._handle(frame)
-                if (
-                    cfg.loop.max_frames
-                    and s.frames_processed + s.frames_skipped >= cfg.loop.max_frames
-                ):
+                if cfg.loop.max_frames and s.frames_processed + s.frames_skipped >= cfg.loop.max_frames:
                     s.stopped_by = "max_frames"
                     break
             else:

@@ -2,7 +2,7 @@
 flags. Sections are named after the parts they configure:
 
     [capture]       source, kind, pace, fps, reconnect_s, video_timeout_s
-    [calibration]   file, pixel_spacing_mm
+    [calibration]   file, angulation, pixel_spacing_mm
     [segmentation]  model, sha256sums, provider, threads, warmup_runs
     [tracker]       posterior_side, raise_frames, clear_frames, area_threshold_mm2, ...
     [alerts]        address, heartbeat_ms, sndhwm, linger_ms, log
@@ -53,6 +53,7 @@ class CaptureSettings:
 @dataclass
 class CalibrationSettings:
     file: str | None = None  # calibration file (calibration package); None: none
+    angulation: str | None = None  # which of the file's angulations (needed when it holds several)
     pixel_spacing_mm: float | None = None  # overrides the source's spacing
 
 
@@ -88,7 +89,7 @@ class AlertSettings:
 @dataclass
 class LoopSettings:
     max_frames: int | None = None
-    latency_budget_ms: float = 50.0  # capture-to-publish over this for overrun_frames -> alert
+    latency_budget_ms: float | None = 50.0  # c2p over this for overrun_frames -> alert; None: off
     overrun_frames: int = 5
     print_every_s: float = 1.0
 
@@ -147,23 +148,18 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise BadInputError(
-            f"{where}: {value!r} is not a valid {text.replace('typing.', '')}"
-        ) from None
+        raise BadInputError(f"{where}: {value!r} is not a valid {text.replace('typing.', '')}") from None
 
 
 def _apply(settings: Settings, section: str, key: str, value: Any, where: str) -> None:
     part = getattr(settings, section, None)
     if part is None or not dataclasses.is_dataclass(part):
         raise BadInputError(
-            f"{where}: unknown section [{section}] (expected one of "
-            f"{', '.join(f.name for f in fields(Settings))})"
+            f"{where}: unknown section [{section}] (expected one of {', '.join(f.name for f in fields(Settings))})"
         )
     hints = get_type_hints(type(part))
     if key not in hints:
-        raise BadInputError(
-            f"{where}: unknown setting {key!r} in [{section}] (expected one of {', '.join(hints)})"
-        )
+        raise BadInputError(f"{where}: unknown setting {key!r} in [{section}] (expected one of {', '.join(hints)})")
     setattr(part, key, _coerce(value, hints[key], where))
 
 
@@ -206,9 +202,7 @@ def load_settings(
 
 def _validate(s: Settings) -> None:
     if s.tracker.posterior_side not in ("auto", "left", "right"):
-        raise BadInputError(
-            f"posterior_side {s.tracker.posterior_side!r}: expected auto, left or right"
-        )
+        raise BadInputError(f"posterior_side {s.tracker.posterior_side!r}: expected auto, left or right")
     if s.segmentation.provider not in ("cpu", "cuda", "auto"):
         raise BadInputError(f"provider {s.segmentation.provider!r}: expected cpu, cuda or auto")
     if not 0 < s.alerts.heartbeat_ms <= 1000:

@@ -37,9 +37,7 @@ def stand_in_metadata(size: int) -> dict:
     }
 
 
-def build_stand_in(
-    path: Path, size: int = 64, fragile: bool = False, metadata: dict | None = None
-) -> Path:
+def build_stand_in(path: Path, size: int = 64, fragile: bool = False, metadata: dict | None = None) -> Path:
     """A graph that classifies each pixel by its windowed intensity (nearest class centre):
     bright -> cement, mid -> needle/body, dark -> background. `fragile`: fails at run time on a
     uniform frame (a data-dependent Reshape), so tests can see the model fail on one frame."""
@@ -50,9 +48,7 @@ def build_stand_in(
     inits = [
         numpy_helper.from_array(np.array(norm["std"], np.float32), "std"),
         numpy_helper.from_array(np.array(norm["mean"], np.float32), "mean"),
-        numpy_helper.from_array(
-            np.array(STAND_IN_CENTRES, np.float32).reshape(1, 4, 1, 1), "centres"
-        ),
+        numpy_helper.from_array(np.array(STAND_IN_CENTRES, np.float32).reshape(1, 4, 1, 1), "centres"),
         numpy_helper.from_array(np.array(-50.0, np.float32), "sharp"),
     ]
     nodes = []
@@ -125,9 +121,7 @@ def scene_frames(count: int, size=(96, 128), leak="posterior", onset=8, seed=0) 
     return [draw_scene(size, t, leak, onset, rng)[0] for t in range(count)]
 
 
-def write_video(
-    path: Path, frames: list[np.ndarray], fps: float = 15.0, fourcc: str | None = None
-) -> Path:
+def write_video(path: Path, frames: list[np.ndarray], fps: float = 15.0, fourcc: str | None = None) -> Path:
     codec = fourcc or {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "FFV1"}[path.suffix]
     h, w = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (w, h), isColor=True)
@@ -215,9 +209,7 @@ def write_dicom(
     data = pixels if len(frames) > 1 else pixels[0]
     if syntax == "jpeg":
         assert bits == 8
-        parts = [
-            cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in pixels
-        ]
+        parts = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for f in pixels]
         ds.PixelData = encapsulate(parts)
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit

@@ -140,8 +140,7 @@ def test_run_replay_shares_a_loaded_model_and_runs_in_parallel(tmp_path, stand_i
         t.join(60)
     assert len(out) == 3
     raised = {
-        tuple((m["kind"], m["frame"]) for m in s.alerts if m["category"] == "physiological")
-        for s in out.values()
+        tuple((m["kind"], m["frame"]) for m in s.alerts if m["category"] == "physiological") for s in out.values()
     }
     assert len(raised) == 1  # the same loop, the same verdict, whatever runs beside it
 
@@ -150,9 +149,7 @@ def test_live_video_lost_then_back(tmp_path, stand_in):
     """A live source whose video ends: `video_lost` after the timeout, heartbeat state
     video_lost, and a clear when the device is reopened and frames flow again."""
     path = write_video(tmp_path / "live.avi", scene_frames(10, leak=None, size=(48, 64)), fps=30.0)
-    settings = offline(
-        stand_in, capture={"video_timeout_s": 0.3}, calibration={"pixel_spacing_mm": 0.3}
-    )
+    settings = offline(stand_in, capture={"video_timeout_s": 0.3}, calibration={"pixel_spacing_mm": 0.3})
     source = open_source(str(path), kind="live", reconnect_s=0.6)
     model = Model(*stand_in)
     model.warm_up(1)
@@ -211,9 +208,7 @@ def test_settings_precedence_toml_env_flags(tmp_path):
     s = load_settings(toml, env=env)
     assert s.alerts.address == "tcp://127.0.0.1:7001" and s.tracker.raise_frames == 4
     assert s.capture.video_timeout_s == 2.5 and s.alerts.log is None
-    s = load_settings(
-        toml, env=env, overrides={"alerts": {"address": "none"}, "tracker": {"raise_frames": 2}}
-    )
+    s = load_settings(toml, env=env, overrides={"alerts": {"address": "none"}, "tracker": {"raise_frames": 2}})
     assert s.alerts.address is None and s.tracker.raise_frames == 2
     assert Settings().alerts.address == "tcp://127.0.0.1:5556"  # loopback by default
 

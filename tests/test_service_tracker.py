@@ -12,9 +12,7 @@ H, W = 64, 64
 BODY = (16, 44, 16, 40)  # y0, y1, x0, x1: posterior wall at x = 39 (image right)
 
 
-def scene(
-    posterior_px: int = 0, venous_px: int = 0, needle: bool = True, side: str = "right"
-) -> np.ndarray:
+def scene(posterior_px: int = 0, venous_px: int = 0, needle: bool = True, side: str = "right") -> np.ndarray:
     """A lateral class map: body, cement inside it, a needle entering from `side`, and square
     leaks of the given edge lengths behind the wall / in front of the anterior wall."""
     labels = np.zeros((H, W), np.uint8)
@@ -73,9 +71,7 @@ def test_posterior_leak_raises_on_second_visible_frame_with_evidence():
 
 
 def test_one_noisy_frame_raises_nothing():
-    frames = (
-        [scene()] * 3 + [scene(posterior_px=3)] + [scene()] * 3 + [scene(venous_px=3)] + [scene()]
-    )
+    frames = [scene()] * 3 + [scene(posterior_px=3)] + [scene()] * 3 + [scene(venous_px=3)] + [scene()]
     statuses = run(frames)
     assert not any(s.posterior or s.venous for s in statuses)
     assert statuses[3].candidate["posterior"] and statuses[7].candidate["venous"]

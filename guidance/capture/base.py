@@ -52,6 +52,18 @@ class Frame:
     error: str | None = None
 
 
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """Colour (BGR/BGRA, as OpenCV decodes video) -> grey; grey passes through untouched."""
+    if image.ndim == 3:
+        if image.shape[2] == 1:
+            return image[..., 0]
+        if image.shape[2] == 3:
+            return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        if image.shape[2] == 4:
+            return cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY)
+    return image
+
+
 class NewestFrameSlot:
     """A buffer of one between a reader thread and the loop.
 
@@ -65,6 +77,7 @@ class NewestFrameSlot:
         self._cond = threading.Condition()
         self._frame: Frame | None = None
         self._closed = False
+        self._waiting = 0  # loops blocked in get(): the consumer is idle
         self.dropped = 0
 
     def put(self, frame: Frame, stop: threading.Event) -> None:
@@ -89,10 +102,22 @@ class NewestFrameSlot:
     def get(self, timeout_s: float) -> Frame | None:
         with self._cond:
             if self._frame is None and not self._closed:
+                self._waiting += 1
+                self._cond.notify_all()  # wakes a reader waiting for the loop to idle
                 self._cond.wait(timeout_s)
+                self._waiting -= 1
             frame, self._frame = self._frame, None
             self._cond.notify_all()
             return frame
+
+    def wait_consumer_idle(self, deadline_ns: int, stop: threading.Event) -> None:
+        """Block until the loop waits for a frame (its previous one is done), or deadline."""
+        with self._cond:
+            while not (self._waiting and self._frame is None) and not stop.is_set():
+                left = (deadline_ns - time.monotonic_ns()) / 1e9
+                if left <= 0:
+                    return
+                self._cond.wait(min(left, 0.05))
 
     @property
     def exhausted(self) -> bool:
@@ -130,9 +155,7 @@ class Source:
 
     # -- shared -------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._guarded_run, name=f"capture-{self.info.kind}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._guarded_run, name=f"capture-{self.info.kind}", daemon=True)
         self._thread.start()
 
     def _guarded_run(self) -> None:
@@ -186,13 +209,23 @@ class ReplaySource(Source):
     def _run(self) -> None:
         fps = self.info.fps or 0.0
         period_ns = int(1e9 / fps) if (self.pace and fps > 0) else 0
+        frames = iter(self._decode())
+        decode_ns = 0  # running estimate of one frame's decode time
         t0 = time.monotonic_ns()
-        for index, item in enumerate(self._decode()):
-            if self._stop.is_set():
+        index = 0
+        while not self._stop.is_set():
+            due = t0 + index * period_ns
+            if period_ns and index:
+                # A grabber delivers decoded frames without taking CPU from the loop; a file
+                # must be decoded. Decode while the loop idles, or just in time if it never
+                # does, so replaying does not slow the very processing it measures.
+                self._slot.wait_consumer_idle(due - 2 * decode_ns, self._stop)
+            start = time.monotonic_ns()
+            item = next(frames, None)
+            if item is None:
                 return
-            if period_ns:
-                # decoded ahead; release it at the instant the grabber would have delivered it
-                due = t0 + index * period_ns
+            decode_ns = max(int(0.9 * decode_ns), time.monotonic_ns() - start)
+            if period_ns:  # release it at the instant the grabber would have delivered it
                 while (now := time.monotonic_ns()) < due:
                     if self._stop.wait((due - now) / 1e9):
                         return
@@ -201,3 +234,4 @@ class ReplaySource(Source):
                 self._deliver(Frame(index, stamp, None, self.info, error=str(item) or repr(item)))
             else:
                 self._deliver(Frame(index, stamp, item, self.info))
+            index += 1

@@ -56,9 +56,7 @@ def make_source(
         return LiveSource(spec, reconnect_s, fps)
     path = Path(spec)
     if not path.exists():
-        raise BadInputError(
-            f"{spec}: no such file or folder (expected {EXPECTED}, or a live device index or URL)"
-        )
+        raise BadInputError(f"{spec}: no such file or folder (expected {EXPECTED}, or a live device index or URL)")
     if kind == "live":
         return LiveSource(spec, reconnect_s, fps)
     if path.is_dir():
@@ -67,9 +65,7 @@ def make_source(
         return DicomSource(spec, pace, fps)
     if path.suffix.lower() in VIDEO_SUFFIXES:
         return VideoFileSource(spec, pace, fps)
-    raise BadInputError(
-        f"{spec}: unknown file type {path.suffix or '(none)'} (expected {EXPECTED})"
-    )
+    raise BadInputError(f"{spec}: unknown file type {path.suffix or '(none)'} (expected {EXPECTED})")
 
 
 def open_source(

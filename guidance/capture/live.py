@@ -9,16 +9,14 @@ import time
 
 import cv2
 
-from guidance.capture.base import Frame, Source, SourceInfo, quiet_opencv
+from guidance.capture.base import Frame, Source, SourceInfo, quiet_opencv, to_grey
 from guidance.errors import BadInputError
 
 EXPECTED = "a capture device index, a /dev/video device, a video path or a stream URL"
 
 
 class LiveSource(Source):
-    def __init__(
-        self, target: str | int, reconnect_s: float = 0.5, fps: float | None = None
-    ) -> None:
+    def __init__(self, target: str | int, reconnect_s: float = 0.5, fps: float | None = None) -> None:
         super().__init__(lossy=True)
         self.target = target
         self.reconnect_s = reconnect_s
@@ -63,7 +61,8 @@ class LiveSource(Source):
             stamp = time.monotonic_ns()  # the frame exists from here on
             if ok and image is not None:
                 self.connected = True
-                self._deliver(Frame(index, stamp, image, self.info))
+                # after the stamp: converting a colour grabber's output counts as latency
+                self._deliver(Frame(index, stamp, to_grey(image), self.info))
                 index += 1
                 continue
             # video lost: the loop notices the silence and raises `video_lost`; keep reopening

@@ -10,7 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from guidance.capture.base import ReplaySource, SourceInfo, quiet_opencv
+from guidance.capture.base import ReplaySource, SourceInfo, quiet_opencv, to_grey
 from guidance.errors import BadInputError
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv")
@@ -68,7 +68,7 @@ class VideoFileSource(ReplaySource):
             ok, image = self._cap.read()
             if not ok:
                 return  # FFmpeg skips undecodable packets itself; a read failure is the end
-            yield image
+            yield to_grey(image)  # the spec: colour video is converted to grey
 
     def _release(self) -> None:
         cap = getattr(self, "_cap", None)
@@ -105,7 +105,10 @@ class PngFolderSource(ReplaySource):
         for file in self._files:
             with quiet_opencv():  # a bad frame becomes a frame_error alert, not a stray line
                 image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
-            yield image if image is not None else ValueError(f"{file.name}: unreadable PNG frame")
+            if image is None:
+                yield ValueError(f"{file.name}: unreadable PNG frame")
+            else:
+                yield to_grey(image)
 
 
 class DicomSource(ReplaySource):
@@ -121,9 +124,7 @@ class DicomSource(ReplaySource):
         try:
             ds = pydicom.dcmread(str(path), stop_before_pixels=False, defer_size="1 KB")
         except (InvalidDicomError, OSError, ValueError) as exc:
-            raise BadInputError(
-                f"{path}: not a readable DICOM file ({exc}); expected {EXPECTED}"
-            ) from None
+            raise BadInputError(f"{path}: not a readable DICOM file ({exc}); expected {EXPECTED}") from None
         if "PixelData" not in ds:
             raise BadInputError(f"{path}: DICOM without pixel data (expected an image or cine)")
         self._ds = ds
@@ -176,9 +177,7 @@ def dicom_pixel_spacing(ds) -> float | None:
         value = ds.get(keyword)
         if value:
             spacing = float(value[0])
-            if keyword == "ImagerPixelSpacing" and ds.get(
-                "EstimatedRadiographicMagnificationFactor"
-            ):
+            if keyword == "ImagerPixelSpacing" and ds.get("EstimatedRadiographicMagnificationFactor"):
                 spacing /= float(ds.EstimatedRadiographicMagnificationFactor)
             return spacing if spacing > 0 else None
     return None

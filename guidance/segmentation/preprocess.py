@@ -86,6 +86,57 @@ def letterbox_labels(labels: np.ndarray, geometry: LetterboxGeometry) -> np.ndar
     return out
 
 
+def _order_statistics(values: np.ndarray, ranks: list[int]) -> np.ndarray:
+    """values sorted ascending, at `ranks` (exact). A strided sample bounds each tail, so only
+    the few values beyond the bound are partitioned instead of the whole plane (~5x faster on
+    a 256x256 plane); any doubt falls back to one full partition."""
+    n = values.size
+    if n < 8192:
+        return np.partition(values, ranks)[ranks]
+    step = n // 2048
+    sample = np.sort(values[::step])
+    m = sample.size
+    out = np.empty(len(ranks), values.dtype)
+    for i, k in enumerate(ranks):
+        if k < n // 2:  # low tail: everything <= t, where t surely ranks above k
+            j = min(m - 1, (k // step) * 2 + 16)
+            t = sample[j]
+            sub = values[values <= t]
+            if sub.size > k:
+                out[i] = np.partition(sub, k)[k]
+                continue
+        else:  # high tail: everything >= t, where t surely ranks below k
+            j = max(0, m - 1 - ((n - 1 - k) // step) * 2 - 16)
+            t = sample[j]
+            sub = values[values >= t]
+            offset = n - sub.size  # values below t
+            if offset <= k:
+                out[i] = np.partition(sub, k - offset)[k - offset]
+                continue
+        out[i] = np.partition(values, k)[k]
+    return out
+
+
+def percentile_window(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """np.percentile(values, [low, high]) (linear method), bit for bit, without partitioning
+    the whole array (tests compare it with numpy's on many planes)."""
+    values = np.ravel(values)
+    n = values.size
+    pos = (n - 1) * (np.asarray([low, high], np.float64) / 100)
+    below = np.floor(pos).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    stats = _order_statistics(values, sorted({*below.tolist(), *above.tolist()}))
+    lookup = dict(zip(sorted({*below.tolist(), *above.tolist()}), stats, strict=True))
+    result = []
+    for p_, k0, k1 in zip(pos, below, above, strict=True):
+        a, b = lookup[int(k0)], lookup[int(k1)]
+        gamma = p_ - k0
+        diff = b - a  # in the values' dtype, as numpy's _lerp does
+        value = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+        result.append(np.float64(value))
+    return result[0], result[1]
+
+
 def normalize(plane: np.ndarray, valid: np.ndarray | None, normalization: dict) -> np.ndarray:
     """Percentile window over the valid pixels -> [0, 1] -> standardised. Polarity is kept:
     the model is trained on both bone-bright and bone-dark images."""
@@ -94,7 +145,7 @@ def normalize(plane: np.ndarray, valid: np.ndarray | None, normalization: dict) 
     values = plane[valid] if valid is not None else plane.ravel()
     if values.size == 0:
         values = plane.ravel()
-    lo, hi = np.percentile(values, [normalization["low"], normalization["high"]])
+    lo, hi = percentile_window(values, normalization["low"], normalization["high"])
     span = float(hi - lo) if hi > lo else 1.0
     unit = np.clip((plane - lo) / span, 0.0, 1.0)
     return ((unit - normalization["mean"]) / normalization["std"]).astype(np.float32)
@@ -107,9 +158,12 @@ def preprocess(
     grey = to_float_grey(frame)
     geometry = LetterboxGeometry.fit(grey.shape[0], grey.shape[1], size)
     plane = letterbox(grey, geometry)
-    valid = np.zeros(plane.shape, dtype=bool)
     h, w = geometry.inner_shape
-    valid[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w] = True
-    x = normalize(plane, valid, normalization)
-    x[~valid] = (0.0 - normalization["mean"]) / normalization["std"]
+    # the window is computed over the frame area only and padding gets the value of black;
+    # normalising the inner block alone gives the same numbers for a fraction of the work
+    inner = plane[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w]
+    x = np.full(plane.shape, (0.0 - normalization["mean"]) / normalization["std"], np.float32)
+    x[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w] = normalize(
+        inner, None, normalization
+    )
     return x[None, None], geometry

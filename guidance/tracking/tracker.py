@@ -35,6 +35,8 @@ class TrackerConfig:
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
+    wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
+    core_radius_mm: float = 1.5  # cement thinner than 2x this (veins, thin leaks) is not core
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,11 @@ class TrackerState:
     posterior: KindState = KindState()
     venous: KindState = KindState()
     posterior_side: str | None = None  # last side inferred from the needle (sticky)
+    # the treated body as last seen least hidden by cement (cement replaces the body's label
+    # as it fills it), and where the other vertebrae were then, to follow breathing
+    body_ref: np.ndarray | None = field(default=None, compare=False, repr=False)
+    body_ref_px: int = 0
+    anchor_ref: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,10 +122,14 @@ class TrackStatus:
     events: tuple[tuple[str, str], ...]
     body_found: bool
     posterior_side: str | None
-    wall: tuple[float, float, float, float] | None  # (vx, vy, x0, y0) in class-map pixels
+    # posterior wall line in class-map pixels: direction, a point, posterior unit normal
+    wall: tuple[float, float, float, float, float, float] | None
+    # class-map-sized bool masks behind the areas (for overlays and offline review)
+    masks: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
 
 _OPEN_KERNEL = np.ones((3, 3), np.uint8)
+_BRIDGE_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))  # spans a cannula's width
 
 
 def _disk(radius_px: float) -> np.ndarray | None:
@@ -135,75 +146,146 @@ def _dilate(mask: np.ndarray, radius_px: float) -> np.ndarray:
     return cv2.dilate(mask.view(np.uint8), kernel).astype(bool)
 
 
+def _points(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(xs, ys) of a bool mask's pixels (OpenCV's scan is several times numpy's nonzero)."""
+    pts = cv2.findNonZero(mask.view(np.uint8))
+    if pts is None:
+        empty = np.zeros(0, np.int32)
+        return empty, empty
+    pts = pts.reshape(-1, 2)
+    return pts[:, 0], pts[:, 1]
+
+
 def _main_needles(needle: np.ndarray) -> np.ndarray:
     """The cannula(s): needle blobs at least a quarter the size of the largest. Stray needle
     pixels on bright edges must not shield a leak from the venous check."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(needle.view(np.uint8), connectivity=8)
+    u8 = needle.view(np.uint8)
+    x, y, w, h = cv2.boundingRect(u8)
+    if w == 0:
+        return needle
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(u8[y : y + h, x : x + w], connectivity=8)
     if count <= 2:
         return needle
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = np.flatnonzero(areas >= max(4, 0.25 * areas.max())) + 1
-    return np.isin(comp, keep)
+    out = np.zeros_like(needle)
+    out[y : y + h, x : x + w] = np.isin(comp, keep)
+    return out
 
 
-def _treated_body(body: np.ndarray, hint: np.ndarray, min_px: int) -> np.ndarray | None:
-    """The vertebral body the needle/cement is in (largest blob touching them, else largest)."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(body.view(np.uint8), connectivity=8)
+def _treated_body(body: np.ndarray, cement: np.ndarray, needle: np.ndarray, core_radius: float, min_px: int):
+    """The treated vertebral body -> (its visible parts, the cement core) or (None, None).
+
+    The treated body is the one around the cement core: the cement opened so that veins and
+    thin leaks are gone (they must not join a neighbouring vertebra to it). The needle and
+    the cement often cut the body's label into several parts, all of which are joined here."""
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(cement.view(np.uint8), connectivity=8)
     if count <= 1:
-        return None
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    candidates = [i + 1 for i in np.argsort(areas)[::-1] if areas[i] >= min_px]
-    if not candidates:
-        return None
-    if hint.any():
-        touched = set(np.unique(comp[hint]).tolist())
-        for i in candidates:
-            if i in touched:
-                return comp == i
-    return comp == candidates[0]
+        return None, None
+    main = comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    kernel = _disk(core_radius)
+    core = main if kernel is None else cv2.morphologyEx(main.view(np.uint8), cv2.MORPH_OPEN, kernel).view(bool)
+    if not core.any():
+        core = main
+    # the needle cuts the body's label in two: its pixels that touch bone bridge the cut
+    bridge = needle & cv2.dilate(body.view(np.uint8), _BRIDGE_KERNEL).view(bool)
+    count, comp = cv2.connectedComponents((body | core | bridge).view(np.uint8), connectivity=8)
+    votes = np.bincount(comp[core], minlength=count)
+    votes[0] = 0
+    parts = body & (comp == int(np.argmax(votes)))
+    if np.count_nonzero(parts) < min_px:
+        return None, core
+    return parts, core
+
+
+def _shift(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    """A bool mask moved by (dx, dy) pixels (nearest), background filled in."""
+    if abs(dx) < 0.5 and abs(dy) < 0.5:
+        return mask
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    moved = cv2.warpAffine(
+        mask.view(np.uint8), m, (mask.shape[1], mask.shape[0]), flags=cv2.INTER_NEAREST, borderValue=0
+    )
+    return moved.view(bool)
+
+
+def _centroid(mask: np.ndarray) -> tuple[float, float] | None:
+    m = cv2.moments(mask.view(np.uint8), binaryImage=True)
+    return (m["m10"] / m["m00"], m["m01"] / m["m00"]) if m["m00"] >= 20 else None
 
 
 def _infer_side(needle: np.ndarray, body_centroid_x: float, hull: np.ndarray) -> str | None:
     """The needle enters from the posterior side: where its extravertebral part lies."""
     outside = needle & ~hull
-    if outside.sum() < 3:
+    if np.count_nonzero(outside) < 3:
         return None
-    xs = np.nonzero(outside)[1]
+    xs, _ = _points(outside)
     return "right" if xs.mean() > body_centroid_x else "left"
 
 
-def _wall_line(filled: np.ndarray, side: str) -> tuple[float, float, float, float] | None:
-    """Robust (Huber) line through the posterior boundary, the middle 80 % of the body's
-    height (the endplate corners round off)."""
-    rows = np.nonzero(filled.any(axis=1))[0]
-    if rows.size < 4:
+def _wall_line(filled: np.ndarray, side: str):
+    """The line of the posterior wall -> (vx, vy, x0, y0, nx, ny) with (nx, ny) the unit
+    normal pointing posteriorly, or None.
+
+    The body is a (rotated, rounded) box: its minimum-area rectangle's side that faces the
+    canal is the wall; a robust (Huber) line through the body's outline near that side, away
+    from the rounded corners, refines it. Spine tilt is followed; only which of the four sides
+    faces the canal comes from `side`."""
+    contours, _ = cv2.findContours(filled.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
         return None
-    lo, hi = np.percentile(rows, [10, 90])
-    pts = []
-    for y in rows[(rows >= lo) & (rows <= hi)]:
-        xs = np.flatnonzero(filled[y])
-        pts.append((xs.max() if side == "right" else xs.min(), y))
-    if len(pts) < 3:
+    outline = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float32)
+    if outline.shape[0] < 8:
         return None
-    vx, vy, x0, y0 = cv2.fitLine(np.asarray(pts, np.float32), cv2.DIST_HUBER, 0, 0.01, 0.01).ravel()
-    return float(vx), float(vy), float(x0), float(y0)
+    rect = cv2.minAreaRect(outline)
+    box = cv2.boxPoints(rect)
+    centre = np.asarray(rect[0], np.float32)
+    toward = np.array([1.0 if side == "right" else -1.0, 0.0], np.float32)
+    best = None
+    for i in range(4):
+        p0, p1 = box[i], box[(i + 1) % 4]
+        mid = (p0 + p1) / 2
+        normal = mid - centre
+        length = float(np.linalg.norm(normal))
+        if length == 0:
+            continue
+        normal /= length
+        score = float(normal @ toward)
+        if best is None or score > best[0]:
+            best = (score, p0, p1, normal, length)
+    _, p0, p1, normal, half_depth = best
+    along = p1 - p0
+    edge_len = float(np.linalg.norm(along))
+    if edge_len == 0:
+        return None
+    along /= edge_len
+    rel = outline - p0
+    dist = rel @ normal  # 0 on the rectangle's side, negative inside
+    pos = rel @ along
+    near = (dist > -0.25 * half_depth) & (pos > 0.15 * edge_len) & (pos < 0.85 * edge_len)
+    x0, y0 = (p0 + p1) / 2
+    vx, vy = along
+    if np.count_nonzero(near) >= 5:
+        vx, vy, x0, y0 = cv2.fitLine(outline[near], cv2.DIST_HUBER, 0, 0.01, 0.01).ravel()
+    nx, ny = vy, -vx
+    if nx * normal[0] + ny * normal[1] < 0:
+        nx, ny = -nx, -ny
+    return float(vx), float(vy), float(x0), float(y0), float(nx), float(ny)
 
 
 def _evidence(mask: np.ndarray, depth: float, geo: TrackGeometry) -> Evidence:
-    ys, xs = np.nonzero(mask)
+    xs, ys = _points(mask)
     cx, cy = geo.to_frame(float(xs.mean()), float(ys.mean()))
     x0, y0 = geo.to_frame(float(xs.min()) - 0.5, float(ys.min()) - 0.5)
     x1, y1 = geo.to_frame(float(xs.max()) + 0.5, float(ys.max()) + 0.5)
-    area = float(mask.sum()) * geo.unit_per_px**2
+    area = float(xs.size) * geo.unit_per_px**2
     return Evidence(area, depth, (cx, cy), (x0, y0, x1, y1), geo.units)
 
 
 def _step(prev: KindState, over: bool, mask: np.ndarray, cfg: TrackerConfig) -> KindState:
     if over:
         # persistence: the leak must overlap (within a pixel) what was there the frame before
-        persists = (
-            prev.over > 0 and prev.mask is not None and bool((_dilate(prev.mask, 1) & mask).any())
-        )
+        persists = prev.over > 0 and prev.mask is not None and bool((_dilate(prev.mask, 1) & mask).any())
         run = prev.over + 1 if persists else 1
         active = prev.active or run >= cfg.raise_frames
         return KindState(active, run, 0, mask)
@@ -238,7 +320,7 @@ def track(
         tol = cfg.hull_tolerance_px * px_per_unit_len
         margin = cfg.needle_margin_px * px_per_unit_len
         threshold = cfg.area_threshold_px
-    cement_area = float(cement.sum()) * unit**2
+    cement_area = float(np.count_nonzero(cement)) * unit**2
 
     empty = np.zeros_like(body)
     posterior_mask, venous_mask, depth = empty, empty, 0.0
@@ -247,40 +329,74 @@ def track(
     # would otherwise pull a nearby leak into the body's hull
     body = cv2.morphologyEx(body.view(np.uint8), cv2.MORPH_OPEN, _OPEN_KERNEL).astype(bool)
     needle = _main_needles(needle)
-    chosen = _treated_body(body, cement | needle, cfg.min_body_px)
-    if chosen is not None:
-        pts = cv2.findNonZero(chosen.view(np.uint8))
+    parts, core = _treated_body(
+        body, cement, needle, cfg.core_radius_mm * px_per_unit_len if geo.mm_per_frame_px else 1.5, cfg.min_body_px
+    )
+    body_ref, body_ref_px, anchor_ref = prev.body_ref, prev.body_ref_px, prev.anchor_ref
+    ref = None
+    if body_ref is not None and core is not None:
+        # cement hides more and more of the body: use the body as last seen least hidden,
+        # moved as the other vertebrae moved since (breathing)
+        anchor = _centroid(body & ~parts) if parts is not None else None
+        dx = dy = 0.0
+        if anchor is not None and anchor_ref is not None:
+            dx, dy = anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]
+        ref = _shift(body_ref, dx, dy)
+        if not (ref & core).any():  # the cement is elsewhere: the C-arm moved; start over
+            ref, body_ref, body_ref_px = None, None, 0
+    if parts is not None and ref is not None and not (parts & _dilate(ref, 2)).any():
+        parts = None  # a neighbouring vertebra picked by mistake: trust the remembered body
+    if parts is not None or ref is not None:
+        region = parts if parts is not None else ref
+        if parts is not None and ref is not None:
+            region = parts | ref
         hull = np.zeros(labels.shape, np.uint8)
-        cv2.fillConvexPoly(hull, cv2.convexHull(pts), 1)
-        hull = hull.astype(bool)
-        ys, xs = np.nonzero(chosen)
+        cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(region.view(np.uint8))), 1)
+        hull = hull.view(bool)
+        # the body with the cement it holds: what is inside the hull of the bone
+        filled = region | (cement & hull)
+        if parts is not None:
+            visible = int(np.count_nonzero(parts))
+            if visible >= body_ref_px:
+                body_ref, body_ref_px = filled, visible
+                anchor_ref = _centroid(body & ~parts)
+        else:
+            parts = region
+        xs, _ = _points(parts)
         if geo.posterior_side is None:
             side = _infer_side(needle, float(xs.mean()), hull) or side
         extra = cement & ~_dilate(hull, tol)
         if side in ("left", "right"):
-            wall = _wall_line(chosen | (hull & cement), side)
+            wall = _wall_line(filled, side)
         if wall is not None and extra.any():
-            vx, vy, x0, y0 = wall
-            nx, ny = vy, -vx  # normal to the wall; orient it towards the posterior side
-            if (nx > 0) != (side == "right"):
-                nx, ny = -nx, -ny
-            ey, ex = np.nonzero(extra)
+            vx, vy, x0, y0, nx, ny = wall  # (nx, ny): unit normal pointing posteriorly
+            # one leak is one kind: each extravertebral blob goes by where most of it lies
+            # (epidural cement spreading along the canal must not turn partly "venous")
+            count, comp = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
+            ex, ey = _points(extra)
             dist = (ex - x0) * nx + (ey - y0) * ny  # >0: behind the wall
-            behind = dist > 0
+            ids = comp[ey, ex]
+            behind_share = np.bincount(ids, weights=(dist > 0), minlength=count) / np.maximum(
+                np.bincount(ids, minlength=count), 1
+            )
+            # clearly on one side: that side; near the line: the blob's majority decides
+            band = cfg.wall_band_mm * px_per_unit_len if geo.mm_per_frame_px else 2.0
+            behind = np.where(np.abs(dist) > band, dist > 0, behind_share[ids] > 0.5)
             posterior_mask = empty.copy()
             posterior_mask[ey[behind], ex[behind]] = True
             if behind.any():
-                depth = float(dist[behind].max()) * unit
+                depth = max(0.0, float(dist[behind].max())) * unit
         venous_mask = extra & ~posterior_mask
         if needle.any():
             venous_mask &= ~_dilate(needle, margin)
 
     areas = {
         "cement": cement_area,
-        "posterior": float(posterior_mask.sum()) * unit**2,
-        "venous": float(venous_mask.sum()) * unit**2,
+        "posterior": float(np.count_nonzero(posterior_mask)) * unit**2,
+        "venous": float(np.count_nonzero(venous_mask)) * unit**2,
     }
     masks = {"posterior": posterior_mask, "venous": venous_mask}
+    body_mask = hull if parts is not None else empty
     states = {}
     events = []
     evidence: dict[str, Evidence | None] = {}
@@ -292,9 +408,7 @@ def track(
         if after.active != before.active:
             events.append((kind, "raised" if after.active else "cleared"))
         evidence[kind] = (
-            _evidence(masks[kind], depth if kind == "posterior" else 0.0, geo)
-            if masks[kind].any()
-            else None
+            _evidence(masks[kind], depth if kind == "posterior" else 0.0, geo) if masks[kind].any() else None
         )
     status = TrackStatus(
         posterior=states["posterior"].active,
@@ -305,11 +419,18 @@ def track(
         candidate={k: states[k].over > 0 for k in KINDS},
         evidence=evidence,
         events=tuple(events),
-        body_found=chosen is not None,
+        body_found=parts is not None,
+        masks={**masks, "body": body_mask},
         posterior_side=side,
         wall=wall,
     )
     state = replace(
-        prev, posterior=states["posterior"], venous=states["venous"], posterior_side=side
+        prev,
+        posterior=states["posterior"],
+        venous=states["venous"],
+        posterior_side=side,
+        body_ref=body_ref,
+        body_ref_px=body_ref_px,
+        anchor_ref=anchor_ref,
     )
     return status, state

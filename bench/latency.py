@@ -1,0 +1,168 @@
+"""Latency benchmark of the guidance loop (a benchmark, not a test: it measures, never asserts).
+
+Replays 1024x1024 loops paced at 15 and 30 fps through the real pipeline (OpenCV decode ->
+calibrate -> onnxruntime -> tracker -> ZeroMQ PUB on loopback) and prints, per rate:
+capture-to-publish latency p50/p99/max, sustained fps, dropped frames, per-stage medians, the
+bare model inference time (session.run alone, same session, measured right before and right
+after the pipeline run: side by side) and the overhead ratio = pipeline p50 / bare p50;
+then the process's peak resident memory.
+
+    taskset -c 0,1 python3 bench/latency.py                    # shipped model
+    taskset -c 0,1 python3 bench/latency.py --model M.onnx --sha256sums SUMS --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from guidance.alerts import EventPublisher  # noqa: E402
+from guidance.capture import open_source  # noqa: E402
+from guidance.capture.simulated import draw_scene  # noqa: E402
+from guidance.pipeline import GuidanceLoop  # noqa: E402
+from guidance.segmentation.model import Model  # noqa: E402
+from guidance.settings import Settings  # noqa: E402
+
+
+def write_loop(path: Path, size: int, frames: int, fps: float) -> Path:
+    """A lateral injection with a posterior leak, as an MP4 like a recorder would write."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (size, size))
+    rng = np.random.default_rng(0)
+    for t in range(frames):
+        image, _ = draw_scene((size, size), t, "posterior", frames // 2, rng)
+        writer.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+def bare_inference(model: Model, frame: np.ndarray, runs: int) -> np.ndarray:
+    x, _ = model.preprocess(frame)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        model.session.run([model.info.output_name], {model.info.input_name: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return np.asarray(times)
+
+
+def rss_mb() -> tuple[float, float]:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    now = 0.0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            now = int(line.split()[1]) / 1024.0
+    return now, peak
+
+
+def machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
+                     if ln.startswith("Model name")), platform.processor())
+    except (OSError, subprocess.SubprocessError, StopIteration):
+        name = platform.processor()
+    cpus = sorted(os.sched_getaffinity(0))
+    return f"{name}; {len(cpus)} CPU(s) usable {cpus}; load avg {os.getloadavg()[0]:.2f} at start"
+
+
+def run_rate(model: Model, loop: Path, fps: float, bare_runs: int, frame: np.ndarray) -> dict:
+    before = bare_inference(model, frame, bare_runs)
+    settings = Settings().replace(
+        alerts={"address": "tcp://127.0.0.1:*"},
+        capture={"pace": True, "fps": fps},
+        loop={"latency_budget_ms": None},
+    )
+    source = open_source(str(loop), pace=True, fps=fps)
+    publisher = EventPublisher("tcp://127.0.0.1:*").open()
+    publisher.start_heartbeat()
+    try:
+        summary = GuidanceLoop(settings, source, model, publisher).run()
+    finally:
+        publisher.close()
+    after = bare_inference(model, frame, bare_runs)
+    bare = np.concatenate([before, after])
+    lat = summary.percentiles("capture_to_publish")
+    stages = {k: float(np.median(v)) for k, v in summary.latency_ms.items() if v}
+    bare_p50 = float(np.percentile(bare, 50))
+    return {
+        "fps_target": fps,
+        "frames_in_loop": summary.frames_read,
+        "frames_processed": summary.frames_processed,
+        "dropped_frames": summary.dropped_frames,
+        "sustained_fps": round(summary.fps, 2),
+        "capture_to_publish_ms": {k: round(v, 2) for k, v in lat.items()},
+        "stage_median_ms": {k: round(v, 2) for k, v in stages.items()},
+        "bare_inference_ms": {"p50": round(bare_p50, 2),
+                              "p99": round(float(np.percentile(bare, 99)), 2),
+                              "before_p50": round(float(np.median(before)), 2),
+                              "after_p50": round(float(np.median(after)), 2)},
+        "overhead_ratio": round(lat["p50"] / bare_p50, 3),
+        "alerts": [(m["kind"], m["state"], m["frame"]) for m in summary.alerts],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
+    p.add_argument("--sha256sums", default=None)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--seconds", type=float, default=10.0, help="loop length per rate")
+    p.add_argument("--rates", type=float, nargs="+", default=[15.0, 30.0])
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
+    p.add_argument("--bare-runs", type=int, default=100)
+    p.add_argument("--loop", type=Path, default=None, help="use this loop instead of a synthetic one")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    model_path = args.model or Settings().model_path
+    model = Model(model_path, args.sha256sums, threads=args.threads)
+    model.warm_up(5)
+    print(f"machine: {machine()}")
+    print(f"model:   {model.describe()}, intra-op threads {args.threads or 'default'}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fps in args.rates:
+            frames = int(round(args.seconds * fps))
+            loop = args.loop or write_loop(Path(tmp) / f"loop_{int(fps)}.mp4", args.size, frames, fps)
+            cap = cv2.VideoCapture(str(loop))
+            ok, frame = cap.read()
+            cap.release()
+            assert ok, f"cannot read {loop}"
+            frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+            r = run_rate(model, loop, fps, args.bare_runs, frame)
+            r["frame_size"] = list(frame.shape)
+            results.append(r)
+            lat, bare = r["capture_to_publish_ms"], r["bare_inference_ms"]
+            print(f"\n{fps:g} fps, {frame.shape[1]}x{frame.shape[0]}, {r['frames_in_loop']} frames:")
+            print(f"  capture-to-publish  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "
+                  f"max {lat['max']:.1f} ms")
+            print(f"  sustained {r['sustained_fps']:.1f} fps, dropped {r['dropped_frames']} frames, "
+                  f"processed {r['frames_processed']}")
+            print(f"  bare inference p50 {bare['p50']:.1f} ms (before {bare['before_p50']:.1f}, "
+                  f"after {bare['after_p50']:.1f}), p99 {bare['p99']:.1f} ms")
+            print(f"  overhead ratio {r['overhead_ratio']:.2f}  stages (median ms) "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_median_ms"].items()))
+    now, peak = rss_mb()
+    print(f"\nresident memory: {now:.0f} MB now, {peak:.0f} MB peak (whole benchmark process)")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "model": model.describe(),
+                                         "results": results, "rss_mb": {"now": now, "peak": peak}},
+                                        indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

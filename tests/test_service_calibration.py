@@ -1,0 +1,69 @@
+"""The calibrate operator with the real calibration package (skipped until it is merged):
+undistortion, mm per pixel and field of view from a calibration file the test fits itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import scene_frames, write_video
+
+from guidance.errors import CalibrationError
+from guidance.pipeline import run_replay
+from guidance.settings import Settings
+
+phantom = pytest.importorskip("calibration.phantom", reason="calibration package not merged yet")
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    from calibration.fit import calibrate_image
+    from calibration.store import write_angulation
+
+    spec = phantom.PhantomSpec(
+        size=(320, 320), fov_center_xy=(160.0, 158.0), fov_radius_px=150.0, pitch_mm=4.0, s_twist_rad=0.04, seed=11
+    )
+    image, _ = phantom.render_phantom(spec)
+    path = tmp_path_factory.mktemp("cal") / "calib.json"
+    write_angulation(path, "lateral", calibrate_image(image, spec.pitch_mm).entry)
+    return path
+
+
+def settings_for(stand_in, calib: str) -> Settings:
+    onnx_path, sums = stand_in
+    return Settings().replace(
+        segmentation={"model": str(onnx_path), "sha256sums": str(sums)},
+        alerts={"address": None},
+        calibration={"file": calib},
+    )
+
+
+def test_calibration_gives_mm_undistorts_and_masks_the_field_of_view(tmp_path, stand_in, calib_file):
+    from calibration import load_calibration
+
+    cal = load_calibration(calib_file)
+    loop = write_video(tmp_path / "l.avi", scene_frames(6, size=(320, 320), leak=None))
+    results = []
+    summary = run_replay(loop, settings_for(stand_in, str(calib_file)), on_result=results.append)
+    assert summary.frames_processed == 6
+    assert not any(m["kind"] == "calibration_missing" for m in summary.alerts)
+    r = results[-1]
+    assert r.status.units == "mm"
+    # the image handed on is the undistorted frame, not the raw one
+    import cv2
+
+    cap = cv2.VideoCapture(str(loop))
+    for _ in range(6):
+        _, raw = cap.read()
+    raw = cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY)
+    assert np.array_equal(r.image, cal.undistort(raw))
+    # areas scale with the calibrated spacing: each model pixel is (spacing * frame px)^2
+    per_px = (cal.pixel_spacing_mm / r.geometry.scale) ** 2
+    assert r.status.areas["cement"] == pytest.approx(float((r.labels == 2).sum()) * per_px, rel=0.3)
+
+
+def test_bad_calibration_file_refuses_to_start(tmp_path, stand_in):
+    bad = tmp_path / "calib.json"
+    bad.write_text('{"schema": "nope"}')
+    loop = write_video(tmp_path / "l.avi", scene_frames(2, size=(320, 320), leak=None))
+    with pytest.raises(CalibrationError):
+        run_replay(loop, settings_for(stand_in, str(bad)))
