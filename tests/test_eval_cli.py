@@ -220,24 +220,30 @@ def test_labels_that_disagree_with_the_video_fail_that_loop_with_exit_2(archive,
     assert sum(r["status"] == "scored" for r in rows.values()) == 2  # the others completed
 
 
-def test_bad_arguments_and_missing_inputs(archive, model, tmp_path):
-    _one_line_error(evaluate(tmp_path / "nope", "--out", tmp_path / "o"), "nope", "no such file")
+def test_bad_arguments_and_missing_inputs(archive, model, tmp_path, capsys, monkeypatch):
+    """In-process through guidance.cli.main (the subprocess path is covered above)."""
+    from guidance import cli
+    from guidance.evaluation import executors
+
+    def main_error(*args: str) -> str:
+        code = cli.main(["evaluate", *map(str, args)])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        return err
+
+    assert "no such file" in main_error(tmp_path / "nope", "--out", tmp_path / "o")
     (tmp_path / "empty").mkdir()
-    _one_line_error(evaluate(tmp_path / "empty", "--out", tmp_path / "o"), "no loops")
-    _one_line_error(
-        evaluate(archive / "sim", "--out", tmp_path / "o", "--fail-under", "recall=0.9"),
-        "--fail-under", "recall=0.9",
-    )
-    _one_line_error(evaluate(archive / "sim", "--out", tmp_path / "o", "--workers", "0"), "--workers")
-    _one_line_error(
-        evaluate(archive / "sim", "--out", tmp_path / "o", "--model", model,
-                 "--dask", "tcp://127.0.0.1:9"),
-        "--dask", "tcp://127.0.0.1:9",
-    )
-    _one_line_error(
-        evaluate(archive / "sim", "--out", tmp_path / "o", "--model", tmp_path / "none.onnx"),
-        "none.onnx",
-    )
+    assert "no loops" in main_error(tmp_path / "empty", "--out", tmp_path / "o")
+    err = main_error(archive / "sim", "--out", tmp_path / "o", "--fail-under", "recall=0.9")
+    assert "--fail-under" in err and "recall=0.9" in err
+    assert "--workers" in main_error(archive / "sim", "--out", tmp_path / "o", "--workers", "0")
+    monkeypatch.setattr(executors, "DASK_CONNECT_TIMEOUT_S", 1.0)
+    err = main_error(archive / "sim", "--out", tmp_path / "o", "--model", model, "--dask",
+                     "tcp://127.0.0.1:9")
+    assert "--dask tcp://127.0.0.1:9" in err
+    assert "none.onnx" in main_error(archive / "sim", "--out", tmp_path / "o", "--model",
+                                     tmp_path / "none.onnx")
 
 
 def test_orphan_labels_are_a_failed_row(archive, model, tmp_path):

@@ -17,6 +17,8 @@ from concurrent.futures.process import BrokenProcessPool
 from guidance.errors import BadInputError
 from guidance.evaluation.runner import LoopTask, base_result, evaluate_loop
 
+DASK_CONNECT_TIMEOUT_S = 10.0
+
 
 class Progress:
     """Two tqdm bars, loops and frames; silent when not on a TTY or when quiet."""
@@ -143,7 +145,7 @@ def run_dask(tasks: list[LoopTask], address: str, progress: Progress) -> Iterato
     except ImportError:
         raise BadInputError("--dask needs dask.distributed: pip install 'cement-guidance[cluster]'") from None
     try:
-        client = Client(address, timeout="10s")
+        client = Client(address, timeout=DASK_CONNECT_TIMEOUT_S)
     except Exception as exc:  # distributed raises OSError, TimeoutError, ValueError ...
         raise BadInputError(
             f"--dask {address}: cannot connect to the scheduler ({type(exc).__name__}: {exc})"
