@@ -203,7 +203,7 @@ def base_result(ref: LoopRef) -> dict:
         "fps_source": None, "size": None, "missing_frames": 0, "raises": [],
         "technical_alerts": [], "score": None, "dice": None, "dice_counts": None,
         "latency_ms": latency_stats([]), "latencies_ms": [], "wall_s": None,
-        "realtime_factor": None, "artifacts": {}, "series": None, "thumbnails": [],
+        "realtime_factor": None, "cpu_s": None, "artifacts": {}, "series": None, "thumbnails": [],
         "events": [],
     }
 
@@ -251,6 +251,7 @@ def evaluate_loop(task: LoopTask) -> dict:
             raise LabelsError(labels.path, "fps", "is required: the video carries no frame rate")
         collector = _Collector(task, fps)
         t0 = time.perf_counter()  # the loop's own time, not the model's first load
+        result["_cpu0"] = time.process_time()
         run = run_replay(source, settings, on_result=collector, model=model)
         collector.close()
         result["frames_read"] = run.frames_read
@@ -286,6 +287,10 @@ def _finish(result: dict, col: _Collector | None, t0: float, ok: bool = False) -
 def _finish_loop(result: dict, col: _Collector | None, t0: float, ok: bool) -> dict:
     wall = time.perf_counter() - t0
     result["wall_s"] = wall
+    cpu0 = result.pop("_cpu0", None)
+    # CPU seconds of this process (all its threads) for the loop: on a shared machine a
+    # steadier measure of cost than wall time (approximate when loops share a process)
+    result["cpu_s"] = time.process_time() - cpu0 if cpu0 is not None else None
     if col is None:
         return result
     # frames the source delivered (decodable or not), so skipped frames at the end count too

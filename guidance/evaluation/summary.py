@@ -18,14 +18,14 @@ SUMMARY_SCHEMA = "cement-guidance-eval/1"
 
 # Fields that depend on the machine and the moment, not on the loops and the pipeline's
 # decisions: left out when two runs (serial, processes, Dask) are compared for equality.
-TIMING_LOOP_FIELDS = ("latency_ms", "wall_s", "realtime_factor")
+TIMING_LOOP_FIELDS = ("latency_ms", "wall_s", "cpu_s", "realtime_factor")
 TIMING_TOP_FIELDS = ("run", "latency_ms")
 
 # Row fields of a loop result that go into summary.json (the rest goes to loops/<slug>.json)
 ROW_FIELDS = (
     "loop_id", "name", "source", "form", "labels", "status", "failure", "reason", "frames", "fps",
     "fps_source", "size", "missing_frames", "raises", "technical_alerts", "score", "dice",
-    "latency_ms", "wall_s", "realtime_factor", "artifacts",
+    "latency_ms", "wall_s", "cpu_s", "realtime_factor", "artifacts",
 )
 
 
