@@ -70,6 +70,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     if args.workers < 1:
         raise BadInputError(f"--workers must be >= 1, got {args.workers}")
     if args.threads_per_worker < 1:
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         r["artifacts"]["detail"] = _write_detail(r, out)
     run_info = {
         "tool": f"guidance evaluate {__version__}",
-        "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "started_utc": started,
         "executor": f"dask {args.dask}" if args.dask else f"processes x{args.workers}"
         if args.workers > 1 else "serial",
         "threads_per_worker": args.threads_per_worker,
