@@ -202,3 +202,15 @@ def test_scoring_invariants(events, raises, fps):
     # a raise that detects an event is never a false alert
     detecting = {(row["kind"], row["detect_frame"]) for row in rows if row["detected"]}
     assert not detecting & {(a["kind"], a["frame"]) for a in fa}
+
+
+def test_wilson_interval():
+    from guidance.evaluation.scoring import wilson_interval
+
+    assert wilson_interval(0, 0) is None
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=1e-3)
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    lo, hi = wilson_interval(0, 4)
+    assert lo == 0.0 and hi == pytest.approx(0.4899, abs=1e-3)

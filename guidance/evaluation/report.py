@@ -156,6 +156,10 @@ def latency_histogram_svg(latencies: Sequence[float], width: int = 560, height: 
     return "".join(out)
 
 
+def _ci(ci: list[float] | None) -> str:
+    return f" <span class=muted>[{ci[0]:.2f}, {ci[1]:.2f}]</span>" if ci else ""
+
+
 def _metrics_table(summary: dict) -> str:
     det = summary["detection"]
     rows = []
@@ -163,12 +167,12 @@ def _metrics_table(summary: dict) -> str:
         m = det["overall"] if kind == "overall" else det["per_kind"][kind]
         rows.append(
             f"<tr><td>{kind}</td><td class=num>{m['detected']}/{m['events']}</td>"
-            f"<td class=num>{_f(m['sensitivity'], 3)}</td>"
+            f"<td class=num>{_f(m['sensitivity'], 3)}{_ci(m.get('sensitivity_ci95'))}</td>"
             f"<td class=num>{_f(m['delay_frames_median'], 1)} / {_f(m['delay_frames_p90'], 1)}</td>"
             f"<td class=num>{_f(m['delay_ms_median'], 0)} / {_f(m['delay_ms_p90'], 0)}</td>"
             f"<td class=num>{m['false_alerts']}</td><td class=num>{_f(m['false_alerts_per_min'], 2)}</td></tr>"
         )
-    return ("<table id=detection><tr><th>kind</th><th>detected</th><th>sensitivity</th>"
+    return ("<table id=detection><tr><th>kind</th><th>detected</th><th>sensitivity [95 % CI]</th>"
             "<th>delay frames median / p90</th><th>delay ms median / p90</th><th>false alerts</th>"
             "<th>false alerts / min</th></tr>" + "".join(rows) + "</table>")
 

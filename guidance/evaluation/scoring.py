@@ -197,6 +197,17 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[float] | None:
+    """95 % Wilson score interval of a proportion (sensitivity over few events needs one)."""
+    if trials == 0:
+        return None
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def aggregate_detection(loop_scores: Sequence[dict]) -> dict:
     """Per kind over scored loops: sensitivity, delays, false alerts per minute; and overall."""
     total_minutes = sum(s["minutes"] for s in loop_scores)
@@ -213,6 +224,7 @@ def aggregate_detection(loop_scores: Sequence[dict]) -> dict:
             "events": len(evs),
             "detected": len(hits),
             "sensitivity": len(hits) / len(evs) if evs else None,
+            "sensitivity_ci95": wilson_interval(len(hits), len(evs)),
             "delay_frames_median": percentile([e["delay_frames"] for e in hits], 50),
             "delay_frames_p90": percentile([e["delay_frames"] for e in hits], 90),
             "delay_ms_median": percentile([e["delay_ms"] for e in hits], 50),
