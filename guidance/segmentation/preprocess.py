@@ -163,7 +163,5 @@ def preprocess(
     # normalising the inner block alone gives the same numbers for a fraction of the work
     inner = plane[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w]
     x = np.full(plane.shape, (0.0 - normalization["mean"]) / normalization["std"], np.float32)
-    x[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w] = normalize(
-        inner, None, normalization
-    )
+    x[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w] = normalize(inner, None, normalization)
     return x[None, None], geometry

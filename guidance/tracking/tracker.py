@@ -30,11 +30,12 @@ class TrackerConfig:
     clear_frames: int = 15  # consecutive frames under threshold before clearing
     area_threshold_mm2: float = 1.0  # the spec's onset: 1 mm^2 of extravertebral cement
     area_threshold_px: float = 4.0  # the same in frame pixels^2 when the spacing is unknown
-    hull_tolerance_mm: float = 1.0
+    hull_tolerance_mm: float = 0.5
     hull_tolerance_px: float = 4.0  # frame pixels, when the spacing is unknown
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
+    breathing_mm: float = 4.0  # the treated body moves this much at most (breathing)
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
     core_radius_mm: float = 1.5  # cement thinner than 2x this (veins, thin leaks) is not core
 
@@ -179,10 +180,13 @@ def _treated_body(body: np.ndarray, cement: np.ndarray, needle: np.ndarray, core
     The treated body is the one around the cement core: the cement opened so that veins and
     thin leaks are gone (they must not join a neighbouring vertebra to it). The needle and
     the cement often cut the body's label into several parts, all of which are joined here."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(cement.view(np.uint8), connectivity=8)
-    if count <= 1:
+    x, y, w, h = cv2.boundingRect(cement.view(np.uint8))
+    if w == 0:
         return None, None
-    main = comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    roi = np.ascontiguousarray(cement[y : y + h, x : x + w]).view(np.uint8)
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(roi, connectivity=8)
+    main = np.zeros_like(cement)
+    main[y : y + h, x : x + w] = comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     kernel = _disk(core_radius)
     core = main if kernel is None else cv2.morphologyEx(main.view(np.uint8), cv2.MORPH_OPEN, kernel).view(bool)
     if not core.any():
@@ -333,11 +337,14 @@ def track(
         body, cement, needle, cfg.core_radius_mm * px_per_unit_len if geo.mm_per_frame_px else 1.5, cfg.min_body_px
     )
     body_ref, body_ref_px, anchor_ref = prev.body_ref, prev.body_ref_px, prev.anchor_ref
+    zone = cfg.breathing_mm * px_per_unit_len if geo.mm_per_frame_px else 6.0
     ref = None
     if body_ref is not None and core is not None:
         # cement hides more and more of the body: use the body as last seen least hidden,
         # moved as the other vertebrae moved since (breathing)
-        anchor = _centroid(body & ~parts) if parts is not None else None
+        # the other vertebrae: bone away from where the treated body was (same zone as when
+        # the reference was taken, so both centroids cover the same anatomy)
+        anchor = _centroid(body & ~_dilate(body_ref, zone))
         dx = dy = 0.0
         if anchor is not None and anchor_ref is not None:
             dx, dy = anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]
@@ -359,7 +366,7 @@ def track(
             visible = int(np.count_nonzero(parts))
             if visible >= body_ref_px:
                 body_ref, body_ref_px = filled, visible
-                anchor_ref = _centroid(body & ~parts)
+                anchor_ref = _centroid(body & ~_dilate(filled, zone))
         else:
             parts = region
         xs, _ = _points(parts)
