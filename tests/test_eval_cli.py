@@ -318,3 +318,44 @@ def test_a_corrupt_frame_is_skipped_reported_and_scored_as_background(archive, m
     cap = cv2.VideoCapture(str(out / row["artifacts"]["video"]))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 30  # a placeholder keeps it in step
     cap.release()
+
+
+def test_progress_bars_on_a_terminal(archive, model, tmp_path):
+    """On a TTY (a pseudo-terminal here) the loops and frames bars are drawn on stderr."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read while it runs: a full pty buffer would block the child
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the other side is closed and drained
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "guidance", "evaluate", str(archive / "sim"), "--out",
+             str(tmp_path / "out"), "--model", str(model), "--no-video"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, timeout=120,
+        )
+        os.close(slave)
+        reader.join(timeout=10)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert "loops : 100%" in screen and "4/4" in screen
+    assert "frames: 100%" in screen and "120/120" in screen
