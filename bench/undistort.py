@@ -1,0 +1,122 @@
+"""Benchmark: distortion correction of 1024x1024 frames on one core.
+
+Calibrates a rendered 1024x1024 bead phantom (known pincushion + S-distortion), then times
+`Calibration.undistort` (float32 maps, what the service runs) against cv2.remap with the
+the same maps in fixed-point form (cv2.convertMaps) and with the textbook -1 for "outside",
+side by side (interleaved frame by frame), for 8-bit, 12-bit-in-16 and float frames.
+
+    python bench/undistort.py [--frames 300] [--threads 1]
+
+Prints per-frame percentiles (ms), ratios to the service path, and the one-off cost of loading a
+calibration (validation + map building). A benchmark, not a test: nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from calibration import load_calibration  # noqa: E402
+from calibration.fit import calibrate_image  # noqa: E402
+from calibration.phantom import PhantomSpec, render_phantom  # noqa: E402
+from calibration.store import write_angulation  # noqa: E402
+
+
+def percentiles(ms: list[float]) -> str:
+    a = np.asarray(ms)
+    return (
+        f"min {a.min():6.3f}  p50 {np.percentile(a, 50):6.3f}  p99 {np.percentile(a, 99):6.3f}  max {a.max():6.3f} ms"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1, help="OpenCV threads (1 = one core)")
+    args = ap.parse_args()
+    cv2.setNumThreads(args.threads)
+
+    spec = PhantomSpec(
+        size=(1024, 1024),
+        pitch_mm=5.0,
+        spacing_mm=0.2,
+        fov_center_xy=(511.5, 520.0),
+        fov_radius_px=490.0,
+        noise_sigma=0.02,
+        seed=1,
+    )
+    t0 = time.perf_counter()
+    image, _ = render_phantom(spec)
+    t1 = time.perf_counter()
+    report = calibrate_image(image, spec.pitch_mm)
+    t2 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "calib.json"
+        write_angulation(path, "lateral", report.entry)
+        t3 = time.perf_counter()
+        cal = load_calibration(path, "lateral")
+        t4 = time.perf_counter()
+    e = report.entry
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} CPUs, OpenCV {cv2.__version__}, "
+        f"numpy {np.__version__}, cv2 threads {cv2.getNumThreads()}"
+    )
+    print(
+        f"phantom 1024x1024 render {t1 - t0:.2f} s; calibrate {t2 - t1:.2f} s "
+        f"({e['phantom']['beads_used']} beads, RMS {e['residuals']['rms_px']:.3f} px, "
+        f"{e['pixel_spacing_mm']:.4f} mm/px vs 0.2 at the distortion centre); "
+        f"load + build maps {1000 * (t4 - t3):.0f} ms"
+    )
+
+    w, h = cal.image_size
+    mx, my = cal.distorted_from_ideal.evaluate_grid(np.arange(w), np.arange(h))
+    outside = ~cal.fov_mask((h, w))
+    mx1, my1 = mx.copy(), my.copy()
+    mx1[outside] = -1.0  # the textbook "no source" value: partial-border slow path
+    my1[outside] = -1.0
+    f1, f2 = cv2.convertMaps(*cal._maps, cv2.CV_16SC2)  # fixed-point version of the service maps
+    alternatives = {
+        "fixed-point maps": lambda f: cv2.remap(f, f1, f2, cv2.INTER_LINEAR),
+        "float maps, -1 outside": lambda f: cv2.remap(f, mx1, my1, cv2.INTER_LINEAR),
+    }
+    rng = np.random.default_rng(0)
+    base = image.astype(np.float32) / 4095.0
+    kinds = {
+        "uint8": [np.clip(base * 255 + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8) for _ in range(8)],
+        "uint16 (12-bit)": [
+            np.clip(base * 4095 + rng.normal(0, 20, base.shape), 0, 4095).astype(np.uint16) for _ in range(8)
+        ],
+        "float32": [(base + rng.normal(0, 0.01, base.shape)).astype(np.float32) for _ in range(8)],
+    }
+    print(f"{args.frames} frames each, 1024x1024, INTER_LINEAR, per frame:")
+    for name, pool in kinds.items():
+        frames = [pool[i % len(pool)] for i in range(args.frames)]
+        # interleave the variants frame by frame so machine load hits them alike
+        fns = {"Calibration.undistort": cal.undistort, **alternatives}
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for f in frames[:5]:
+            for fn in fns.values():
+                fn(f)
+        for f in frames:
+            for k, fn in fns.items():
+                t0 = time.perf_counter_ns()
+                fn(f)
+                times[k].append((time.perf_counter_ns() - t0) / 1e6)
+        ref = np.median(times["Calibration.undistort"])
+        for k, ms in times.items():
+            print(f"  {name:16s} {k:24s} {percentiles(ms)}   x{np.median(ms) / ref:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
