@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         r["artifacts"]["detail"] = _write_detail(r, out)
     run_info = {
         "tool": f"guidance evaluate {__version__}",
+        "code_commit": _code_commit(),
         "started_utc": started,
         "executor": f"dask {args.dask}" if args.dask else f"processes x{args.workers}"
         if args.workers > 1 else "serial",
@@ -144,6 +145,25 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_summary(summary, out)
     return summary["exit_code"]
+
+
+def _code_commit() -> str | None:
+    """The git commit of the code under test (traceability), when run from a checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                           timeout=5).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def _unique_slugs(slugs: list[str]) -> list[str]:
