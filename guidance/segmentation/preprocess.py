@@ -58,10 +58,8 @@ class LetterboxGeometry:
 def to_float_grey(frame: np.ndarray) -> np.ndarray:
     """Any 8-16 bit grey or BGR frame -> float32 grey, intensity range kept."""
     if frame.ndim == 3:
-        if frame.shape[2] == 1:
-            frame = frame[..., 0]
-        else:
-            frame = cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
+        single = frame.shape[2] == 1
+        frame = frame[..., 0] if single else cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
     if frame.ndim != 2:
         raise ValueError(f"expected a 2-D grey or 3-channel frame, got shape {frame.shape}")
     return frame.astype(np.float32, copy=False)
