@@ -59,7 +59,11 @@ def add_parser(subparsers) -> None:
     g.add_argument("--provider", choices=("cpu", "cuda", "auto"), help="execution provider")
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: all cores)")
     g = p.add_argument_group("tracker")
-    g.add_argument("--posterior-side", choices=("auto", "left", "right"))
+    g.add_argument(
+        "--posterior-side",
+        choices=("auto", "left", "right"),
+        help="image side of the spinal canal (auto: the source says, else the needle's entry)",
+    )
     g = p.add_argument_group("alerts")
     g.add_argument("--address", help="PUB address (default tcp://127.0.0.1:5556; 'none': no socket)")
     g.add_argument("--alert-log", metavar="PATH", help="append every message as JSON lines")
