@@ -3,6 +3,7 @@ where a socket is involved, real ZeroMQ on loopback."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -317,3 +318,53 @@ def test_live_stream_url_lost_and_back(stand_in):
     lost_at = next(f for k, s, f in seen if (k, s) == ("video_lost", "raised"))
     cleared_at = next(f for k, s, f in seen if (k, s) == ("video_lost", "cleared"))
     assert lost_at is not None and cleared_at > lost_at  # the last frame before, a new one after
+    assert summary.stopped_by == "signal" and summary.frames_processed >= 2
+
+
+def test_status_carries_the_bridges_latest_telemetry(tmp_path, stand_in):
+    """A telemetry PUB (as firmware_bridge binds it) on loopback: each status carries the
+    newest telemetry heard, and null once it is stale."""
+    import zmq
+
+    from guidance.alerts.telemetry import InjectorListener
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+    listener = InjectorListener(endpoint, stale_s=2.0).start()
+    try:
+        telemetry = {
+            "protocol": "cement-guidance/1",
+            "type": "telemetry",
+            "source": "firmware_bridge",
+            "seq": 1,
+            "injector_state": "injecting",
+            "plunger_position_mm": 12.5,
+            "hold_latched": False,
+        }
+        deadline = time.monotonic() + 10
+        while listener.latest() is None and time.monotonic() < deadline:  # slow joiner
+            pub.send_multipart([b"telemetry", json.dumps(telemetry).encode()])
+            listener._stop.wait(0.02)
+        assert listener.latest()["injector_state"] == "injecting"
+        path = write_video(tmp_path / "l.avi", scene_frames(4, leak=None))
+        settings = offline(stand_in, calibration={"pixel_spacing_mm": 0.25})
+        source = open_source(str(path), pace=False)
+        model = Model(*stand_in)
+        publisher = EventPublisher(None).open()
+        results = []
+        GuidanceLoop(settings, source, model, publisher, on_result=results.append, injector=listener).run()
+        publisher.close()
+        statuses = [m for r in results for m in r.messages if m["type"] == "status"]
+        assert len(statuses) == 4
+        for m in statuses:
+            validate_message(m)
+            assert m["injector"]["plunger_position_mm"] == 12.5
+        listener.stale_s = 0.0  # nothing new heard since: stale
+        assert listener.latest() is None
+    finally:
+        listener.stop()
+        pub.close()
+        ctx.term()
