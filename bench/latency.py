@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[15.0, 30.0])
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads")
     p.add_argument("--bare-runs", type=int, default=150)
+    p.add_argument("--spinning", action="store_true", help="let onnxruntime's threads spin-wait")
     p.add_argument(
         "--rounds", type=int, default=3, help="alternate bare-inference blocks and pipeline runs this many times"
     )
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model_path = args.model or Settings().model_path
-    model = Model(model_path, args.sha256sums, threads=args.threads)
+    model = Model(model_path, args.sha256sums, threads=args.threads, spinning=args.spinning)
     model.warm_up(5)
     print(f"machine: {machine()}")
     print(f"model:   {model.describe()}, intra-op threads {args.threads or 'default'}")
