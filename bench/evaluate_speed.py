@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -94,16 +95,21 @@ def run_eval(
     if model:
         cmd += ["--model", model]
     t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus)
     )
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the whole command and every process it started (workers, manager)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"evaluate failed ({proc.returncode}): {proc.stderr.strip()}")
     summary = json.loads((out / "summary.json").read_text())
     failed = [r for r in summary["loops"] if r["status"] == "failed"]
     if failed:
         raise SystemExit(f"a loop failed: {failed[0]['reason']}")
+    summary["_command_cpu_s"] = cpu
     return wall, summary
 
 
@@ -190,12 +196,14 @@ def main() -> int:
 
         # 2. scaling, side by side: alternate 1 worker / N workers
         walls: dict[int, list[float]] = {1: [], n: []}
-        loop_walls: dict[int, list[float]] = {1: [], n: []}
+        cpus_used: dict[int, list[float]] = {1: [], n: []}
+        loop_stats: dict[int, list[tuple[float, float]]] = {1: [], n: []}
         for r in range(args.repeats):
             for workers, cpus in ((1, one_core), (n, n_cores)):
                 wall, s = run_eval(loops, tmp_path / f"scale{workers}_{r}", workers, cpus, args.model, extra)
                 walls[workers].append(wall)
-                loop_walls[workers].append(sum(x["wall_s"] for x in s["loops"]))
+                cpus_used[workers].append(s["_command_cpu_s"])
+                loop_stats[workers] += [(x["wall_s"], x["cpu_s"]) for x in s["loops"]]
         w1, wn = statistics.median(walls[1]), statistics.median(walls[n])
         print(f"\n2) {len(loops)} loops, whole command (process start, model load included)")
         print(f"   --workers 1 on 1 core: {w1:.2f} s; --workers {n} on {n} cores: {wn:.2f} s")
@@ -203,6 +211,16 @@ def main() -> int:
             f"   speed-up {w1 / wn:.2f}x for {n} workers = {w1 / wn / n:.2f} x N "
             f"(target >= 0.8 x N); runs 1: {', '.join(f'{x:.2f}' for x in walls[1])}; "
             f"runs {n}: {', '.join(f'{x:.2f}' for x in walls[n])}"
+        )
+        for w in (1, n):
+            lw = statistics.median(x[0] for x in loop_stats[w])
+            lc = statistics.median(x[1] for x in loop_stats[w])
+            print(f"   per loop with {w} worker(s): wall {lw:.2f} s, CPU {lc:.2f} s (median)")
+        c1, cn = statistics.median(cpus_used[1]), statistics.median(cpus_used[n])
+        print(
+            f"   CPU seconds of the whole command: {c1:.1f} (1 worker) vs {cn:.1f} ({n} workers): "
+            f"parallel overhead {cn / c1 - 1:+.0%}; on {n} otherwise idle cores the speed-up would be "
+            f"about {n * c1 / cn:.2f}x = {c1 / cn:.2f} x N (estimate)"
         )
         return 0
 

@@ -31,6 +31,7 @@ from guidance.evaluation.summary import (
     metric_names,
     parse_fail_under,
 )
+from guidance.pipeline import load_model
 
 
 def add_parser(subparsers) -> None:
@@ -109,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
     labels = {r.loop_id: load_labels(r.labels) if r.labels else None for r in refs}
     settings = eval_settings.build(args)
     # a missing, corrupt or unlisted model is refused here, naming the file, before any loop
-    # runs (and serial runs reuse this loaded, warmed model)
-    shared_model(settings)
+    # runs; serial runs reuse this loaded, warmed model, workers load their own
+    if args.workers > 1 or args.dask:
+        load_model(settings)
+    else:
+        shared_model(settings)
 
     out = Path(args.out)
     try:
