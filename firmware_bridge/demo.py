@@ -82,8 +82,18 @@ class GuidanceWatch:
                 self.alerts.append(doc)
 
     def first_leak(self) -> dict[str, Any] | None:
-        return next((a for a in self.alerts if a.get("kind") in LEAKS
-                     and a.get("state") == "raised" and a.get("priority") == "high"), None)
+        """The first high-priority leak raise heard; if its message went out before this SUB
+        had joined, the raise as listed in a heartbeat's active_alerts (no publish time)."""
+        heard = next((a for a in self.alerts if a.get("kind") in LEAKS
+                      and a.get("state") == "raised" and a.get("priority") == "high"), None)
+        if heard or not self.heartbeat:
+            return heard
+        listed = next((a for a in self.heartbeat.get("active_alerts", [])
+                       if a.get("kind") in LEAKS and a.get("priority") == "high"), None)
+        if listed:
+            return {**listed, "state": "raised", "message": "(raise sent before the demo had "
+                    "joined; listed in guidance's heartbeat)", "publish_mono_ns": None}
+        return None
 
     def close(self) -> None:
         self.sock.close()
@@ -164,10 +174,11 @@ def start_service(ctx: zmq.Context, clock: Clock, extra_args: list[str], record:
     """`guidance run` as its own process; returns it once its first heartbeat is heard, or
     the reason it could not start."""
     endpoint = free_tcp_endpoint(ctx)
+    # subscribe before the service binds (ZeroMQ connects when it appears): no early alert lost
+    watch = GuidanceWatch(ctx, endpoint, record)
     cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *extra_args]
     service = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    watch = GuidanceWatch(ctx, endpoint, record)
     clock.say(f"guidance service: {shlex.join(['guidance', *cmd[3:]])} (pid {service.pid})")
     deadline = time.monotonic() + 60.0
     while watch.heartbeat is None and time.monotonic() < deadline:
@@ -262,12 +273,15 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             return 1
         hold = next(x for x in sim.commands(MsgType.HOLD)
                     if x.frame.payload[0] == HoldReason.CLINICAL_ALERT)
-        delay_ms = (hold.rx_mono_ns - alert["publish_mono_ns"]) / 1e6
-        how = ("" if delay_ms < 50 else " (the bridge was still joining when the alert went "
-               "out: it learned the raise from the next guidance heartbeat's active_alerts)")
-        clock.say(f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware "
-                  f"{delay_ms:.2f} ms after guidance published the alert{how}; firmware ACK "
-                  f"{hold.status.name if hold.status is not None else '-'}")
+        if alert["publish_mono_ns"] is None:
+            when = "(the raise predates the bridge: learned from guidance's heartbeat)"
+        else:
+            delay_ms = (hold.rx_mono_ns - alert["publish_mono_ns"]) / 1e6
+            when = f"{delay_ms:.2f} ms after guidance published the alert" + (
+                "" if delay_ms < 50 else " (the bridge was still joining when the alert went "
+                "out: it learned the raise from the next guidance heartbeat's active_alerts)")
+        clock.say(f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware {when}; "
+                  f"firmware ACK {hold.status.name if hold.status is not None else '-'}")
         held = tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == "held", 3)
         if not held:
             clock.say("the injector never reported held")
@@ -287,7 +301,8 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             if a is alert:
                 continue
             text = f"{a['kind']} {a['state']} (frame {a.get('frame')})"
-            if a["kind"] in LEAKS and a["state"] == "raised" and a["priority"] == "high":
+            if (a["kind"] in LEAKS and a["state"] == "raised" and a["priority"] == "high"
+                    and a.get("publish_mono_ns")):
                 rehold = next((x for x in sim.commands(MsgType.HOLD)
                                if x.rx_mono_ns > a["publish_mono_ns"]), None)
                 if rehold:  # every new raise goes to the wire, even while latched
