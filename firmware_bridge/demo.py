@@ -39,6 +39,7 @@ from firmware_bridge.wire import HoldReason, MsgType
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED_LOG = Path(__file__).parent / "demo_data" / "guidance_alert_log.jsonl"
 LEAKS = ("posterior_leak", "venous_leak")
+STARTUP_GRACE_S = 60.0  # guidance boot + model load; the 1 s watchdog applies once it is heard
 
 
 class Clock:
@@ -55,6 +56,7 @@ class GuidanceWatch:
     def __init__(self, ctx: zmq.Context, endpoint: str, record: str | None = None) -> None:
         self.sock = ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)  # on as soon as the service binds
         for topic in (b"alert", b"heartbeat"):
             self.sock.setsockopt(zmq.SUBSCRIBE, topic)
         self.sock.connect(endpoint)
@@ -106,8 +108,9 @@ class ReplayGuidance:
     recorded pace with fresh stamps (own session, seq, publish times), heartbeating every
     200 ms as the live service would."""
 
-    def __init__(self, ctx: zmq.Context, events: list[dict[str, Any]]) -> None:
-        self.pub = GuidancePublisher(ctx)
+    def __init__(self, ctx: zmq.Context, events: list[dict[str, Any]],
+                 endpoint: str = "tcp://127.0.0.1:*") -> None:
+        self.pub = GuidancePublisher(ctx, endpoint)
         self.endpoint = self.pub.endpoint
         self.events = [e for e in events if e.get("type") == "alert"]
         self._stop = threading.Event()
@@ -169,13 +172,10 @@ def free_tcp_endpoint(ctx: zmq.Context) -> str:
         sock.close()
 
 
-def start_service(ctx: zmq.Context, clock: Clock, extra_args: list[str], record: str | None
-                  ) -> tuple[subprocess.Popen, GuidanceWatch] | str:
-    """`guidance run` as its own process; returns it once its first heartbeat is heard, or
-    the reason it could not start."""
-    endpoint = free_tcp_endpoint(ctx)
-    # subscribe before the service binds (ZeroMQ connects when it appears): no early alert lost
-    watch = GuidanceWatch(ctx, endpoint, record)
+def start_service(endpoint: str, watch: GuidanceWatch, clock: Clock, extra_args: list[str]
+                  ) -> subprocess.Popen | str:
+    """`guidance run` as its own process on `endpoint`; returns it once its first heartbeat
+    is heard (by `watch`, subscribed already), or the reason it could not start."""
     cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *extra_args]
     service = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
@@ -185,13 +185,11 @@ def start_service(ctx: zmq.Context, clock: Clock, extra_args: list[str], record:
         watch.pump(0.1)
         if service.poll() is not None:
             err = (service.stderr.read() if service.stderr else "").strip().splitlines()
-            watch.close()
             return f"exited with {service.returncode}: {err[-1] if err else 'no message'}"
     if watch.heartbeat is None:
         stop_process(service)
-        watch.close()
         return "no heartbeat within 60 s"
-    return service, watch
+    return service
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -218,17 +216,28 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
     tap: BridgeTap | None = None
     bt: BridgeThread | None = None
     try:
+        # the guidance endpoint, and everyone on it before guidance binds it (ZeroMQ connects
+        # when it appears): the bridge hears the very first alert, as in the room
+        endpoint = free_tcp_endpoint(ctx)
+        watch = GuidanceWatch(ctx, endpoint, record)
+        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx,
+                          guidance_startup_s=STARTUP_GRACE_S)
+        tap = BridgeTap(ctx, bt.bridge.pub_address)
+        bt.start()
+        clock.say(f"bridge up: SUB {endpoint} (guidance may take {STARTUP_GRACE_S:.0f} s to "
+                  f"come up, then 1 s heartbeat watchdog), ack REP {bt.bridge.ack_address}, "
+                  f"PUB {bt.bridge.pub_address}")
         if replay is None and use_service:
-            started = start_service(ctx, clock, guidance_args or [], record)
+            started = start_service(endpoint, watch, clock, guidance_args or [])
             if isinstance(started, str):
                 clock.say(f"guidance service could not run ({started}); falling back to the "
                           f"recorded guidance alert log {RECORDED_LOG.name}")
                 replay = str(RECORDED_LOG)
             else:
-                service, watch = started
-                endpoint = f"{watch.sock.getsockopt(zmq.LAST_ENDPOINT).decode()}"
+                service = started
+                assert watch.heartbeat is not None
                 clock.say(f"guidance service up (session {watch.heartbeat['session']}, "
-                          f"heartbeat every {watch.heartbeat['period_ms']} ms) on {endpoint}")
+                          f"heartbeat every {watch.heartbeat['period_ms']} ms)")
         if service is None:
             path = Path(replay or RECORDED_LOG)
             try:
@@ -236,18 +245,9 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             except (OSError, ValueError) as err:
                 clock.say(f"cannot replay {path}: {err}")
                 return 1
-            source = ReplayGuidance(ctx, events)
-            endpoint = source.endpoint
-            watch = GuidanceWatch(ctx, endpoint, record)
+            source = ReplayGuidance(ctx, events, endpoint)
             clock.say(f"guidance: replaying recorded alert log {path} "
                       f"({len(source.events)} alerts) on {endpoint}")
-        assert watch is not None
-        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx)
-        tap = BridgeTap(ctx, bt.bridge.pub_address)
-        bt.start()
-        clock.say(f"bridge up: SUB {endpoint}, ack REP {bt.bridge.ack_address}, PUB "
-                  f"{bt.bridge.pub_address}")
-        if source:
             source.start()
 
         # 1. the first high-priority leak alert from guidance
