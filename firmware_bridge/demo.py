@@ -39,6 +39,7 @@ from firmware_bridge.wire import HoldReason, MsgType
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED_LOG = Path(__file__).parent / "demo_data" / "guidance_alert_log.jsonl"
 LEAKS = ("posterior_leak", "venous_leak")
+HOLD_SHOWN_S = 1.0  # how long the demo lets the hold stand before the operator acks
 STARTUP_GRACE_S = 60.0  # guidance boot + model load; the 1 s watchdog applies once it is heard
 
 
@@ -176,7 +177,10 @@ def start_service(endpoint: str, watch: GuidanceWatch, clock: Clock, extra_args:
                   ) -> subprocess.Popen | str:
     """`guidance run` as its own process on `endpoint`; returns it once its first heartbeat
     is heard (by `watch`, subscribed already), or the reason it could not start."""
-    cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *extra_args]
+    # 10 fps unless told: the bundled loop's leak comes near its end (frame ~62 of 90), and the
+    # operator's ack must land while guidance still runs (a stopped guidance is a hold)
+    pace = [] if "--fps" in extra_args else ["--fps", "10"]
+    cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *pace, *extra_args]
     service = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     clock.say(f"guidance service: {shlex.join(['guidance', *cmd[3:]])} (pid {service.pid})")
@@ -292,7 +296,7 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
                   f"{held['hold_latched']}")
 
         # 3. the hold stays, whatever guidance does meanwhile
-        until = time.monotonic() + 1.5
+        until = time.monotonic() + HOLD_SHOWN_S
         while time.monotonic() < until:
             watch.pump(0.05)
             tap.pump(0)
@@ -310,7 +314,7 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
                              f"{(rehold.rx_mono_ns - a['publish_mono_ns']) / 1e6:.2f} ms later")
             later.append(text)
         last = tap.of("telemetry")[-1]
-        clock.say(f"1.5 s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
+        clock.say(f"{HOLD_SHOWN_S:.0f} s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
                   f"still {last['injector_state']}, delivered {last['delivered_volume_ml']:.3f} "
                   f"mL: no release without an operator ack")
 
