@@ -163,12 +163,17 @@ def load_log(path: Path) -> list[dict[str, Any]]:
 
 
 def free_tcp_endpoint(ctx: zmq.Context) -> str:
-    """A loopback port free right now (bound, then released) for the service's PUB."""
+    """A loopback port free right now (bound, then released) for guidance's PUB.
+
+    Below Linux's ephemeral range (32768+) on purpose: the bridge and the demo connect to it
+    before guidance binds, and a TCP connect to a free *ephemeral* port can, rarely, get that
+    same port as its own source port and connect to itself, stealing the port."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.bind("tcp://127.0.0.1:*")
-        return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        port = sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000,
+                                        max_tries=200)
+        return f"tcp://127.0.0.1:{port}"
     finally:
         sock.close()
 
