@@ -355,7 +355,7 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
         if service:
             stop_process(service)
         sim.stop()
-        ctx.term()
+        ctx.destroy(linger=0)  # never hang the exit on a socket left open
         with contextlib.suppress(OSError):
             os.rmdir(tmp)
 
