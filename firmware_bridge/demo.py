@@ -110,8 +110,8 @@ class ReplayGuidance:
     200 ms as the live service would."""
 
     def __init__(self, ctx: zmq.Context, events: list[dict[str, Any]],
-                 endpoint: str = "tcp://127.0.0.1:*") -> None:
-        self.pub = GuidancePublisher(ctx, endpoint)
+                 endpoint: str = "tcp://127.0.0.1:*", sock: zmq.Socket | None = None) -> None:
+        self.pub = GuidancePublisher(ctx, endpoint, sock=sock)
         self.endpoint = self.pub.endpoint
         self.events = [e for e in events if e.get("type") == "alert"]
         self._stop = threading.Event()
@@ -162,20 +162,20 @@ def load_log(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def free_tcp_endpoint(ctx: zmq.Context) -> str:
-    """A loopback port free right now (bound, then released) for guidance's PUB.
+def reserve_endpoint(ctx: zmq.Context) -> tuple[str, zmq.Socket]:
+    """A PUB bound to a free loopback port, kept bound: the replay publishes on it, or it is
+    closed for the service to bind the port (which it does after a second of start-up; a
+    ZeroMQ close is asynchronous, so re-binding at once could find the port still taken).
 
     Below Linux's ephemeral range (32768+) on purpose: the bridge and the demo connect to it
     before guidance binds, and a TCP connect to a free *ephemeral* port can, rarely, get that
     same port as its own source port and connect to itself, stealing the port."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
-    try:
-        port = sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000,
-                                        max_tries=200)
-        return f"tcp://127.0.0.1:{port}"
-    finally:
-        sock.close()
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    port = sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000,
+                                    max_tries=200)
+    return f"tcp://127.0.0.1:{port}", sock
 
 
 def start_service(endpoint: str, watch: GuidanceWatch, clock: Clock, extra_args: list[str]
@@ -224,10 +224,11 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
     watch: GuidanceWatch | None = None
     tap: BridgeTap | None = None
     bt: BridgeThread | None = None
+    reserved: zmq.Socket | None = None
     try:
         # the guidance endpoint, and everyone on it before guidance binds it (ZeroMQ connects
         # when it appears): the bridge hears the very first alert, as in the room
-        endpoint = free_tcp_endpoint(ctx)
+        endpoint, reserved = reserve_endpoint(ctx)
         watch = GuidanceWatch(ctx, endpoint, record)
         bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx,
                           guidance_startup_s=STARTUP_GRACE_S)
@@ -237,6 +238,8 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
                   f"come up, then 1 s heartbeat watchdog), ack REP {bt.bridge.ack_address}, "
                   f"PUB {bt.bridge.pub_address}")
         if replay is None and use_service:
+            reserved.close()  # the service binds it
+            reserved = None
             started = start_service(endpoint, watch, clock, guidance_args or [])
             if isinstance(started, str):
                 clock.say(f"guidance service could not run ({started}); falling back to the "
@@ -254,7 +257,8 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             except (OSError, ValueError) as err:
                 clock.say(f"cannot replay {path}: {err}")
                 return 1
-            source = ReplayGuidance(ctx, events, endpoint)
+            source = ReplayGuidance(ctx, events, endpoint, reserved)
+            reserved = None  # the replay owns it now
             clock.say(f"guidance: replaying recorded alert log {path} "
                       f"({len(source.events)} alerts) on {endpoint}")
             source.start()
@@ -349,7 +353,7 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
         if bt:
             with contextlib.suppress(Exception):
                 bt.stop()
-        for part in (tap, watch, source):
+        for part in (tap, watch, source, reserved):
             if part:
                 part.close()
         if service:
