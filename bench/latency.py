@@ -70,8 +70,10 @@ def rss_mb() -> tuple[float, float]:
 def machine() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines()
-                     if ln.startswith("Model name")), platform.processor())
+        name = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
+            platform.processor(),
+        )
     except (OSError, subprocess.SubprocessError, StopIteration):
         name = platform.processor()
     cpus = sorted(os.sched_getaffinity(0))
@@ -105,10 +107,12 @@ def run_rate(model: Model, loop: Path, fps: float, bare_runs: int, frame: np.nda
         "sustained_fps": round(summary.fps, 2),
         "capture_to_publish_ms": {k: round(v, 2) for k, v in lat.items()},
         "stage_median_ms": {k: round(v, 2) for k, v in stages.items()},
-        "bare_inference_ms": {"p50": round(bare_p50, 2),
-                              "p99": round(float(np.percentile(bare, 99)), 2),
-                              "before_p50": round(float(np.median(before)), 2),
-                              "after_p50": round(float(np.median(after)), 2)},
+        "bare_inference_ms": {
+            "p50": round(bare_p50, 2),
+            "p99": round(float(np.percentile(bare, 99)), 2),
+            "before_p50": round(float(np.median(before)), 2),
+            "after_p50": round(float(np.median(after)), 2),
+        },
         "overhead_ratio": round(lat["p50"] / bare_p50, 3),
         "alerts": [(m["kind"], m["state"], m["frame"]) for m in summary.alerts],
     }
@@ -147,20 +151,33 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             lat, bare = r["capture_to_publish_ms"], r["bare_inference_ms"]
             print(f"\n{fps:g} fps, {frame.shape[1]}x{frame.shape[0]}, {r['frames_in_loop']} frames:")
-            print(f"  capture-to-publish  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  "
-                  f"max {lat['max']:.1f} ms")
-            print(f"  sustained {r['sustained_fps']:.1f} fps, dropped {r['dropped_frames']} frames, "
-                  f"processed {r['frames_processed']}")
-            print(f"  bare inference p50 {bare['p50']:.1f} ms (before {bare['before_p50']:.1f}, "
-                  f"after {bare['after_p50']:.1f}), p99 {bare['p99']:.1f} ms")
-            print(f"  overhead ratio {r['overhead_ratio']:.2f}  stages (median ms) "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_median_ms"].items()))
+            print(f"  capture-to-publish  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms")
+            print(
+                f"  sustained {r['sustained_fps']:.1f} fps, dropped {r['dropped_frames']} frames, "
+                f"processed {r['frames_processed']}"
+            )
+            print(
+                f"  bare inference p50 {bare['p50']:.1f} ms (before {bare['before_p50']:.1f}, "
+                f"after {bare['after_p50']:.1f}), p99 {bare['p99']:.1f} ms"
+            )
+            print(
+                f"  overhead ratio {r['overhead_ratio']:.2f}  stages (median ms) "
+                + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_median_ms"].items())
+            )
     now, peak = rss_mb()
     print(f"\nresident memory: {now:.0f} MB now, {peak:.0f} MB peak (whole benchmark process)")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "model": model.describe(),
-                                         "results": results, "rss_mb": {"now": now, "peak": peak}},
-                                        indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine(),
+                    "model": model.describe(),
+                    "results": results,
+                    "rss_mb": {"now": now, "peak": peak},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
