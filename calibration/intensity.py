@@ -340,15 +340,14 @@ def text_mask(frame: np.ndarray, max_glyph_px: int | None = None) -> np.ndarray:
         if n <= 1:
             continue
         dist = cv2.distanceTransform(cand, cv2.DIST_L2, 3)
-        stroke = np.zeros(n)
-        np.maximum.at(stroke, labels.ravel(), dist.ravel())
         around = cv2.dilate(cand, np.ones((3, 3), np.uint8)) > 0  # candidate pixels + 1 px rim
         glyphs = []
         for i in range(1, n):
             x, y, cw, ch, area = st[i]
             if area < 3 or ch < 3 or ch > glyph_max or cw > glyph_max:
                 continue
-            if 2.0 * stroke[i] > max(2.5, 0.5 * ch):  # a blob, not a stroke
+            stroke = float(dist[y : y + ch, x : x + cw][labels[y : y + ch, x : x + cw] == i].max())
+            if 2.0 * stroke > max(2.5, 0.5 * ch):  # a blob, not a stroke
                 continue
             local_noise = float(noise_map[y + ch // 2, x + cw // 2])
             if _looks_burned_in(img, labels, around, i, (x, y, cw, ch), span, local_noise):
