@@ -4,7 +4,7 @@
     (Source)    grey, undistort,  onnxruntime  pure       status every frame, alerts on
                 mm/px, FOV        class map    tracker    raise/clear; heartbeat thread
 
-The same composed pipeline runs live (`run_loop`) and offline (`run_replay`, as fast as
+The same composed pipeline runs live (`GuidanceLoop.run`) and offline (`run_replay`, as fast as
 possible, optionally without a socket). A bad frame or a model failure on one frame becomes a
 technical alert and the frame is skipped; silence from the video becomes `video_lost` and
 clears when frames come back.
@@ -71,7 +71,8 @@ class Context:
     label_valid: np.ndarray | None = None
     status: TrackStatus | None = None
     messages: list[dict] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # the stages, as published
+    detail: dict[str, float] = field(default_factory=dict)  # finer timings, kept off the wire
 
 
 # -- operators ---------------------------------------------------------------------------------
@@ -152,14 +153,18 @@ class SegmentOp:
         self._label_valid: dict[tuple, np.ndarray] = {}
 
     def compute(self, ctx: Context) -> None:
+        t0 = time.perf_counter()
         try:
             x, geometry = self.model.preprocess(ctx.image)
         except (ValueError, cv2.error) as exc:
             raise FrameError(f"frame cannot be preprocessed: {exc}") from exc
+        t1 = time.perf_counter()
         try:
             labels = geometry.crop(self.model.infer(x))
         except Exception as exc:  # onnxruntime raises its own types  # noqa: BLE001
             raise ModelRunError(f"model failed on the frame: {exc}") from exc
+        ctx.detail["preprocess"] = (t1 - t0) * 1e3
+        ctx.detail["inference"] = (time.perf_counter() - t1) * 1e3
         ctx.labels, ctx.geometry = labels, geometry
         if ctx.valid is not None:
             key = (id(ctx.valid), labels.shape)
@@ -426,7 +431,7 @@ class GuidanceLoop:
         self._latency_watch(frame.index, latency["capture_to_publish"], extra)
         ctx.messages.extend(extra)
         s.frames_processed += 1
-        for key, value in latency.items():
+        for key, value in {**latency, **ctx.detail}.items():
             s.latency_ms.setdefault(key, []).append(value)
         if self.on_result is not None:
             self.on_result(

@@ -73,7 +73,7 @@ class TrackerSettings:
     clear_frames: int = 15
     area_threshold_mm2: float = 1.0
     area_threshold_px: float = 4.0
-    hull_tolerance_mm: float = 1.0
+    hull_tolerance_mm: float = 0.5
     needle_margin_mm: float = 2.0
 
 

@@ -95,3 +95,59 @@ def test_cuda_requested_without_cuda_is_refused(stand_in):
 def test_metadata_json_round_trip(stand_in):
     model = Model(*stand_in)
     assert json.loads(json.dumps(model.info.raw))["output"]["name"] == "logits"
+
+
+def _reference_preprocess(frame, size, norm):
+    """The original, straightforward preprocessing (np.percentile over the valid pixels of
+    the whole plane): the optimised one must give the same bits."""
+    from guidance.segmentation.preprocess import LetterboxGeometry, letterbox, to_float_grey
+
+    grey = to_float_grey(frame)
+    g = LetterboxGeometry.fit(grey.shape[0], grey.shape[1], size)
+    plane = letterbox(grey, g)
+    valid = np.zeros(plane.shape, dtype=bool)
+    h, w = g.inner_shape
+    valid[g.pad_y : g.pad_y + h, g.pad_x : g.pad_x + w] = True
+    lo, hi = np.percentile(plane[valid], [norm["low"], norm["high"]])
+    span = float(hi - lo) if hi > lo else 1.0
+    unit = np.clip((plane - lo) / span, 0.0, 1.0)
+    x = ((unit - norm["mean"]) / norm["std"]).astype(np.float32)
+    x[~valid] = (0.0 - norm["mean"]) / norm["std"]
+    return x[None, None]
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (480, 640), (97, 131), (40, 30)])
+def test_fast_preprocess_is_bit_identical(shape):
+    from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, preprocess
+
+    rng = np.random.default_rng(shape[0])
+    frames = [
+        scene_frames(1, size=shape)[0],
+        rng.integers(0, 65536, shape, dtype=np.uint16),
+        np.full(shape, 9, np.uint8),
+    ]
+    for frame in frames:
+        x, _ = preprocess(frame, 256, DEFAULT_NORMALIZATION)
+        assert np.array_equal(x, _reference_preprocess(frame, 256, DEFAULT_NORMALIZATION))
+
+
+def test_percentile_window_matches_numpy_bit_for_bit():
+    from guidance.segmentation.preprocess import percentile_window
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        v = rng.normal(size=int(rng.integers(1, 70000))).astype(np.float32)
+        if rng.random() < 0.3:
+            v = np.round(v * 4) / 4  # many ties
+        lo, hi = rng.uniform(0, 10), rng.uniform(90, 100)
+        assert percentile_window(v, lo, hi) == tuple(np.percentile(v, [lo, hi]))
+
+
+def test_argmax_classes_matches_numpy():
+    from guidance.segmentation.model import argmax_classes
+
+    rng = np.random.default_rng(3)
+    for shape in [(4, 256, 256), (4, 17, 33), (3, 5, 5)]:
+        x = rng.normal(size=shape).astype(np.float32)
+        x[:, :3, :3] = 0.25  # ties: the first class wins, as with np.argmax
+        assert np.array_equal(argmax_classes(x), np.argmax(x, axis=0).astype(np.uint8))

@@ -229,3 +229,16 @@ def test_bad_settings_are_refused_naming_them(tmp_path, text, match):
     toml.write_text(text)
     with pytest.raises(BadInputError, match=match):
         load_settings(toml, env={})
+
+
+def test_latency_overrun_is_a_technical_alert(tmp_path, stand_in):
+    path = write_video(tmp_path / "l.avi", scene_frames(8, leak=None))
+    tight = offline(
+        stand_in, loop={"latency_budget_ms": 1e-6, "overrun_frames": 3}, calibration={"pixel_spacing_mm": 0.25}
+    )
+    summary, _ = replay(path, tight)
+    overruns = [m for m in summary.alerts if m["kind"] == "latency_overrun"]
+    assert [(m["state"], m["frame"], m["priority"]) for m in overruns] == [("raised", 2, "low")]
+    relaxed = offline(stand_in, loop={"latency_budget_ms": 1e6}, calibration={"pixel_spacing_mm": 0.25})
+    summary, _ = replay(path, relaxed)
+    assert summary.alerts == []

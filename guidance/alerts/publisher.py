@@ -95,9 +95,7 @@ class EventPublisher:
     def start_heartbeat(self) -> None:
         """Heartbeats from now on, also while no frame arrives (starting, video lost)."""
         self.heartbeat()
-        self._hb_thread = threading.Thread(
-            target=self._heartbeat_loop, name="heartbeat", daemon=True
-        )
+        self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._hb_thread.start()
 
     def _heartbeat_loop(self) -> None:
@@ -154,9 +152,7 @@ class EventPublisher:
             }
             msg.update(body)
             if capture_mono_ns is not None:  # measured at the stamp, not estimated
-                msg["latency_ms"]["capture_to_publish"] = round(
-                    (now_mono - capture_mono_ns) / 1e6, 3
-                )
+                msg["latency_ms"]["capture_to_publish"] = round((now_mono - capture_mono_ns) / 1e6, 3)
             if raising_kind is not None:
                 msg["alert_id"] = f"{self.session}:{self._seq}"
                 self._active[raising_kind] = {
@@ -169,9 +165,7 @@ class EventPublisher:
             payload = json.dumps(msg, separators=(",", ":"))
             if self._sock is not None:
                 try:
-                    self._sock.send_multipart(
-                        [msg_type.encode(), payload.encode()], flags=self._zmq.NOBLOCK
-                    )
+                    self._sock.send_multipart([msg_type.encode(), payload.encode()], flags=self._zmq.NOBLOCK)
                 except self._zmq.Again:
                     self.dropped_messages += 1
             if self._log is not None:
@@ -236,9 +230,7 @@ class EventPublisher:
             }
             return self._send("alert", frame, body, raising_kind=kind)
 
-    def clear_alert(
-        self, kind: str, frame: int | None, message: str, evidence: dict | None = None
-    ) -> dict | None:
+    def clear_alert(self, kind: str, frame: int | None, message: str, evidence: dict | None = None) -> dict | None:
         """Clear `kind` if raised (the clear repeats the raise's alert_id)."""
         with self._lock:
             raised = self._active.pop(kind, None)

@@ -122,7 +122,7 @@ class DicomSource(ReplaySource):
 
         path = Path(self.path)
         try:
-            ds = pydicom.dcmread(str(path), stop_before_pixels=False, defer_size="1 KB")
+            ds = pydicom.dcmread(str(path), defer_size="1 KB")  # pixel data read per frame
         except (InvalidDicomError, OSError, ValueError) as exc:
             raise BadInputError(f"{path}: not a readable DICOM file ({exc}); expected {EXPECTED}") from None
         if "PixelData" not in ds:
@@ -164,7 +164,9 @@ class DicomSource(ReplaySource):
         count = self.info.frame_count or 1
         for index in range(count if limit is None else min(limit, count)):
             try:
-                image = pixel_array(ds, index=index if count > 1 else None)
+                # from the file, one frame at a time: a long cine never sits in memory whole
+                with open(self.path, "rb") as fh:
+                    image = pixel_array(fh, index=index if count > 1 else None)
                 yield dicom_to_grey(image, ds)
             except Exception as exc:  # any decoder failure is one bad frame, not the end  # noqa: BLE001
                 yield ValueError(f"DICOM frame {index}: {exc}")

@@ -14,6 +14,7 @@ raises nothing) and cleared after `clear_frames` consecutive frames without it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -30,11 +31,14 @@ class TrackerConfig:
     clear_frames: int = 15  # consecutive frames under threshold before clearing
     area_threshold_mm2: float = 1.0  # the spec's onset: 1 mm^2 of extravertebral cement
     area_threshold_px: float = 4.0  # the same in frame pixels^2 when the spacing is unknown
-    hull_tolerance_mm: float = 1.0
+    hull_tolerance_mm: float = 0.5
     hull_tolerance_px: float = 4.0  # frame pixels, when the spacing is unknown
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
+    min_leak_depth_mm: float = 1.0  # an extravertebral blob must reach this far from the body
+    roi_margin_mm: float = 30.0  # work around the cement: a vertebral body's size
+    breathing_mm: float = 4.0  # the treated body moves this much at most (breathing)
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
     core_radius_mm: float = 1.5  # cement thinner than 2x this (veins, thin leaks) is not core
 
@@ -105,6 +109,7 @@ class TrackerState:
     body_ref: np.ndarray | None = field(default=None, compare=False, repr=False)
     body_ref_px: int = 0
     anchor_ref: tuple[float, float] | None = None
+    anchor_rect: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) left out of anchors
 
 
 @dataclass(frozen=True)
@@ -179,10 +184,13 @@ def _treated_body(body: np.ndarray, cement: np.ndarray, needle: np.ndarray, core
     The treated body is the one around the cement core: the cement opened so that veins and
     thin leaks are gone (they must not join a neighbouring vertebra to it). The needle and
     the cement often cut the body's label into several parts, all of which are joined here."""
-    count, comp, stats, _ = cv2.connectedComponentsWithStats(cement.view(np.uint8), connectivity=8)
-    if count <= 1:
+    x, y, w, h = cv2.boundingRect(cement.view(np.uint8))
+    if w == 0:
         return None, None
-    main = comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    roi = np.ascontiguousarray(cement[y : y + h, x : x + w]).view(np.uint8)
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(roi, connectivity=8)
+    main = np.zeros_like(cement)
+    main[y : y + h, x : x + w] = comp == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     kernel = _disk(core_radius)
     core = main if kernel is None else cv2.morphologyEx(main.view(np.uint8), cv2.MORPH_OPEN, kernel).view(bool)
     if not core.any():
@@ -209,9 +217,18 @@ def _shift(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
     return moved.view(bool)
 
 
-def _centroid(mask: np.ndarray) -> tuple[float, float] | None:
-    m = cv2.moments(mask.view(np.uint8), binaryImage=True)
-    return (m["m10"] / m["m00"], m["m01"] / m["m00"]) if m["m00"] >= 20 else None
+def _anchor(body: np.ndarray, rect: tuple[int, int, int, int]) -> tuple[float, float] | None:
+    """Centroid of the bone outside `rect` (where the treated body may be): the other
+    vertebrae, which move with breathing as the treated one does."""
+    x0, y0, x1, y1 = rect
+    full = cv2.moments(body.view(np.uint8), binaryImage=True)
+    part = cv2.moments(np.ascontiguousarray(body[y0:y1, x0:x1]).view(np.uint8), binaryImage=True)
+    m00 = full["m00"] - part["m00"]
+    if m00 < 20:
+        return None
+    m10 = full["m10"] - (part["m10"] + x0 * part["m00"])
+    m01 = full["m01"] - (part["m01"] + y0 * part["m00"])
+    return m10 / m00, m01 / m00
 
 
 def _infer_side(needle: np.ndarray, body_centroid_x: float, hull: np.ndarray) -> str | None:
@@ -294,16 +311,17 @@ def _step(prev: KindState, over: bool, mask: np.ndarray, cfg: TrackerConfig) -> 
     return KindState(active, 0, under if active else 0, None)
 
 
-def track(
+def _track(
     labels: np.ndarray,
     geo: TrackGeometry,
-    prev: TrackerState | None = None,
-    cfg: TrackerConfig = TrackerConfig(),
-    valid: np.ndarray | None = None,
+    prev: TrackerState,
+    cfg: TrackerConfig,
+    valid: np.ndarray | None,
+    body_full: np.ndarray,
+    offset: tuple[int, int],
 ) -> tuple[TrackStatus, TrackerState]:
-    """labels: uint8 class map (H, W) covering the frame; valid: optional bool mask of the
-    field of view / not-burned-in-text at the same size (cement outside it is ignored)."""
-    prev = prev or TrackerState()
+    """track() on a region of interest: labels, valid and prev's masks are cropped to it;
+    body_full is the whole frame's bone (for the breathing anchor); offset = crop's (x, y)."""
     body = labels == VERTEBRAL_BODY
     cement = labels == CEMENT
     needle = labels == NEEDLE
@@ -333,11 +351,15 @@ def track(
         body, cement, needle, cfg.core_radius_mm * px_per_unit_len if geo.mm_per_frame_px else 1.5, cfg.min_body_px
     )
     body_ref, body_ref_px, anchor_ref = prev.body_ref, prev.body_ref_px, prev.anchor_ref
+    anchor_rect = prev.anchor_rect
+    zone = cfg.breathing_mm * px_per_unit_len if geo.mm_per_frame_px else 6.0
     ref = None
     if body_ref is not None and core is not None:
         # cement hides more and more of the body: use the body as last seen least hidden,
         # moved as the other vertebrae moved since (breathing)
-        anchor = _centroid(body & ~parts) if parts is not None else None
+        # the other vertebrae: bone away from where the treated body was (same zone as when
+        # the reference was taken, so both centroids cover the same anatomy)
+        anchor = _anchor(body_full, prev.anchor_rect) if prev.anchor_rect else None
         dx = dy = 0.0
         if anchor is not None and anchor_ref is not None:
             dx, dy = anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]
@@ -351,7 +373,8 @@ def track(
         if parts is not None and ref is not None:
             region = parts | ref
         hull = np.zeros(labels.shape, np.uint8)
-        cv2.fillConvexPoly(hull, cv2.convexHull(cv2.findNonZero(region.view(np.uint8))), 1)
+        outlines, _ = cv2.findContours(region.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(outlines)), 1)
         hull = hull.view(bool)
         # the body with the cement it holds: what is inside the hull of the bone
         filled = region | (cement & hull)
@@ -359,13 +382,32 @@ def track(
             visible = int(np.count_nonzero(parts))
             if visible >= body_ref_px:
                 body_ref, body_ref_px = filled, visible
-                anchor_ref = _centroid(body & ~parts)
+                bx, by, bw, bh = cv2.boundingRect(filled.view(np.uint8))
+                z = int(math.ceil(zone))
+                ox, oy = offset
+                full_h, full_w = body_full.shape
+                anchor_rect = (
+                    max(0, ox + bx - z),
+                    max(0, oy + by - z),
+                    min(full_w, ox + bx + bw + z),
+                    min(full_h, oy + by + bh + z),
+                )
+                anchor_ref = _anchor(body_full, anchor_rect)
         else:
             parts = region
         xs, _ = _points(parts)
         if geo.posterior_side is None:
             side = _infer_side(needle, float(xs.mean()), hull) or side
         extra = cement & ~_dilate(hull, tol)
+        if extra.any():
+            # a leak goes somewhere: blobs that only hug the cortex (label edges, rounding
+            # of the letterbox) never get `min_leak_depth` away from the body, so they go
+            away = cv2.distanceTransform((~hull).view(np.uint8), cv2.DIST_L2, 5)
+            count, comp = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
+            reach = np.zeros(count, np.float32)
+            np.maximum.at(reach, comp[extra], away[extra])
+            min_depth = cfg.min_leak_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 2.0
+            extra &= (reach >= min_depth)[comp]
         if side in ("left", "right"):
             wall = _wall_line(filled, side)
         if wall is not None and extra.any():
@@ -432,5 +474,80 @@ def track(
         body_ref=body_ref,
         body_ref_px=body_ref_px,
         anchor_ref=anchor_ref,
+        anchor_rect=anchor_rect,
     )
     return status, state
+
+
+def _crop_kind(k: KindState, sl: tuple[slice, slice]) -> KindState:
+    return k if k.mask is None else replace(k, mask=k.mask[sl])
+
+
+def _uncrop(mask: np.ndarray | None, sl: tuple[slice, slice], shape) -> np.ndarray | None:
+    if mask is None:
+        return None
+    out = np.zeros(shape, bool)
+    out[sl] = mask
+    return out
+
+
+def track(
+    labels: np.ndarray,
+    geo: TrackGeometry,
+    prev: TrackerState | None = None,
+    cfg: TrackerConfig = TrackerConfig(),
+    valid: np.ndarray | None = None,
+) -> tuple[TrackStatus, TrackerState]:
+    """labels: uint8 class map (H, W) covering the frame; valid: optional bool mask of the
+    field of view / not-burned-in-text at the same size (cement outside it is ignored).
+
+    Everything a leak can touch lies near cement, so the work is done on the cement's
+    bounding box grown by `roi_margin_mm` (and the remembered body's box): a few times fewer
+    pixels than the frame. The result is the same as on the whole map."""
+    prev = prev or TrackerState()
+    shape = labels.shape
+    cement = labels == CEMENT
+    if valid is not None:
+        cement &= valid
+    x, y, w, h = cv2.boundingRect(cement.view(np.uint8))
+    if w == 0 and prev.body_ref is None:
+        x, y, w, h = 0, 0, shape[1], shape[0]
+    unit_len = geo.unit_per_px
+    m = int(math.ceil(cfg.roi_margin_mm / unit_len)) if geo.mm_per_frame_px else 40
+    x0, y0, x1, y1 = x - m, y - m, x + w + m, y + h + m
+    if prev.body_ref is not None:
+        bx, by, bw, bh = cv2.boundingRect(prev.body_ref.view(np.uint8))
+        if bw:
+            z = int(math.ceil(cfg.breathing_mm / unit_len)) if geo.mm_per_frame_px else 6
+            x0, y0 = min(x0, bx - m), min(y0, by - m)
+            x1, y1 = max(x1, bx + bw + m + z), max(y1, by + bh + m + z)
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(shape[1], x1), min(shape[0], y1)
+    sl = (slice(y0, y1), slice(x0, x1))
+    sub_prev = replace(
+        prev,
+        posterior=_crop_kind(prev.posterior, sl),
+        venous=_crop_kind(prev.venous, sl),
+        body_ref=None if prev.body_ref is None else prev.body_ref[sl],
+    )
+    f = geo.frame_per_px
+    sub_geo = replace(geo, origin_xy=(geo.origin_xy[0] + x0 * f, geo.origin_xy[1] + y0 * f))
+    status, st = _track(
+        labels[sl],
+        sub_geo,
+        sub_prev,
+        cfg,
+        None if valid is None else valid[sl],
+        labels == VERTEBRAL_BODY,
+        (x0, y0),
+    )
+    wall = status.wall
+    if wall is not None:
+        wall = (wall[0], wall[1], wall[2] + x0, wall[3] + y0, wall[4], wall[5])
+    status = replace(status, wall=wall, masks={k: _uncrop(v, sl, shape) for k, v in status.masks.items()})
+    st = replace(
+        st,
+        posterior=replace(st.posterior, mask=_uncrop(st.posterior.mask, sl, shape)),
+        venous=replace(st.venous, mask=_uncrop(st.venous.mask, sl, shape)),
+        body_ref=_uncrop(st.body_ref, sl, shape),
+    )
+    return status, st

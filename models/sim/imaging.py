@@ -58,7 +58,7 @@ class Imaging:
                 text.append((words, pos, float(rng.uniform(0.4, 1.4) * width / 700), int(rng.integers(1, 3))))
         return cls(
             height=height, width=width,
-            photons=float(math.exp(rng.uniform(math.log(25), math.log(2500)))),
+            photons=float(math.exp(rng.uniform(math.log(60), math.log(3000)))),
             scatter_fraction=float(rng.uniform(0.1, 0.6)),
             blur_px=float(rng.uniform(0.3, 1.6) * max(height, width) / 1024 + 0.2),
             vignetting=float(rng.uniform(0.0, 0.35)),

@@ -38,7 +38,7 @@ from models.sim.anatomy import (
 )
 
 BACKGROUND, BODY, CEMENT, NEEDLE = 0, 1, 2, 3
-VISIBLE_CEMENT_MM = 0.6  # projected cement thinner than this is not labelled
+VISIBLE_CEMENT_MM = 1.5  # projected cement thinner than this is not seen, so not labelled
 
 
 def _arrival_times(cost: np.ndarray, sources: list[tuple[int, int]]) -> np.ndarray:
@@ -497,7 +497,7 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
             inside_pt = np.array(treated.from_body(ub * 0.85, vb * 0.85))
             heading = heading_b + treated.tilt
             path = _vein_path(rng, start, heading, rng.uniform(20, 70))
-            diam = np.linspace(rng.uniform(1.5, 3.5), rng.uniform(0.8, 2.0), len(path))
+            diam = np.linspace(rng.uniform(2.0, 3.5), rng.uniform(1.5, 2.2), len(path))
             veins.append(Vein(path, diam, tuple(inside_pt), rng.uniform(0, 3), rng.uniform(0.05, 0.3)))
             if rng.random() < 0.5:  # a branch
                 b0 = int(rng.integers(len(path) // 4, max(len(path) // 4 + 1, len(path) - 5)))

@@ -1,0 +1,209 @@
+"""`guidance evaluate PATH... --out DIR`: score the service on recorded cine loops.
+
+Exit codes: 0 all loops ran and every --fail-under threshold is met; 1 a loop failed (could
+not be read or run) or a threshold is unmet; 2 bad input (arguments, no loops, a labels file
+that breaks recorded-loops.md, model or settings), with one line naming what and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from guidance import DISCLAIMER, __version__
+from guidance.errors import BadInputError
+from guidance.evaluation import settings as eval_settings
+from guidance.evaluation.discovery import discover, estimate_frames
+from guidance.evaluation.executors import Progress, run_all
+from guidance.evaluation.labels import load_labels
+from guidance.evaluation.report import render_report
+from guidance.evaluation.runner import LoopTask, base_result, shared_model
+from guidance.evaluation.summary import (
+    build_summary,
+    check_fail_under,
+    exit_code,
+    metric_names,
+    parse_fail_under,
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score the service on recorded cine loops (summary.json, report.html, videos)",
+        description=(
+            "Run every recorded loop found under PATH through the live service's pipeline and "
+            "score it against NAME.labels.json (recorded-loops.md). " + DISCLAIMER
+        ),
+        epilog=(
+            "exit codes: 0 ok; 1 a loop failed or a --fail-under threshold is unmet; 2 bad "
+            "input (arguments, no loops, a labels file that breaks the spec, model). "
+            "--fail-under metrics: " + ", ".join(metric_names()) + " (sensitivity* and dice* "
+            "are lower bounds, the others upper bounds)."
+        ),
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="loop files or folders of loops")
+    p.add_argument("--out", required=True, metavar="DIR", help="results folder (created)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="local worker processes, one loop each at a time (default 1)")
+    scale.add_argument("--dask", metavar="ADDRESS",
+                       help="run loops on an existing dask.distributed scheduler (tcp://host:8786); "
+                            "paths and --out must be on a file system the workers see")
+    p.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
+                   help="inference and OpenCV threads per loop (default 1: scale by loops)")
+    p.add_argument("--fail-under", metavar="METRIC=BOUND,...",
+                   help="e.g. sensitivity=0.9,false_alerts_per_min=1.0: exit code 1 when unmet")
+    p.add_argument("--no-video", action="store_true", help="skip the overlay videos")
+    p.add_argument("--overlay-size", type=int, default=512, metavar="PX",
+                   help="longest side of overlay videos and thumbnails' source (default 512)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary lines")
+    eval_settings.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if args.workers < 1:
+        raise BadInputError(f"--workers must be >= 1, got {args.workers}")
+    if args.threads_per_worker < 1:
+        raise BadInputError(f"--threads-per-worker must be >= 1, got {args.threads_per_worker}")
+    if args.overlay_size < 16:
+        raise BadInputError(f"--overlay-size must be >= 16 px, got {args.overlay_size}")
+    thresholds = parse_fail_under(args.fail_under)
+
+    refs, orphans = discover(args.paths)
+    if not refs and not orphans:
+        raise BadInputError(
+            f"no loops under {', '.join(args.paths)} (expected NAME.dcm, NAME.mp4/.avi/.mkv or "
+            "NAME/000000.png ...)"
+        )
+    # every labels file is validated before any loop runs: a broken ground truth stops here
+    labels = {r.loop_id: load_labels(r.labels) if r.labels else None for r in refs}
+    settings = eval_settings.build(args)
+    # a missing, corrupt or unlisted model is refused here, naming the file, before any loop
+    # runs (and serial runs reuse this loaded, warmed model)
+    shared_model(settings)
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+
+    slugs = _unique_slugs([r.slug for r in refs])
+    tasks = [
+        LoopTask(ref=r, labels=labels[r.loop_id], settings=settings, out_dir=str(out.resolve()),
+                 video=not args.no_video, overlay_max_side=args.overlay_size, slug=s)
+        for r, s in zip(refs, slugs, strict=True)
+    ]
+    progress = Progress(len(tasks), None, args.quiet)
+    if progress.enabled:
+        counts = [estimate_frames(r) for r in refs]
+        progress.frames.total = None if None in counts else sum(counts)
+        progress.frames.refresh()
+    try:
+        results = run_all(tasks, workers=args.workers, threads=args.threads_per_worker,
+                          dask_address=args.dask, progress=progress)
+    finally:
+        progress.close()
+    for path in orphans:
+        r = base_result_for_orphan(path)
+        results.append(r)
+
+    details = {}
+    for r in results:
+        r.setdefault("slug", _slug_of(r, tasks))
+        details[r["loop_id"]] = r
+        r["artifacts"]["detail"] = _write_detail(r, out)
+    run_info = {
+        "tool": f"guidance evaluate {__version__}",
+        "started_utc": started,
+        "executor": f"dask {args.dask}" if args.dask else f"processes x{args.workers}"
+        if args.workers > 1 else "serial",
+        "threads_per_worker": args.threads_per_worker,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "wall_s": None,
+        "settings": eval_settings.describe(settings),
+    }
+    summary = build_summary(results, run_info)
+    summary["fail_under"] = check_fail_under(summary, thresholds)
+    summary["exit_code"] = exit_code(summary)
+    run_info["wall_s"] = round(time.perf_counter() - t_start, 3)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    latencies = [v for r in results for v in r.get("latencies_ms", [])]
+    (out / "report.html").write_text(render_report(summary, details, latencies), encoding="utf-8")
+    if not args.quiet:
+        _print_summary(summary, out)
+    return summary["exit_code"]
+
+
+def _unique_slugs(slugs: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in slugs:
+        n = seen.get(s.lower(), 0)
+        seen[s.lower()] = n + 1
+        out.append(s if n == 0 else f"{s}-{n + 1}")
+    return out
+
+
+def _slug_of(result: dict, tasks: list[LoopTask]) -> str:
+    for t in tasks:
+        if t.ref.loop_id == result["loop_id"]:
+            return t.slug
+    return "orphan-" + Path(result["loop_id"]).name.replace(".labels.json", "")
+
+
+def base_result_for_orphan(path: str) -> dict:
+    from guidance.evaluation.discovery import LoopRef
+
+    name = Path(path).name.removesuffix(".labels.json")
+    r = base_result(LoopRef(loop_id=path, name=name, source=path, form="none", labels=path))
+    r["failure"] = "no_loop"
+    r["reason"] = "labels file without a loop beside it (no NAME.dcm, .mp4, .avi, .mkv or NAME/)"
+    return r
+
+
+def _write_detail(result: dict, out: Path) -> str:
+    path = out / "loops" / f"{result['slug']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    detail = {k: v for k, v in result.items() if k not in ("thumbnails", "latencies_ms")}
+    path.write_text(json.dumps(detail))
+    return f"loops/{path.name}"
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    c = summary["counts"]
+    det = summary["detection"]
+    w = sys.stdout.write
+    w(f"{c['loops']} loops: {c['scored']} scored, {c['unscored']} unscored, {c['failed']} failed; "
+      f"{c['frames']} frames\n")
+    for kind, m in det["per_kind"].items():
+        sens = "n/a" if m["sensitivity"] is None else f"{m['sensitivity']:.3f}"
+        fa = "n/a" if m["false_alerts_per_min"] is None else f"{m['false_alerts_per_min']:.2f}"
+        delay = "n/a" if m["delay_ms_median"] is None else f"{m['delay_ms_median']:.0f} ms"
+        w(f"  {kind:9s} sensitivity {sens} ({m['detected']}/{m['events']}), median delay {delay}, "
+          f"false alerts/min {fa}\n")
+    dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in summary["dice"].items()
+                     if k != "frames")
+    w(f"  Dice: {dice}\n")
+    lat = summary["latency_ms"]
+    if lat["n"]:
+        w(f"  latency p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms\n")
+    for r in summary["loops"]:
+        if r["status"] == "failed":
+            w(f"  FAILED {r['loop_id']}: {r['reason']}\n")
+    if summary["fail_under"]:
+        for ch in summary["fail_under"]["results"]:
+            if not ch["met"]:
+                w(f"  UNMET {ch['metric']} {ch['op']} {ch['bound']:g} (value {ch['value']})\n")
+    w(f"results in {out}/ (summary.json, report.html); exit code {summary['exit_code']}\n")

@@ -1,0 +1,181 @@
+"""summary.json building, its JSON Schema, --fail-under, and report.html structure, from
+hand-made loop results (the end-to-end tests run the real pipeline: test_eval_cli.py)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from html.parser import HTMLParser
+
+import cv2
+import jsonschema
+import numpy as np
+import pytest
+
+from guidance.errors import BadInputError
+from guidance.evaluation.discovery import LoopRef
+from guidance.evaluation.labels import Event
+from guidance.evaluation.report import render_report
+from guidance.evaluation.runner import base_result
+from guidance.evaluation.scoring import AlertRaise, DiceCounter, score_loop
+from guidance.evaluation.summary import (
+    build_summary,
+    check_fail_under,
+    exit_code,
+    load_schema,
+    parse_fail_under,
+    without_timing,
+)
+
+
+def thumb() -> str:
+    ok, buf = cv2.imencode(".png", np.full((20, 30, 3), 128, np.uint8))
+    assert ok
+    return base64.b64encode(buf.tobytes()).decode()
+
+
+def fake_result(loop_id: str, events, raises, frames=90, fps=15.0, status="scored") -> dict:
+    r = base_result(LoopRef(loop_id, loop_id, f"/data/{loop_id}.mp4", "video", None))
+    r.update(status=status, frames=frames, fps=fps, fps_source="labels", size=[64, 48],
+             slug=loop_id, events=[{"kind": e.kind, "onset_frame": e.onset_frame} for e in events])
+    r["raises"] = [{"kind": a.kind, "frame": a.frame} for a in raises]
+    r["series"] = {
+        "frame": list(range(frames)),
+        "cement": [float(i) for i in range(frames)],
+        "posterior": [float(max(0, i - 40)) for i in range(frames)],
+        "venous": [0.0] * frames,
+        "flag_posterior": [i >= 42 for i in range(frames)],
+        "flag_venous": [False] * frames,
+        "units": "mm",
+    }
+    r["latencies_ms"] = [10.0 + (i % 7) for i in range(frames)]
+    r["latency_ms"] = {"n": frames, "p50": 13.0, "p99": 16.0, "max": 16.0}
+    r["thumbnails"] = [{"frame": 41, "why": "posterior onset", "png": thumb()}]
+    r["technical_alerts"] = [{"kind": "frame_error", "state": "raised", "frame": 7}]
+    if status == "scored":
+        r["score"] = score_loop(events, raises, fps, frames)
+        d = DiceCounter()
+        d.add(np.array([[2, 2], [0, 1]], np.uint8), np.array([[2, 0], [0, 1]], np.uint8))
+        r["dice_counts"], r["dice"] = d.counts(), d.dice()
+    elif status == "unscored":
+        r["reason"] = "no labels file"
+    return r
+
+
+@pytest.fixture
+def results():
+    hit = fake_result("hit", [Event("posterior", 41)], [AlertRaise("posterior", 42)])
+    miss = fake_result("miss", [Event("venous", 20)], [AlertRaise("posterior", 3)])
+    unscored = fake_result("nolabels", [], [], status="unscored")
+    failed = base_result(LoopRef("broken", "broken", "/data/broken.dcm", "dicom", None))
+    failed["reason"] = "cannot be read or run: not a DICOM file"
+    failed["failure"] = "unreadable"
+    return [miss, failed, hit, unscored]
+
+
+def test_summary_matches_schema_and_counts(results):
+    s = build_summary(results, {"tool": "t", "started_utc": "x", "executor": "serial", "wall_s": 1.0})
+    jsonschema.validate(s, load_schema())
+    assert [r["loop_id"] for r in s["loops"]] == ["broken", "hit", "miss", "nolabels"]
+    assert s["counts"] == {"loops": 4, "scored": 2, "unscored": 1, "failed": 1, "frames": 270}
+    det = s["detection"]
+    assert det["per_kind"]["posterior"]["sensitivity"] == 1.0
+    assert det["per_kind"]["venous"]["sensitivity"] == 0.0
+    assert det["overall"]["false_alerts"] == 1
+    assert det["minutes"] == pytest.approx(2 * 90 / 15 / 60)
+    assert s["dice"]["cement"] == pytest.approx(2 * 2 / (4 + 2))
+    assert s["latency_ms"]["n"] == 270
+    assert exit_code(s) == 1  # a failed loop
+
+    # the schema is not a rubber stamp
+    broken = copy.deepcopy(s)
+    broken["loops"][1]["status"] = "done"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, load_schema())
+    broken = copy.deepcopy(s)
+    del broken["detection"]["per_kind"]["venous"]["delay_ms_p90"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, load_schema())
+
+
+def test_without_timing_drops_only_timing(results):
+    s = build_summary(results, {"tool": "t", "started_utc": "x", "executor": "serial", "wall_s": 1.0})
+    t = without_timing(s)
+    assert "run" not in t and "latency_ms" not in t
+    assert all("wall_s" not in r and "latency_ms" not in r for r in t["loops"])
+    assert t["detection"] == s["detection"] and t["dice"] == s["dice"]
+
+
+def test_fail_under_parsing_and_bounds(results):
+    assert parse_fail_under("sensitivity=0.9, false_alerts_per_min=1.0") == {
+        "sensitivity": 0.9, "false_alerts_per_min": 1.0}
+    for bad in ("sensitivity", "sens=0.9", "sensitivity=high"):
+        with pytest.raises(BadInputError, match="--fail-under"):
+            parse_fail_under(bad)
+    ok = [r for r in results if r["loop_id"] in ("hit", "nolabels")]
+    s = build_summary(ok, {})
+    assert exit_code(s) == 0
+    s["fail_under"] = check_fail_under(s, parse_fail_under(
+        "sensitivity=1.0,false_alerts_per_min=0,delay_frames_p90=1,dice_cement=0.6"))
+    assert s["fail_under"]["met"] and exit_code(s) == 0
+    s["fail_under"] = check_fail_under(s, {"delay_ms_median": 10.0})  # 1 frame = 66.7 ms
+    assert not s["fail_under"]["met"] and exit_code(s) == 1
+    assert s["fail_under"]["results"][0]["op"] == "<="
+    # a threshold on a metric that was not measured cannot pass
+    s["fail_under"] = check_fail_under(s, {"sensitivity_venous": 0.0})
+    assert s["fail_under"]["results"][0]["value"] is None and exit_code(s) == 1
+
+
+def test_labels_failure_found_while_running_is_exit_2(results):
+    bad = base_result(LoopRef("x", "x", "/x.mp4", "video", "/x.labels.json"))
+    bad["reason"] = "labels /x.labels.json: field 'masks': has 3 frames, the loop has 4"
+    bad["failure"] = "labels"
+    assert exit_code(build_summary([results[2], bad], {})) == 2
+
+
+class Structure(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_is_self_contained_and_has_every_part(results):
+    s = build_summary(results, {"tool": "t", "started_utc": "x", "executor": "serial", "wall_s": 1.0})
+    details = {r["loop_id"]: r for r in results}
+    details["broken"]["slug"] = "broken"
+    page = render_report(s, details, [v for r in results for v in r["latencies_ms"]])
+    parser = Structure()
+    parser.feed(page)
+    tags = parser.tags
+    text = " ".join(parser.text)
+    # self-contained: no script, stylesheet link, or URL other than data: and in-page anchors
+    assert not [t for t, _ in tags if t in ("script", "link", "iframe", "object")]
+    for _t, attrs in tags:
+        for key in ("src", "href"):
+            if key in attrs:
+                assert attrs[key].startswith(("data:image/png;base64,", "#", "videos/")), attrs
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    # one timeline per loop that ran, a latency histogram, the findings table
+    assert sum(1 for t, a in tags if t == "svg" and a.get("class") == "timeline") == 3
+    assert sum(1 for t, a in tags if t == "svg" and a.get("class") == "histogram") == 1
+    ids = {a.get("id") for _t, a in tags}
+    assert {"detection", "dice", "findings", "failed", "loop-hit", "loop-miss"} <= ids
+    findings = [a for t, a in tags if t == "tr" and a.get("class") == "finding"]
+    assert len(findings) == 2  # the venous miss and the posterior false alert
+    assert "no venous raise in frames 20..35" in text
+    assert "not a DICOM file" in text
+    imgs = [a["src"] for t, a in tags if t == "img"]
+    assert len(imgs) == 3
+    png = base64.b64decode(imgs[0].split(",", 1)[1])
+    assert cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).shape == (20, 30, 3)
+    # false alert drawn hollow, true raise filled
+    assert "(false alert)" in page
+    json.dumps(s)  # summary stays JSON-able
