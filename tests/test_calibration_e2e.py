@@ -227,3 +227,37 @@ def test_service_refuses_to_start_on_an_untrusted_calibration(world, tmp_path):
     assert not [m for m in msgs if m["type"] == "status"]  # not one frame processed
     proc, _ = _run(world, "--calibration", str(tmp_path / "absent.json"), name="absent")
     assert proc.returncode == 2 and "no such calibration file" in proc.stderr
+
+
+def test_service_refuses_a_source_of_another_frame_size(world, tmp_path):
+    """A calibration made for other frames (another grabber resolution or zoom mode) cannot
+    be trusted for this source: refused at start, not frame after frame."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for t in range(3):
+        cv2.imwrite(str(other / f"{t:06d}.png"), np.full((200, 240), 100, np.uint8))
+    onnx_path, sums = world["model"]
+    log = tmp_path / "log.jsonl"
+    proc = guidance(
+        "run",
+        "--source",
+        str(other),
+        "--fast",
+        "--address",
+        "none",
+        "--quiet",
+        "--alert-log",
+        str(log),
+        "--model",
+        str(onnx_path),
+        "--sha256sums",
+        str(sums),
+        "--calibration",
+        str(world["calib"]),
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "frame is 240x200 but calibration 'lateral' was made for 256x256 frames" in lines[0]
+    msgs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert not [m for m in msgs if m["type"] == "status"]
