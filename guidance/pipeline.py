@@ -226,9 +226,10 @@ class PublishOp:
 
     name = "publish"
 
-    def __init__(self, publisher: EventPublisher, source: Source) -> None:
+    def __init__(self, publisher: EventPublisher, source: Source, injector=None) -> None:
         self.publisher = publisher
         self.source = source
+        self.injector = injector  # InjectorListener or None: the bridge's latest telemetry
 
     def compute(self, ctx: Context) -> None:
         t0 = time.perf_counter()
@@ -254,6 +255,7 @@ class PublishOp:
             posterior_depth=status.posterior_depth,
             units=status.units,
             dropped_frames=self.source.dropped_frames,
+            injector=self.injector.latest() if self.injector is not None else None,
         )
         ctx.messages.append(msg)
 
@@ -281,7 +283,7 @@ class Pipeline:
         return ctx
 
 
-def compose(settings: Settings, source: Source, model: Model, publisher: EventPublisher) -> Pipeline:
+def compose(settings: Settings, source: Source, model: Model, publisher: EventPublisher, injector=None) -> Pipeline:
     """capture -> calibrate -> segment -> track -> publish, in one readable place."""
     info = source.info
     return Pipeline(
@@ -290,7 +292,7 @@ def compose(settings: Settings, source: Source, model: Model, publisher: EventPu
             CalibrateOp(settings, info),
             SegmentOp(model),
             TrackOp(settings, info),
-            PublishOp(publisher, source),
+            PublishOp(publisher, source, injector),
         ],
         publisher,
     )
@@ -341,6 +343,7 @@ class GuidanceLoop:
         on_result: Callable[[FrameResult], None] | None = None,
         on_message: Callable[[dict], None] | None = None,
         stop: threading.Event | None = None,
+        injector=None,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -349,7 +352,7 @@ class GuidanceLoop:
         self.on_result = on_result
         self.on_message = on_message
         self.stop = stop or threading.Event()
-        self.pipeline = compose(settings, source, model, publisher)
+        self.pipeline = compose(settings, source, model, publisher, injector)
         self.summary = RunSummary(
             source=source.info.name,
             model=model.describe(),

@@ -108,7 +108,7 @@ class TrackerState:
     # as it fills it), and where the other vertebrae were then, to follow breathing
     body_ref: np.ndarray | None = field(default=None, compare=False, repr=False)
     body_ref_px: int = 0
-    anchor_ref: tuple[float, float] | None = None
+    anchor_ref: tuple[float, float, float] | None = None  # (x, y, pixels)
     anchor_rect: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) left out of anchors
 
 
@@ -217,7 +217,7 @@ def _shift(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
     return moved.view(bool)
 
 
-def _anchor(body: np.ndarray, rect: tuple[int, int, int, int]) -> tuple[float, float] | None:
+def _anchor(body: np.ndarray, rect: tuple[int, int, int, int]) -> tuple[float, float, float] | None:
     """Centroid of the bone outside `rect` (where the treated body may be): the other
     vertebrae, which move with breathing as the treated one does."""
     x0, y0, x1, y1 = rect
@@ -228,7 +228,7 @@ def _anchor(body: np.ndarray, rect: tuple[int, int, int, int]) -> tuple[float, f
         return None
     m10 = full["m10"] - (part["m10"] + x0 * part["m00"])
     m01 = full["m01"] - (part["m01"] + y0 * part["m00"])
-    return m10 / m00, m01 / m00
+    return m10 / m00, m01 / m00, m00
 
 
 def _infer_side(needle: np.ndarray, body_centroid_x: float, hull: np.ndarray) -> str | None:
@@ -361,7 +361,15 @@ def _track(
         # the reference was taken, so both centroids cover the same anatomy)
         anchor = _anchor(body_full, prev.anchor_rect) if prev.anchor_rect else None
         dx = dy = 0.0
-        if anchor is not None and anchor_ref is not None:
+        # trusted only when it is the same anatomy (about as much bone as then) and the move
+        # is one breathing can make; otherwise the body is taken where it was
+        if (
+            anchor is not None
+            and anchor_ref is not None
+            and abs(anchor[2] - anchor_ref[2]) <= 0.3 * anchor_ref[2]
+            and anchor_ref[2] >= 0.5 * body_ref_px
+            and math.hypot(anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]) <= 2 * zone
+        ):
             dx, dy = anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]
         ref = _shift(body_ref, dx, dy)
         if not (ref & core).any():  # the cement is elsewhere: the C-arm moved; start over
