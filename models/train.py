@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--log", type=Path, default=None, help="write the training log (JSON lines) here")
+    p.add_argument("--init", type=Path, default=None, help="start from these weights (a .pt written by a run)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.train_loops < 1 or args.val_loops < 1 or args.size % 16 or args.crop % 16:
         p.error("--steps, --train-loops and --val-loops must be >= 1 and --size a multiple of 16")
@@ -234,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.monotonic() - t0
     print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
 
-    model = LeakUNet(width=args.width).to(device).to(memory_format=torch.channels_last)
+    model = LeakUNet(width=args.width)
+    if args.init:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
+    model = model.to(device).to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(LeakUNet(width=args.width), args.size)
     print(f"model: {params} parameters, {macs / 1e6:.1f} M MACs per frame", flush=True)
@@ -294,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             "data": "simulated only (models.sim)",
         },
     }
+    if args.init:
+        meta["training"]["init"] = args.init.name
+    torch.save(model.state_dict(), args.out.with_suffix(".pt"))  # to resume or fine-tune from
     digest = export_onnx(model, args.out, args.size, meta)
     sums = write_sha256sums(args.out, digest)
     total = time.monotonic() - t0
