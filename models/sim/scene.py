@@ -381,7 +381,8 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         treated.lesions.append((
             rng.uniform(-0.6, 0.6) * treated.half_depth, rng.uniform(-0.6, 0.6) * treated.half_height,
             rng.uniform(3, 10), rng.uniform(3, 8),
-            float(rng.choice([rng.uniform(0.2, 0.7), rng.uniform(1.4, 2.4)], p=[0.65, 0.35])),
+            # lytic (most) or sclerotic; sclerotic bone stays well below cement's opacity
+            float(rng.choice([rng.uniform(0.2, 0.7), rng.uniform(1.15, 1.6)], p=[0.65, 0.35])),
         ))
     integral, inside, sdf, u, w = _body_integral(rng, treated, x, y, 0.0, 0.0, tex, spacing, True, view)
     static += integral
@@ -535,6 +536,6 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         needle_integral=needle_integral, needle_mask=needle_mask, arrival=arrival.astype(np.float32),
         epidural_arrival=epidural_arrival, epidural=epidural, max_thickness=treated.width_lr * rng.uniform(0.3, 0.6), schedule=schedule,
         vein_arrival=vein_arrival, vein_diameter=vein_diameter, fragments=fragments, planned=planned,
-        mu_cement=MU_CEMENT * float(rng.uniform(1.0, 2.5)),
+        mu_cement=MU_CEMENT * float(rng.uniform(1.3, 3.0)),
         breathing=(rng.uniform(0, 3.0), rng.uniform(0, 2 * math.pi), rng.uniform(3, 6), rng.uniform(0, 6.3)),
     )
