@@ -135,7 +135,11 @@ def test_threshold_in_mm_and_in_pixels():
     one = scene()
     one[20, 42] = CEMENT
     assert run([one] * 2)[-1].posterior
-    assert not run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0))[-1].posterior
+    # under the area threshold: still raised when it lies 2 mm or more behind the wall ...
+    assert run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0))[-1].posterior
+    # ... and not when that depth rule asks for more than its ~3 mm
+    deep_only = TrackerConfig(area_threshold_mm2=2.0, posterior_depth_mm=5.0)
+    assert not run([one] * 2, cfg=deep_only)[-1].posterior
     px_geo = TrackGeometry(frame_per_px=4.0)
     out = run([one] * 2, geo=px_geo)
     assert out[-1].units == "px" and out[-1].areas["posterior"] == pytest.approx(16.0)

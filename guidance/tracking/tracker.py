@@ -35,6 +35,7 @@ class TrackerConfig:
     hull_tolerance_px: float = 4.0  # frame pixels, when the spacing is unknown
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
+    posterior_depth_mm: float = 2.0  # or this far behind the wall, whatever the area
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
     min_leak_depth_mm: float = 1.0  # an extravertebral blob must reach this far from the body
     min_venous_depth_mm: float = 1.5  # venous: a little further (the canal is what must not wait)
@@ -463,6 +464,10 @@ def _track(
     for kind in KINDS:
         before: KindState = getattr(prev, kind)
         over = areas[kind] >= threshold and areas[kind] > 0
+        if kind == "posterior" and areas[kind] > 0 and geo.mm_per_frame_px:
+            # thin cement already well behind the wall is a leak even while its area is
+            # still under the threshold (the model draws a thin epidural leak thinner)
+            over = over or depth >= cfg.posterior_depth_mm
         after = _step(before, over, masks[kind], cfg)
         states[kind] = after
         if after.active != before.active:
