@@ -67,9 +67,24 @@ def main() -> int:
     guidance = GuidancePublisher(ctx).start_heartbeats(0.1).start_status(15.0)
     log = open(args.bridge_log, "w") if args.bridge_log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "firmware_bridge", "--injector", sim.port, "--guidance",
-         guidance.endpoint, "--pub", "tcp://127.0.0.1:*", "--ack", "tcp://127.0.0.1:*"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+        [
+            sys.executable,
+            "-m",
+            "firmware_bridge",
+            "--injector",
+            sim.port,
+            "--guidance",
+            guidance.endpoint,
+            "--pub",
+            "tcp://127.0.0.1:*",
+            "--ack",
+            "tcp://127.0.0.1:*",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     tap = None
     latencies_ms: list[float] = []
     try:
@@ -79,15 +94,18 @@ def main() -> int:
             return 1
         pub, ack = m.groups()
         tap = BridgeTap(ctx, pub)
-        if not tap.wait_for(lambda t, d: t == "heartbeat" and d["link"] == "connected"
-                            and d["guidance"]["session"] == guidance.session, 10.0):
+        if not tap.wait_for(
+            lambda t, d: t == "heartbeat" and d["link"] == "connected" and d["guidance"]["session"] == guidance.session,
+            10.0,
+        ):
             print("bridge_latency: error: the bridge never heard guidance", file=sys.stderr)
             return 1
         for i in range(args.alerts):
             alert = guidance.alert("posterior_leak" if i % 2 else "venous_leak")
-            if not sim.wait_for(lambda r, n=i + 1: len(
-                    [x for x in r if x.frame.type == MsgType.HOLD and x.status is not None]) >= n,
-                                5.0):
+            if not sim.wait_for(
+                lambda r, n=i + 1: len([x for x in r if x.frame.type == MsgType.HOLD and x.status is not None]) >= n,
+                5.0,
+            ):
                 print(f"bridge_latency: error: no HOLD for alert {i}", file=sys.stderr)
                 return 1
             hold = sim.commands(MsgType.HOLD)[i]
@@ -95,8 +113,9 @@ def main() -> int:
             # the leak resolves (guidance clears it), then the operator acknowledges
             guidance.alert(alert["kind"], state="cleared", alert_id=alert["alert_id"])
             reply = send_ack(ctx, ack, alert["alert_id"], operator="bench")
-            if not reply["accepted"] or not sim.wait_for(lambda r, n=i + 1: sum(
-                    1 for x in r if x.frame.type == MsgType.RELEASE) >= n, 5.0):
+            if not reply["accepted"] or not sim.wait_for(
+                lambda r, n=i + 1: sum(1 for x in r if x.frame.type == MsgType.RELEASE) >= n, 5.0
+            ):
                 print(f"bridge_latency: error: release {i} failed: {reply}", file=sys.stderr)
                 return 1
             tap.pump(0)
@@ -116,14 +135,20 @@ def main() -> int:
         if log is not subprocess.DEVNULL:
             log.close()
     load = os.getloadavg()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load avg {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}; Python {platform.python_version()}, pyzmq "
-          f"{zmq.__version__}")
-    print(f"alert publish -> HOLD read on the pty, n={len(latencies_ms)}: "
-          f"p50 {percentile(latencies_ms, 0.5):.2f} ms, p99 {percentile(latencies_ms, 0.99):.2f}"
-          f" ms, max {max(latencies_ms):.2f} ms, mean {statistics.fmean(latencies_ms):.2f} ms")
-    print(f"budget 50 ms: {sum(1 for v in latencies_ms if v > 50)} over; max gap between this "
-          f"process's guidance heartbeats {guidance.max_heartbeat_gap_ns / 1e6:.0f} ms")
+    print(
+        f"machine: {cpu_model()}, {os.cpu_count()} cores, load avg {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f}; Python {platform.python_version()}, pyzmq "
+        f"{zmq.__version__}"
+    )
+    print(
+        f"alert publish -> HOLD read on the pty, n={len(latencies_ms)}: "
+        f"p50 {percentile(latencies_ms, 0.5):.2f} ms, p99 {percentile(latencies_ms, 0.99):.2f}"
+        f" ms, max {max(latencies_ms):.2f} ms, mean {statistics.fmean(latencies_ms):.2f} ms"
+    )
+    print(
+        f"budget 50 ms: {sum(1 for v in latencies_ms if v > 50)} over; max gap between this "
+        f"process's guidance heartbeats {guidance.max_heartbeat_gap_ns / 1e6:.0f} ms"
+    )
     return 0
 
 

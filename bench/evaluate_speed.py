@@ -33,10 +33,31 @@ def make_loops(folder: Path, count: int, seconds: float, size: int) -> list[Path
     """One simulated 15 fps loop (posterior and venous leak, masks), copied `count` times."""
     src = folder / "src"
     subprocess.run(
-        [sys.executable, "-m", "models.sim", str(src), "--count", "1", "--seed", "7", "--size",
-         str(size), "--fps", "15", "--seconds", str(seconds), "--format", "mp4", "--leaks",
-         "both", "--prefix", "bench"],
-        cwd=ROOT, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "models.sim",
+            str(src),
+            "--count",
+            "1",
+            "--seed",
+            "7",
+            "--size",
+            str(size),
+            "--fps",
+            "15",
+            "--seconds",
+            str(seconds),
+            "--format",
+            "mp4",
+            "--leaks",
+            "both",
+            "--prefix",
+            "bench",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     )
     video = next(src.glob("*.mp4"))
     stem = video.stem
@@ -52,15 +73,30 @@ def make_loops(folder: Path, count: int, seconds: float, size: int) -> list[Path
     return sorted(out.glob("*.mp4"))
 
 
-def run_eval(paths: list[Path], out: Path, workers: int, cpus: list[int], model: str | None,
-             extra: list[str]) -> tuple[float, dict]:
-    cmd = [sys.executable, "-m", "guidance", "evaluate", *map(str, paths), "--out", str(out),
-           "--workers", str(workers), "--threads-per-worker", "1", "-q", *extra]
+def run_eval(
+    paths: list[Path], out: Path, workers: int, cpus: list[int], model: str | None, extra: list[str]
+) -> tuple[float, dict]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "guidance",
+        "evaluate",
+        *map(str, paths),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--threads-per-worker",
+        "1",
+        "-q",
+        *extra,
+    ]
     if model:
         cmd += ["--model", model]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus)
+    )
     wall = time.perf_counter() - t0
     if proc.returncode not in (0, 1):
         raise SystemExit(f"evaluate failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -86,8 +122,9 @@ def bare_inference_ms(model_path: str | None, cpus: list[int]) -> float:
         "    t0 = time.perf_counter(); m.infer(x); ts.append((time.perf_counter() - t0) * 1e3)\n"
         "print(float(np.median(ts)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, model_path or ""], cwd=ROOT, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, model_path or ""], cwd=ROOT, check=True, capture_output=True, text=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -104,9 +141,11 @@ def main() -> int:
     args = ap.parse_args()
     n = min(args.workers, len(available))
     extra = ["--no-video"] if args.no_video else []
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs "
-          f"({len(available)} usable), load average {os.getloadavg()[0]:.2f}, Python "
-          f"{platform.python_version()}")
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs "
+        f"({len(available)} usable), load average {os.getloadavg()[0]:.2f}, Python "
+        f"{platform.python_version()}"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         tmp_path = Path(tmp)
         loops = make_loops(tmp_path, n * args.loops_per_worker, args.seconds, args.size)
@@ -122,42 +161,49 @@ def main() -> int:
             fps.append(row["frames"] / row["wall_s"])
             cpu_factors.append(row["frames"] / row["fps"] / row["cpu_s"])
         row = s["loops"][0]
-        print(f"\n1) one {args.size}x{args.size} {row['fps']:g} fps loop, {row['frames']} frames, "
-              f"one core (CPU {one_core[0]}), --threads-per-worker 1"
-              f"{', no video' if args.no_video else ', overlay video and Dice included'}")
-        print(f"   processing {statistics.median(fps):.1f} frames/s, real-time factor "
-              f"{statistics.median(factors):.2f}x (runs: {', '.join(f'{f:.2f}' for f in factors)}; "
-              f"target >= 3)")
-        print(f"   by CPU time (loop duration / CPU seconds the worker used; steadier than wall "
-              f"time on a shared machine): {statistics.median(cpu_factors):.2f}x")
+        print(
+            f"\n1) one {args.size}x{args.size} {row['fps']:g} fps loop, {row['frames']} frames, "
+            f"one core (CPU {one_core[0]}), --threads-per-worker 1"
+            f"{', no video' if args.no_video else ', overlay video and Dice included'}"
+        )
+        print(
+            f"   processing {statistics.median(fps):.1f} frames/s, real-time factor "
+            f"{statistics.median(factors):.2f}x (runs: {', '.join(f'{f:.2f}' for f in factors)}; "
+            f"target >= 3)"
+        )
+        print(
+            f"   by CPU time (loop duration / CPU seconds the worker used; steadier than wall "
+            f"time on a shared machine): {statistics.median(cpu_factors):.2f}x"
+        )
         stages = row["latency_ms"].get("stages_p50", {})
-        print("   per-frame pipeline p50 ms: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+        print("   per-frame pipeline p50 ms: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
         if not args.no_video:
             lean = []
             for r in range(args.repeats):
-                _, s2 = run_eval(loops[:1], tmp_path / f"lean{r}", 1, one_core, args.model,
-                                 ["--no-video"])
+                _, s2 = run_eval(loops[:1], tmp_path / f"lean{r}", 1, one_core, args.model, ["--no-video"])
                 lean.append(s2["loops"][0]["realtime_factor"])
             print(f"   same without overlay video: real-time factor {statistics.median(lean):.2f}x")
-        print(f"   bare inference, 1 thread, one core: {bare_inference_ms(args.model, one_core):.1f} ms"
-              " per frame (median of 50)")
+        print(
+            f"   bare inference, 1 thread, one core: {bare_inference_ms(args.model, one_core):.1f} ms"
+            " per frame (median of 50)"
+        )
 
         # 2. scaling, side by side: alternate 1 worker / N workers
         walls: dict[int, list[float]] = {1: [], n: []}
         loop_walls: dict[int, list[float]] = {1: [], n: []}
         for r in range(args.repeats):
             for workers, cpus in ((1, one_core), (n, n_cores)):
-                wall, s = run_eval(loops, tmp_path / f"scale{workers}_{r}", workers, cpus,
-                                   args.model, extra)
+                wall, s = run_eval(loops, tmp_path / f"scale{workers}_{r}", workers, cpus, args.model, extra)
                 walls[workers].append(wall)
                 loop_walls[workers].append(sum(x["wall_s"] for x in s["loops"]))
         w1, wn = statistics.median(walls[1]), statistics.median(walls[n])
         print(f"\n2) {len(loops)} loops, whole command (process start, model load included)")
         print(f"   --workers 1 on 1 core: {w1:.2f} s; --workers {n} on {n} cores: {wn:.2f} s")
-        print(f"   speed-up {w1 / wn:.2f}x for {n} workers = {w1 / wn / n:.2f} x N "
-              f"(target >= 0.8 x N); runs 1: {', '.join(f'{x:.2f}' for x in walls[1])}; "
-              f"runs {n}: {', '.join(f'{x:.2f}' for x in walls[n])}")
+        print(
+            f"   speed-up {w1 / wn:.2f}x for {n} workers = {w1 / wn / n:.2f} x N "
+            f"(target >= 0.8 x N); runs 1: {', '.join(f'{x:.2f}' for x in walls[1])}; "
+            f"runs {n}: {', '.join(f'{x:.2f}' for x in walls[n])}"
+        )
         return 0
 
 

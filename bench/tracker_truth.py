@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=75)
     p.add_argument("--fps", type=float, default=15.0)
     p.add_argument("--model-size", type=int, default=256)
+    p.add_argument("--save", type=Path, default=None, help="pickle the loops' labels here")
+    p.add_argument("--only", type=int, nargs="*", default=None, help="score only these loops")
     p.add_argument(
         "--side",
         choices=("label", "auto"),
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     detected = events = false = 0
     delays: list[int] = []
     track_ms: list[float] = []
+    saved = []
     for j in range(args.loops):
         leaks = frozenset(MIXES[j % len(MIXES)])
         loop = simulate(
@@ -58,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
                 height=args.size, width=args.size, fps=args.fps, frames=args.frames, view="lateral", leaks=leaks
             ),
         )
+        if args.only is not None and j not in args.only:
+            continue
+        if args.save:
+            saved.append(
+                {
+                    "labels": loop.labels,
+                    "spacing": loop.spacing_mm,
+                    "fps": loop.fps,
+                    "side": loop.posterior_side,
+                    "events": loop.events,
+                    "extra": loop.extravertebral_mm2,
+                }
+            )
         g = LetterboxGeometry.fit(args.size, args.size, args.model_size)
         geo = TrackGeometry(
             frame_per_px=1 / g.scale,
@@ -92,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             f"loop {j:2d} ({loop.posterior_side:5s}, {loop.spacing_mm:.3f} mm/px): "
             + ("; ".join(notes) or "clean, nothing raised")
         )
+    if args.save:
+        import pickle
+
+        args.save.write_bytes(pickle.dumps(saved))
     minutes = args.loops * args.frames / args.fps / 60
     print(
         f"\ndetected {detected}/{events} events, delay median "

@@ -59,10 +59,18 @@ def add_parser(subparsers) -> None:
     g.add_argument("--provider", choices=("cpu", "cuda", "auto"), help="execution provider")
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (0: all cores)")
     g = p.add_argument_group("tracker")
-    g.add_argument("--posterior-side", choices=("auto", "left", "right"))
+    g.add_argument(
+        "--posterior-side",
+        choices=("auto", "left", "right"),
+        help="image side of the spinal canal (auto: the source says, else the needle's entry)",
+    )
     g = p.add_argument_group("alerts")
     g.add_argument("--address", help="PUB address (default tcp://127.0.0.1:5556; 'none': no socket)")
     g.add_argument("--alert-log", metavar="PATH", help="append every message as JSON lines")
+    g.add_argument(
+        "--injector-address",
+        help="firmware_bridge telemetry PUB to show in each status (default tcp://127.0.0.1:5558; 'none')",
+    )
     g.add_argument("--heartbeat-ms", type=int, help="heartbeat period (<= 1000)")
     g = p.add_argument_group("loop")
     g.add_argument("--max-frames", type=int, help="stop after this many frames")
@@ -119,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     publisher = make_publisher(settings)
+    injector = None
     try:
         publisher.open()
         publisher.start_heartbeat()  # "starting" while the model warms up
@@ -154,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
             )
             last["t"], last["n"] = now, 0
 
+        if settings.alerts.injector_address:
+            from guidance.alerts.telemetry import InjectorListener
+
+            injector = InjectorListener(settings.alerts.injector_address).start()
         loop = GuidanceLoop(
             settings,
             source,
@@ -162,9 +175,12 @@ def run(args: argparse.Namespace) -> int:
             on_result=on_result,
             on_message=lambda m: _say(_alert_line(m)),
             stop=stop,
+            injector=injector,
         )
         summary = loop.run()
     finally:
+        if injector is not None:
+            injector.stop()
         publisher.close()
         source.stop()
         for sig, handler in previous.items():

@@ -4,7 +4,7 @@
     (Source)    grey, undistort,  onnxruntime  pure       status every frame, alerts on
                 mm/px, FOV        class map    tracker    raise/clear; heartbeat thread
 
-The same composed pipeline runs live (`run_loop`) and offline (`run_replay`, as fast as
+The same composed pipeline runs live (`GuidanceLoop.run`) and offline (`run_replay`, as fast as
 possible, optionally without a socket). A bad frame or a model failure on one frame becomes a
 technical alert and the frame is skipped; silence from the video becomes `video_lost` and
 clears when frames come back.
@@ -96,6 +96,8 @@ class CalibrateOp:
                 if angulation
                 else load_calibration(settings.calibration.file)
             )
+            if info.width and info.height:  # made for other frames: refuse to start (calibration)
+                self.calibration.check_size(info.width, info.height)
         self.mm_per_px = (
             settings.calibration.pixel_spacing_mm
             or (self.calibration.pixel_spacing_mm if self.calibration else None)
@@ -224,9 +226,10 @@ class PublishOp:
 
     name = "publish"
 
-    def __init__(self, publisher: EventPublisher, source: Source) -> None:
+    def __init__(self, publisher: EventPublisher, source: Source, injector=None) -> None:
         self.publisher = publisher
         self.source = source
+        self.injector = injector  # InjectorListener or None: the bridge's latest telemetry
 
     def compute(self, ctx: Context) -> None:
         t0 = time.perf_counter()
@@ -252,6 +255,7 @@ class PublishOp:
             posterior_depth=status.posterior_depth,
             units=status.units,
             dropped_frames=self.source.dropped_frames,
+            injector=self.injector.latest() if self.injector is not None else None,
         )
         ctx.messages.append(msg)
 
@@ -279,7 +283,7 @@ class Pipeline:
         return ctx
 
 
-def compose(settings: Settings, source: Source, model: Model, publisher: EventPublisher) -> Pipeline:
+def compose(settings: Settings, source: Source, model: Model, publisher: EventPublisher, injector=None) -> Pipeline:
     """capture -> calibrate -> segment -> track -> publish, in one readable place."""
     info = source.info
     return Pipeline(
@@ -288,7 +292,7 @@ def compose(settings: Settings, source: Source, model: Model, publisher: EventPu
             CalibrateOp(settings, info),
             SegmentOp(model),
             TrackOp(settings, info),
-            PublishOp(publisher, source),
+            PublishOp(publisher, source, injector),
         ],
         publisher,
     )
@@ -339,6 +343,7 @@ class GuidanceLoop:
         on_result: Callable[[FrameResult], None] | None = None,
         on_message: Callable[[dict], None] | None = None,
         stop: threading.Event | None = None,
+        injector=None,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -347,7 +352,7 @@ class GuidanceLoop:
         self.on_result = on_result
         self.on_message = on_message
         self.stop = stop or threading.Event()
-        self.pipeline = compose(settings, source, model, publisher)
+        self.pipeline = compose(settings, source, model, publisher, injector)
         self.summary = RunSummary(
             source=source.info.name,
             model=model.describe(),

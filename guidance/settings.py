@@ -5,7 +5,7 @@ flags. Sections are named after the parts they configure:
     [calibration]   file, angulation, pixel_spacing_mm
     [segmentation]  model, sha256sums, provider, threads, warmup_runs
     [tracker]       posterior_side, raise_frames, clear_frames, area_threshold_mm2, ...
-    [alerts]        address, heartbeat_ms, sndhwm, linger_ms, log
+    [alerts]        address, heartbeat_ms, sndhwm, linger_ms, log, injector_address
     [loop]          max_frames, latency_budget_ms, overrun_frames, print_every_s
 
 e.g. `GUIDANCE_ALERTS_ADDRESS=tcp://127.0.0.1:6000`, or `address = "none"` for no socket.
@@ -84,6 +84,7 @@ class AlertSettings:
     sndhwm: int = 1000
     linger_ms: int = 500
     log: str | None = None  # JSONL alert log, flushed per message
+    injector_address: str | None = "tcp://127.0.0.1:5558"  # bridge telemetry -> status.injector
 
 
 @dataclass

@@ -118,12 +118,14 @@ def test_signal_stops_cleanly_with_exit_0(tmp_path, stand_in, sig):
     assert last["type"] == "heartbeat" and last["state"] == "stopping"
 
 
-@pytest.mark.parametrize("what", ["missing", "text", "dir"])
+@pytest.mark.parametrize("what", ["missing", "text", "dir", "refused", "device"])
 def test_bad_source_one_line_exit_2(tmp_path, stand_in, what):
     source = {
         "missing": tmp_path / "nope.mp4",
         "text": tmp_path / "notes.avi",
         "dir": tmp_path / "frames",
+        "refused": "rtsp://127.0.0.1:1/stream",  # nothing listens on port 1
+        "device": "57",  # no such capture device
     }[what]
     if what == "text":
         source.write_text("not a video")

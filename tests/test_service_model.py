@@ -116,13 +116,18 @@ def _reference_preprocess(frame, size, norm):
     return x[None, None]
 
 
-@pytest.mark.parametrize("shape", [(1024, 1024), (480, 640), (97, 131), (40, 30)])
+@pytest.mark.parametrize(
+    "shape", [(1024, 1024), (512, 512), (1024, 2048), (768, 1024), (480, 640), (97, 131), (40, 30)]
+)
 def test_fast_preprocess_is_bit_identical(shape):
+    """Power-of-two shrinks of 8-bit frames take the block-sum/lookup path, the rest the float
+    path: both give exactly the reference's bits."""
     from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, preprocess
 
     rng = np.random.default_rng(shape[0])
     frames = [
         scene_frames(1, size=shape)[0],
+        rng.integers(0, 256, shape, dtype=np.uint8),
         rng.integers(0, 65536, shape, dtype=np.uint16),
         np.full(shape, 9, np.uint8),
     ]
@@ -141,6 +146,17 @@ def test_percentile_window_matches_numpy_bit_for_bit():
             v = np.round(v * 4) / 4  # many ties
         lo, hi = rng.uniform(0, 10), rng.uniform(90, 100)
         assert percentile_window(v, lo, hi) == tuple(np.percentile(v, [lo, hi]))
+
+
+def test_order_statistics_of_integers_match_numpy():
+    from guidance.segmentation.preprocess import _order_statistics
+
+    rng = np.random.default_rng(11)
+    for _ in range(100):
+        n = int(rng.integers(8192, 70000))
+        v = rng.integers(0, int(rng.choice([3, 255, 4081, 65535])), n).astype(np.uint16)
+        ranks = sorted(set(rng.integers(0, n, 4).tolist()))
+        assert np.array_equal(_order_statistics(v, ranks), np.partition(v, ranks)[ranks])
 
 
 def test_argmax_classes_matches_numpy():

@@ -3,7 +3,9 @@ where a socket is involved, real ZeroMQ on loopback."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -242,3 +244,127 @@ def test_latency_overrun_is_a_technical_alert(tmp_path, stand_in):
     relaxed = offline(stand_in, loop={"latency_budget_ms": 1e6}, calibration={"pixel_spacing_mm": 0.25})
     summary, _ = replay(path, relaxed)
     assert summary.alerts == []
+
+
+class _MjpegServer:
+    """A real HTTP MJPEG stream on 127.0.0.1 (what IP frame grabbers serve): each connection
+    gets `per_connection` frames, then the stream ends, as when a cable is pulled."""
+
+    def __init__(self, frames, per_connection: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        jpegs = [cv2.imencode(".jpg", f)[1].tobytes() for f in frames]
+        self.connections = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.connections += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    for jpg in jpegs[:per_connection]:
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\n")
+                        self.wfile.write(b"Content-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
+                        self.wfile.flush()
+                        time.sleep(1 / 30)  # a 30 fps grabber
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_live_stream_url_lost_and_back(stand_in):
+    """An HTTP MJPEG grabber stream ends (video lost) and comes back on reconnect: the loop
+    raises `video_lost`, keeps heartbeating, and clears it when frames flow again."""
+    server = _MjpegServer(scene_frames(12, leak=None, size=(48, 64)), per_connection=12)
+    try:
+        settings = offline(stand_in, capture={"video_timeout_s": 0.3}, calibration={"pixel_spacing_mm": 0.3})
+        source = open_source(server.url, reconnect_s=0.5)
+        assert source.info.kind == "live"
+        model = Model(*stand_in)
+        model.warm_up(1)
+        seen = []
+        stop = threading.Event()
+        publisher = EventPublisher(None).open()
+
+        def on_message(msg):
+            seen.append((msg["kind"], msg["state"], msg["frame"]))
+            if msg["kind"] == "video_lost" and msg["state"] == "cleared":
+                stop.set()
+
+        guard = threading.Timer(30.0, stop.set)  # a deadline, not a timing assertion
+        guard.start()
+        summary = GuidanceLoop(settings, source, model, publisher, on_message=on_message, stop=stop).run()
+        guard.cancel()
+        publisher.close()
+    finally:
+        server.close()
+    kinds = [(k, s) for k, s, _ in seen]
+    assert kinds.index(("video_lost", "raised")) < kinds.index(("video_lost", "cleared"))
+    assert server.connections >= 2 and source.reconnects >= 1
+    # frame indices keep counting across the outage: the clear is on the second connection
+    lost_at = next(f for k, s, f in seen if (k, s) == ("video_lost", "raised"))
+    cleared_at = next(f for k, s, f in seen if (k, s) == ("video_lost", "cleared"))
+    assert lost_at is not None and cleared_at > lost_at  # the last frame before, a new one after
+    assert summary.stopped_by == "signal" and summary.frames_processed >= 2
+
+
+def test_status_carries_the_bridges_latest_telemetry(tmp_path, stand_in):
+    """A telemetry PUB (as firmware_bridge binds it) on loopback: each status carries the
+    newest telemetry heard, and null once it is stale."""
+    import zmq
+
+    from guidance.alerts.telemetry import InjectorListener
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind("tcp://127.0.0.1:*")
+    endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+    listener = InjectorListener(endpoint, stale_s=2.0).start()
+    try:
+        telemetry = {
+            "protocol": "cement-guidance/1",
+            "type": "telemetry",
+            "source": "firmware_bridge",
+            "seq": 1,
+            "injector_state": "injecting",
+            "plunger_position_mm": 12.5,
+            "hold_latched": False,
+        }
+        deadline = time.monotonic() + 10
+        while listener.latest() is None and time.monotonic() < deadline:  # slow joiner
+            pub.send_multipart([b"telemetry", json.dumps(telemetry).encode()])
+            listener._stop.wait(0.02)
+        assert listener.latest()["injector_state"] == "injecting"
+        path = write_video(tmp_path / "l.avi", scene_frames(4, leak=None))
+        settings = offline(stand_in, calibration={"pixel_spacing_mm": 0.25})
+        source = open_source(str(path), pace=False)
+        model = Model(*stand_in)
+        publisher = EventPublisher(None).open()
+        results = []
+        GuidanceLoop(settings, source, model, publisher, on_result=results.append, injector=listener).run()
+        publisher.close()
+        statuses = [m for r in results for m in r.messages if m["type"] == "status"]
+        assert len(statuses) == 4
+        for m in statuses:
+            validate_message(m)
+            assert m["injector"]["plunger_position_mm"] == 12.5
+        listener.stale_s = 0.0  # nothing new heard since: stale
+        assert listener.latest() is None
+    finally:
+        listener.stop()
+        pub.close()
+        ctx.term()

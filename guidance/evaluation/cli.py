@@ -51,18 +51,39 @@ def add_parser(subparsers) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="loop files or folders of loops")
     p.add_argument("--out", required=True, metavar="DIR", help="results folder (created)")
     scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--workers", type=int, default=1, metavar="N",
-                       help="local worker processes, one loop each at a time (default 1)")
-    scale.add_argument("--dask", metavar="ADDRESS",
-                       help="run loops on an existing dask.distributed scheduler (tcp://host:8786); "
-                            "paths and --out must be on a file system the workers see")
-    p.add_argument("--threads-per-worker", type=int, default=1, metavar="T",
-                   help="inference and OpenCV threads per loop (default 1: scale by loops)")
-    p.add_argument("--fail-under", metavar="METRIC=BOUND,...",
-                   help="e.g. sensitivity=0.9,false_alerts_per_min=1.0: exit code 1 when unmet")
+    scale.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local worker processes, one loop each at a time (default 1)",
+    )
+    scale.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="run loops on an existing dask.distributed scheduler (tcp://host:8786); "
+        "paths and --out must be on a file system the workers see",
+    )
+    p.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=1,
+        metavar="T",
+        help="inference and OpenCV threads per loop (default 1: scale by loops)",
+    )
+    p.add_argument(
+        "--fail-under",
+        metavar="METRIC=BOUND,...",
+        help="e.g. sensitivity=0.9,false_alerts_per_min=1.0: exit code 1 when unmet",
+    )
     p.add_argument("--no-video", action="store_true", help="skip the overlay videos")
-    p.add_argument("--overlay-size", type=int, default=512, metavar="PX",
-                   help="longest side of overlay videos and thumbnails' source (default 512)")
+    p.add_argument(
+        "--overlay-size",
+        type=int,
+        default=512,
+        metavar="PX",
+        help="longest side of overlay videos and thumbnails' source (default 512)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary lines")
     eval_settings.add_arguments(p)
     p.set_defaults(func=run)
@@ -82,8 +103,7 @@ def run(args: argparse.Namespace) -> int:
     refs, orphans = discover(args.paths)
     if not refs and not orphans:
         raise BadInputError(
-            f"no loops under {', '.join(args.paths)} (expected NAME.dcm, NAME.mp4/.avi/.mkv or "
-            "NAME/000000.png ...)"
+            f"no loops under {', '.join(args.paths)} (expected NAME.dcm, NAME.mp4/.avi/.mkv or NAME/000000.png ...)"
         )
     # every labels file is validated before any loop runs: a broken ground truth stops here
     labels = {r.loop_id: load_labels(r.labels) if r.labels else None for r in refs}
@@ -100,8 +120,15 @@ def run(args: argparse.Namespace) -> int:
 
     slugs = _unique_slugs([r.slug for r in refs])
     tasks = [
-        LoopTask(ref=r, labels=labels[r.loop_id], settings=settings, out_dir=str(out.resolve()),
-                 video=not args.no_video, overlay_max_side=args.overlay_size, slug=s)
+        LoopTask(
+            ref=r,
+            labels=labels[r.loop_id],
+            settings=settings,
+            out_dir=str(out.resolve()),
+            video=not args.no_video,
+            overlay_max_side=args.overlay_size,
+            slug=s,
+        )
         for r, s in zip(refs, slugs, strict=True)
     ]
     progress = Progress(len(tasks), None, args.quiet)
@@ -110,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
         progress.frames.total = None if None in counts else sum(counts)
         progress.frames.refresh()
     try:
-        results = run_all(tasks, workers=args.workers, threads=args.threads_per_worker,
-                          dask_address=args.dask, progress=progress)
+        results = run_all(
+            tasks, workers=args.workers, threads=args.threads_per_worker, dask_address=args.dask, progress=progress
+        )
     finally:
         progress.close()
     for path in orphans:
@@ -126,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
     run_info = {
         "tool": f"guidance evaluate {__version__}",
         "started_utc": started,
-        "executor": f"dask {args.dask}" if args.dask else f"processes x{args.workers}"
-        if args.workers > 1 else "serial",
+        "executor": f"dask {args.dask}"
+        if args.dask
+        else f"processes x{args.workers}"
+        if args.workers > 1
+        else "serial",
         "threads_per_worker": args.threads_per_worker,
         "host": platform.node(),
         "cpus": os.cpu_count(),
@@ -185,16 +216,19 @@ def _print_summary(summary: dict, out: Path) -> None:
     c = summary["counts"]
     det = summary["detection"]
     w = sys.stdout.write
-    w(f"{c['loops']} loops: {c['scored']} scored, {c['unscored']} unscored, {c['failed']} failed; "
-      f"{c['frames']} frames\n")
+    w(
+        f"{c['loops']} loops: {c['scored']} scored, {c['unscored']} unscored, {c['failed']} failed; "
+        f"{c['frames']} frames\n"
+    )
     for kind, m in det["per_kind"].items():
         sens = "n/a" if m["sensitivity"] is None else f"{m['sensitivity']:.3f}"
         fa = "n/a" if m["false_alerts_per_min"] is None else f"{m['false_alerts_per_min']:.2f}"
         delay = "n/a" if m["delay_ms_median"] is None else f"{m['delay_ms_median']:.0f} ms"
-        w(f"  {kind:9s} sensitivity {sens} ({m['detected']}/{m['events']}), median delay {delay}, "
-          f"false alerts/min {fa}\n")
-    dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in summary["dice"].items()
-                     if k != "frames")
+        w(
+            f"  {kind:9s} sensitivity {sens} ({m['detected']}/{m['events']}), median delay {delay}, "
+            f"false alerts/min {fa}\n"
+        )
+    dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in summary["dice"].items() if k != "frames")
     w(f"  Dice: {dice}\n")
     lat = summary["latency_ms"]
     if lat["n"]:

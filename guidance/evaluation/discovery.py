@@ -72,9 +72,7 @@ def discover(paths: list[str | Path]) -> tuple[list[LoopRef], list[str]]:
             loops.setdefault(str(Path(ref.source).resolve()), ref)
             continue
         if path.is_file():
-            raise BadInputError(
-                f"{raw}: not a loop (expected .dcm, .mp4, .avi, .mkv or a folder of 000000.png ...)"
-            )
+            raise BadInputError(f"{raw}: not a loop (expected .dcm, .mp4, .avi, .mkv or a folder of 000000.png ...)")
         root = path.resolve()
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             here = Path(dirpath)

@@ -29,8 +29,7 @@ class Progress:
         disable = quiet or not sys.stderr.isatty()
         self.enabled = not disable
         self.loops = tqdm(total=loops, desc="loops ", unit="loop", position=0, disable=disable)
-        self.frames = tqdm(total=frames, desc="frames", unit="fr", position=1, disable=disable,
-                           smoothing=0.1)
+        self.frames = tqdm(total=frames, desc="frames", unit="fr", position=1, disable=disable, smoothing=0.1)
         self.by_loop: dict[str, int] = {}
 
     def put(self, item: tuple[str, int]) -> None:  # the queue interface the runner uses
@@ -74,9 +73,7 @@ def _worker_init(threads: int) -> None:
     limit_threads(threads)
 
 
-def run_processes(
-    tasks: list[LoopTask], workers: int, threads: int, progress: Progress
-) -> Iterator[dict]:
+def run_processes(tasks: list[LoopTask], workers: int, threads: int, progress: Progress) -> Iterator[dict]:
     """Spawned processes (no fork: onnxruntime and OpenCV thread pools do not survive it).
 
     A worker that dies (crash, out of memory) breaks the whole pool, so the loops caught in

@@ -101,9 +101,7 @@ def load_labels(path: Path | str) -> Labels:
     side = doc.get("posterior_side")
     if side is not None:
         if side not in POSTERIOR_SIDES:
-            raise LabelsError(
-                path, "posterior_side", f"must be left or right (or absent); got {side!r}"
-            )
+            raise LabelsError(path, "posterior_side", f"must be left or right (or absent); got {side!r}")
         if view != "lateral":
             raise LabelsError(path, "posterior_side", "is for the lateral view only (view is ap)")
 
@@ -122,9 +120,7 @@ def load_labels(path: Path | str) -> Labels:
             raise LabelsError(path, f"{where}.kind", f"must be posterior or venous; got {kind!r}")
         onset = item.get("onset_frame")
         if not isinstance(onset, int) or isinstance(onset, bool) or onset < 0:
-            raise LabelsError(
-                path, f"{where}.onset_frame", f"must be an integer >= 0; got {onset!r}"
-            )
+            raise LabelsError(path, f"{where}.onset_frame", f"must be an integer >= 0; got {onset!r}")
         events.append(Event(kind, onset))
 
     masks_path: str | None = None
@@ -158,15 +154,11 @@ def _check_masks_header(labels_path: Path, masks_path: Path) -> tuple[int, int, 
             names = zf.namelist()
             if f"{MASK_KEY}.npy" not in names:
                 keys = ", ".join(n.removesuffix(".npy") for n in names) or "none"
-                raise LabelsError(
-                    labels_path, "masks", f"{masks_path.name} has no key '{MASK_KEY}' (keys: {keys})"
-                )
+                raise LabelsError(labels_path, "masks", f"{masks_path.name} has no key '{MASK_KEY}' (keys: {keys})")
             with zf.open(f"{MASK_KEY}.npy") as fh:
                 version = np.lib.format.read_magic(fh)
                 read_header = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
                 )
                 shape, _fortran, dtype = read_header(fh)
     except LabelsError:
@@ -196,9 +188,7 @@ def load_masks(labels: Labels) -> np.ndarray:
     top = int(masks.max()) if masks.size else 0
     if top > MASK_MAX_CLASS:
         frame = int(np.argmax((masks > MASK_MAX_CLASS).reshape(masks.shape[0], -1).any(axis=1)))
-        raise LabelsError(
-            labels.path, "masks", f"values must be 0..{MASK_MAX_CLASS}; frame {frame} has {top}"
-        )
+        raise LabelsError(labels.path, "masks", f"values must be 0..{MASK_MAX_CLASS}; frame {frame} has {top}")
     return masks
 
 
@@ -215,11 +205,7 @@ class MaskStream:
         self._zip = zipfile.ZipFile(labels.masks_path)
         self._fh = self._zip.open(f"{MASK_KEY}.npy")
         version = np.lib.format.read_magic(self._fh)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         _shape, fortran, _dtype = read_header(self._fh)
         if fortran:
             self.close()
@@ -244,9 +230,7 @@ class MaskStream:
             raise LabelsError(self.labels.path, "masks", f"cannot be read ({exc})") from None
         top = int(mask.max())
         if top > MASK_MAX_CLASS:
-            raise LabelsError(
-                self.labels.path, "masks", f"values must be 0..{MASK_MAX_CLASS}; frame {index} has {top}"
-            )
+            raise LabelsError(self.labels.path, "masks", f"values must be 0..{MASK_MAX_CLASS}; frame {index} has {top}")
         return mask
 
     def _read(self) -> np.ndarray:

@@ -65,8 +65,7 @@ def render(
     y = bar + int(18 * scale / 0.5)
     if lines:  # one dark box behind all lines, one putText per line (text is costly)
         step = int(20 * scale / 0.5)
-        cv2.rectangle(out, (0, bar + 2), (int(w * 0.6), y + step * (len(lines) - 1) + 6),
-                      (0, 0, 0), -1)
+        cv2.rectangle(out, (0, bar + 2), (int(w * 0.6), y + step * (len(lines) - 1) + 6), (0, 0, 0), -1)
     for text, colour in lines:
         cv2.putText(out, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick)
         y += int(20 * scale / 0.5)
@@ -78,8 +77,9 @@ def skipped_frame(size: tuple[int, int], index: int) -> np.ndarray:
     h, w = size
     out = np.full((h, w, 3), 40, np.uint8)
     scale = max(0.35, h / 900)
-    cv2.putText(out, f"frame {index}: skipped by the pipeline", (4, h // 2),
-                cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 200, 255), 1)
+    cv2.putText(
+        out, f"frame {index}: skipped by the pipeline", (4, h // 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 200, 255), 1
+    )
     return out
 
 
@@ -100,9 +100,7 @@ class OverlayVideo:
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             h, w = bgr.shape[:2]
-            self.writer = cv2.VideoWriter(
-                str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h), True
-            )
+            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h), True)
             if not self.writer.isOpened():
                 raise OSError(f"cannot open an mp4v video writer for {self.path}")
         self.writer.write(bgr)

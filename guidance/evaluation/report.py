@@ -67,11 +67,14 @@ def timeline_svg(row: dict, detail: dict, width: int = 920, height: int = 210) -
     peak = max([1e-9] + [max(series.get(k) or [0]) for k in ("cement", "posterior", "venous")])
     units = series.get("units") or "px"
     y_of = lambda a: top + plot_h - a / peak * plot_h  # noqa: E731
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" class="timeline" '
-           f'aria-label="timeline {_e(row["loop_id"])}">']
-    out.append(f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{plot_h}" '
-               'fill="none" stroke="#bbb"/>')
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" class="timeline" '
+        f'aria-label="timeline {_e(row["loop_id"])}">'
+    ]
+    out.append(
+        f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{plot_h}" fill="none" stroke="#bbb"/>'
+    )
     out.append(f'<text x="4" y="{top + 10}" font-size="10">{peak:.0f} {units}²</text>')
     out.append(f'<text x="4" y="{top + plot_h}" font-size="10">0</text>')
     fps = row.get("fps")
@@ -80,38 +83,47 @@ def timeline_svg(row: dict, detail: dict, width: int = 920, height: int = 210) -
         c = KIND_COLOUR[ev["kind"]]
         x0 = x_of(ev["onset_frame"]) - fw / 2
         x1 = x_of(min(ev["onset_frame"] + window, n - 1)) + fw / 2
-        out.append(f'<rect x="{x0:.1f}" y="{top}" width="{max(1, x1 - x0):.1f}" height="{plot_h}" '
-                   f'fill="{c}" opacity="0.10"/>')
-        out.append(f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{top}" y2="{top + plot_h}" stroke="{c}" '
-                   f'stroke-dasharray="4 3" stroke-width="1.5"><title>{ev["kind"]} onset, frame '
-                   f'{ev["onset_frame"]}</title></line>')
-    for key, colour in (("cement", "#555"), ("posterior", KIND_COLOUR["posterior"]),
-                        ("venous", KIND_COLOUR["venous"])):
+        out.append(
+            f'<rect x="{x0:.1f}" y="{top}" width="{max(1, x1 - x0):.1f}" height="{plot_h}" fill="{c}" opacity="0.10"/>'
+        )
+        out.append(
+            f'<line x1="{x0:.1f}" x2="{x0:.1f}" y1="{top}" y2="{top + plot_h}" stroke="{c}" '
+            f'stroke-dasharray="4 3" stroke-width="1.5"><title>{ev["kind"]} onset, frame '
+            f"{ev['onset_frame']}</title></line>"
+        )
+    for key, colour in (("cement", "#555"), ("posterior", KIND_COLOUR["posterior"]), ("venous", KIND_COLOUR["venous"])):
         values = series.get(key) or []
         if values:
             pts = " ".join(f"{x_of(f):.1f},{y_of(a):.1f}" for f, a in zip(frames, values, strict=True))
             out.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.3"/>')
-    for i, (key, colour) in enumerate((("flag_posterior", KIND_COLOUR["posterior"]),
-                                       ("flag_venous", KIND_COLOUR["venous"]))):
+    for i, (key, colour) in enumerate(
+        (("flag_posterior", KIND_COLOUR["posterior"]), ("flag_venous", KIND_COLOUR["venous"]))
+    ):
         y = band_y + i * 12
         out.append(f'<text x="4" y="{y + 9}" font-size="10">{key.removeprefix("flag_")}</text>')
         for a, b in _runs(series.get(key) or [], frames):
-            out.append(f'<rect x="{x_of(a) - fw / 2:.1f}" y="{y}" width="{x_of(b) - x_of(a) + fw:.1f}" '
-                       f'height="9" fill="{colour}"/>')
+            out.append(
+                f'<rect x="{x_of(a) - fw / 2:.1f}" y="{y}" width="{x_of(b) - x_of(a) + fw:.1f}" '
+                f'height="9" fill="{colour}"/>'
+            )
     false_frames = {(a["kind"], a["frame"]) for a in ((row.get("score") or {}).get("false_alerts") or [])}
     for r in row.get("raises") or []:
         c = KIND_COLOUR[r["kind"]]
         x = x_of(r["frame"])
         false = (r["kind"], r["frame"]) in false_frames
         fill = "#fff" if false else c
-        out.append(f'<path d="M{x - 5:.1f},{top - 12} L{x + 5:.1f},{top - 12} L{x:.1f},{top - 2} Z" '
-                   f'fill="{fill}" stroke="{c}" stroke-width="1.5"><title>{r["kind"]} raised at frame '
-                   f'{r["frame"]}{" (false alert)" if false else ""}</title></path>')
+        out.append(
+            f'<path d="M{x - 5:.1f},{top - 12} L{x + 5:.1f},{top - 12} L{x:.1f},{top - 2} Z" '
+            f'fill="{fill}" stroke="{c}" stroke-width="1.5"><title>{r["kind"]} raised at frame '
+            f"{r['frame']}{' (false alert)' if false else ''}</title></path>"
+        )
     for a in row.get("technical_alerts") or []:
         if a.get("state") == "raised" and a.get("frame") is not None:
             x = x_of(a["frame"])
-            out.append(f'<circle cx="{x:.1f}" cy="{top - 7}" r="3" fill="#999"><title>{_e(a["kind"])} '
-                       f'at frame {a["frame"]}</title></circle>')
+            out.append(
+                f'<circle cx="{x:.1f}" cy="{top - 7}" r="3" fill="#999"><title>{_e(a["kind"])} '
+                f"at frame {a['frame']}</title></circle>"
+            )
     # frame axis
     step = max(1, 10 ** math.floor(math.log10(max(n, 10))) // 2)
     for f in range(0, n, step):
@@ -121,8 +133,10 @@ def timeline_svg(row: dict, detail: dict, width: int = 920, height: int = 210) -
 
 
 def latency_histogram_svg(latencies: Sequence[float], width: int = 560, height: int = 190) -> str:
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" class="histogram" role="img" aria-label="latency histogram">']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" class="histogram" role="img" aria-label="latency histogram">'
+    ]
     if not latencies:
         out.append('<text x="10" y="20" font-size="12">no frames</text></svg>')
         return "".join(out)
@@ -137,22 +151,30 @@ def latency_histogram_svg(latencies: Sequence[float], width: int = 560, height: 
     bw = plot_w / bins
     for i, c in enumerate(counts):
         h = c / top_count * plot_h
-        out.append(f'<rect x="{left + i * bw:.1f}" y="{bottom - h:.1f}" width="{bw - 1:.1f}" '
-                   f'height="{h:.1f}" fill="#4c72b0"><title>{i * hi / bins:.1f}-{(i + 1) * hi / bins:.1f} ms: '
-                   f'{c}</title></rect>')
+        out.append(
+            f'<rect x="{left + i * bw:.1f}" y="{bottom - h:.1f}" width="{bw - 1:.1f}" '
+            f'height="{h:.1f}" fill="#4c72b0"><title>{i * hi / bins:.1f}-{(i + 1) * hi / bins:.1f} ms: '
+            f"{c}</title></rect>"
+        )
     for q, colour in ((50, "#2ca02c"), (99, "#d62728")):
         v = vals[min(len(vals) - 1, int(round(q / 100 * (len(vals) - 1))))]
         x = left + min(v, hi) / hi * plot_w
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bottom - plot_h}" y2="{bottom}" '
-                   f'stroke="{colour}" stroke-dasharray="3 2"/>')
-        out.append(f'<text x="{x + 2:.1f}" y="{bottom - plot_h + 10}" font-size="10" fill="{colour}">'
-                   f'p{q} {v:.1f} ms</text>')
+        out.append(
+            f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bottom - plot_h}" y2="{bottom}" '
+            f'stroke="{colour}" stroke-dasharray="3 2"/>'
+        )
+        out.append(
+            f'<text x="{x + 2:.1f}" y="{bottom - plot_h + 10}" font-size="10" fill="{colour}">p{q} {v:.1f} ms</text>'
+        )
     for i in range(0, 5):
         v = hi * i / 4
-        out.append(f'<text x="{left + plot_w * i / 4:.1f}" y="{height - 8}" font-size="10" '
-                   f'text-anchor="middle">{v:.0f}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{height}" font-size="10" text-anchor="middle">'
-               'per-frame latency (picked -> published), ms</text></svg>')
+        out.append(
+            f'<text x="{left + plot_w * i / 4:.1f}" y="{height - 8}" font-size="10" text-anchor="middle">{v:.0f}</text>'
+        )
+    out.append(
+        f'<text x="{left + plot_w / 2}" y="{height}" font-size="10" text-anchor="middle">'
+        "per-frame latency (picked -> published), ms</text></svg>"
+    )
     return "".join(out)
 
 
@@ -172,9 +194,11 @@ def _metrics_table(summary: dict) -> str:
             f"<td class=num>{_f(m['delay_ms_median'], 0)} / {_f(m['delay_ms_p90'], 0)}</td>"
             f"<td class=num>{m['false_alerts']}</td><td class=num>{_f(m['false_alerts_per_min'], 2)}</td></tr>"
         )
-    return ("<table id=detection><tr><th>kind</th><th>detected</th><th>sensitivity [95 % CI]</th>"
-            "<th>delay frames median / p90</th><th>delay ms median / p90</th><th>false alerts</th>"
-            "<th>false alerts / min</th></tr>" + "".join(rows) + "</table>")
+    return (
+        "<table id=detection><tr><th>kind</th><th>detected</th><th>sensitivity [95 % CI]</th>"
+        "<th>delay frames median / p90</th><th>delay ms median / p90</th><th>false alerts</th>"
+        "<th>false alerts / min</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _findings(summary: dict, details: dict[str, dict]) -> str:
@@ -185,8 +209,15 @@ def _findings(summary: dict, details: dict[str, dict]) -> str:
             continue
         for ev in score["events"]:
             if not ev["detected"]:
-                rows.append((row["loop_id"], "miss", ev["kind"], ev["onset_frame"],
-                             f"no {ev['kind']} raise in frames {ev['onset_frame']}..{ev['window_end_frame']}"))
+                rows.append(
+                    (
+                        row["loop_id"],
+                        "miss",
+                        ev["kind"],
+                        ev["onset_frame"],
+                        f"no {ev['kind']} raise in frames {ev['onset_frame']}..{ev['window_end_frame']}",
+                    )
+                )
         for fa in score["false_alerts"]:
             rows.append((row["loop_id"], "false alert", fa["kind"], fa["frame"], fa["reason"]))
     if not rows:
@@ -196,15 +227,19 @@ def _findings(summary: dict, details: dict[str, dict]) -> str:
         f"<td class=bad>{what}</td><td>{kind}</td><td class=num>{frame}</td><td>{_e(why)}</td></tr>"
         for lid, what, kind, frame, why in rows
     )
-    return ("<table id=findings><tr><th>loop</th><th>finding</th><th>kind</th><th>frame</th>"
-            f"<th>detail</th></tr>{body}</table>")
+    return (
+        "<table id=findings><tr><th>loop</th><th>finding</th><th>kind</th><th>frame</th>"
+        f"<th>detail</th></tr>{body}</table>"
+    )
 
 
 def _loop_section(row: dict, detail: dict) -> str:
     status = row["status"]
     cls = {"scored": "ok", "unscored": "muted", "failed": "bad"}[status]
-    parts = [f"<section class=loop id='loop-{_e(detail['slug'])}'><h3>{_e(row['loop_id'])} "
-             f"<span class={cls}>{status}</span></h3>"]
+    parts = [
+        f"<section class=loop id='loop-{_e(detail['slug'])}'><h3>{_e(row['loop_id'])} "
+        f"<span class={cls}>{status}</span></h3>"
+    ]
     if row.get("reason"):
         parts.append(f"<p class={'bad' if status == 'failed' else 'muted'}>{_e(row['reason'])}</p>")
     facts = [f"{row.get('frames') or 0} frames"]
@@ -225,8 +260,10 @@ def _loop_section(row: dict, detail: dict) -> str:
     if thumbs:
         parts.append("<div class=thumbs>")
         for t in thumbs:
-            parts.append(f"<figure><img alt='frame {t['frame']}' src='data:image/png;base64,{t['png']}'>"
-                         f"<figcaption>frame {t['frame']}: {_e(t['why'])}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='frame {t['frame']}' src='data:image/png;base64,{t['png']}'>"
+                f"<figcaption>frame {t['frame']}: {_e(t['why'])}</figcaption></figure>"
+            )
         parts.append("</div>")
     parts.append("</section>")
     return "".join(parts)
@@ -239,44 +276,66 @@ def render_report(summary: dict, details: dict[str, dict], latencies: Sequence[f
     lat = summary["latency_ms"]
     run = summary.get("run") or {}
     fail_under = summary.get("fail_under")
-    head = (f"<!DOCTYPE html><html lang=en><head><meta charset='utf-8'>"
-            f"<title>cement-guidance evaluation</title><style>{CSS}</style></head><body>")
-    parts = [head, "<h1>cement-guidance offline evaluation</h1>",
-             f"<p class=disclaimer>{_e(DISCLAIMER)}</p>",
-             f"<p>{counts['loops']} loops ({counts['scored']} scored, {counts['unscored']} unscored, "
-             f"<span class={'bad' if counts['failed'] else 'ok'}>{counts['failed']} failed</span>), "
-             f"{counts['frames']} frames, {summary['detection']['minutes']:.2f} min scored. "
-             f"Exit code {summary['exit_code']}.</p>"]
+    head = (
+        f"<!DOCTYPE html><html lang=en><head><meta charset='utf-8'>"
+        f"<title>cement-guidance evaluation</title><style>{CSS}</style></head><body>"
+    )
+    parts = [
+        head,
+        "<h1>cement-guidance offline evaluation</h1>",
+        f"<p class=disclaimer>{_e(DISCLAIMER)}</p>",
+        f"<p>{counts['loops']} loops ({counts['scored']} scored, {counts['unscored']} unscored, "
+        f"<span class={'bad' if counts['failed'] else 'ok'}>{counts['failed']} failed</span>), "
+        f"{counts['frames']} frames, {summary['detection']['minutes']:.2f} min scored. "
+        f"Exit code {summary['exit_code']}.</p>",
+    ]
     if run:
-        parts.append("<p class=muted>" + _e(", ".join(f"{k}: {v}" for k, v in run.items()
-                                                        if not isinstance(v, dict | list))) + "</p>")
+        parts.append(
+            "<p class=muted>"
+            + _e(", ".join(f"{k}: {v}" for k, v in run.items() if not isinstance(v, dict | list)))
+            + "</p>"
+        )
     parts.append("<h2>Detection</h2>" + _metrics_table(summary))
-    parts.append("<h2>Segmentation (Dice, pooled over masked frames)</h2><table id=dice><tr>"
-                 + "".join(f"<th>{n}</th>" for n in DICE_CLASSES.values()) + "<th>frames</th></tr><tr>"
-                 + "".join(f"<td class=num>{_f(dice[n], 3)}</td>" for n in DICE_CLASSES.values())
-                 + f"<td class=num>{dice['frames']}</td></tr></table>")
+    parts.append(
+        "<h2>Segmentation (Dice, pooled over masked frames)</h2><table id=dice><tr>"
+        + "".join(f"<th>{n}</th>" for n in DICE_CLASSES.values())
+        + "<th>frames</th></tr><tr>"
+        + "".join(f"<td class=num>{_f(dice[n], 3)}</td>" for n in DICE_CLASSES.values())
+        + f"<td class=num>{dice['frames']}</td></tr></table>"
+    )
     if fail_under:
-        parts.append("<h2>Thresholds (--fail-under)</h2><table id=fail-under><tr><th>metric</th>"
-                     "<th>bound</th><th>value</th><th>met</th></tr>" + "".join(
-                         f"<tr><td>{c['metric']}</td><td class=num>{c['op']} {c['bound']:g}</td>"
-                         f"<td class=num>{_f(c['value'], 3)}</td><td class={'ok' if c['met'] else 'bad'}>"
-                         f"{'yes' if c['met'] else 'NO'}</td></tr>" for c in fail_under["results"])
-                     + "</table>")
-    parts.append(f"<h2>Latency</h2><p>p50 {_f(lat['p50'], 1, ' ms')}, p99 {_f(lat['p99'], 1, ' ms')}, "
-                 f"max {_f(lat['max'], 1, ' ms')} over {lat['n']} frames (as fast as possible, "
-                 f"not paced).</p>" + latency_histogram_svg(latencies))
+        parts.append(
+            "<h2>Thresholds (--fail-under)</h2><table id=fail-under><tr><th>metric</th>"
+            "<th>bound</th><th>value</th><th>met</th></tr>"
+            + "".join(
+                f"<tr><td>{c['metric']}</td><td class=num>{c['op']} {c['bound']:g}</td>"
+                f"<td class=num>{_f(c['value'], 3)}</td><td class={'ok' if c['met'] else 'bad'}>"
+                f"{'yes' if c['met'] else 'NO'}</td></tr>"
+                for c in fail_under["results"]
+            )
+            + "</table>"
+        )
+    parts.append(
+        f"<h2>Latency</h2><p>p50 {_f(lat['p50'], 1, ' ms')}, p99 {_f(lat['p99'], 1, ' ms')}, "
+        f"max {_f(lat['max'], 1, ' ms')} over {lat['n']} frames (as fast as possible, "
+        f"not paced).</p>" + latency_histogram_svg(latencies)
+    )
     parts.append("<h2>Misses and false alerts</h2>" + _findings(summary, details))
     failed = [r for r in summary["loops"] if r["status"] == "failed"]
     if failed:
-        parts.append("<h2>Failed loops</h2><table id=failed><tr><th>loop</th><th>reason</th></tr>"
-                     + "".join(f"<tr><td>{_e(r['loop_id'])}</td><td>{_e(r['reason'])}</td></tr>"
-                               for r in failed) + "</table>")
-    parts.append("<h2>Loops</h2><p class=legend>"
-                 "<span><i class=sw style='background:#555'></i>cement area</span>"
-                 f"<span><i class=sw style='background:{KIND_COLOUR['posterior']}'></i>posterior</span>"
-                 f"<span><i class=sw style='background:{KIND_COLOUR['venous']}'></i>venous</span>"
-                 "<span>dashed: labelled onset, shaded: detection window</span>"
-                 "<span>▼ raise (hollow: false alert), ● technical alert</span></p>")
+        parts.append(
+            "<h2>Failed loops</h2><table id=failed><tr><th>loop</th><th>reason</th></tr>"
+            + "".join(f"<tr><td>{_e(r['loop_id'])}</td><td>{_e(r['reason'])}</td></tr>" for r in failed)
+            + "</table>"
+        )
+    parts.append(
+        "<h2>Loops</h2><p class=legend>"
+        "<span><i class=sw style='background:#555'></i>cement area</span>"
+        f"<span><i class=sw style='background:{KIND_COLOUR['posterior']}'></i>posterior</span>"
+        f"<span><i class=sw style='background:{KIND_COLOUR['venous']}'></i>venous</span>"
+        "<span>dashed: labelled onset, shaded: detection window</span>"
+        "<span>▼ raise (hollow: false alert), ● technical alert</span></p>"
+    )
     for row in summary["loops"]:
         parts.append(_loop_section(row, details.get(row["loop_id"], {"slug": row["loop_id"]})))
     parts.append("</body></html>")

@@ -59,8 +59,9 @@ class _Collector:
         self.masks = MaskStream(task.labels) if task.labels and task.labels.masks_path else None
         self.dice = DiceCounter() if self.masks is not None else None
         self.frames_seen: list[int] = []
-        self.series: dict[str, list] = {k: [] for k in ("frame", "cement", "posterior", "venous",
-                                                         "flag_posterior", "flag_venous")}
+        self.series: dict[str, list] = {
+            k: [] for k in ("frame", "cement", "posterior", "venous", "flag_posterior", "flag_venous")
+        }
         self.units: str | None = None
         self.messages: list[dict] = []
         self.latencies: list[float] = []
@@ -101,8 +102,7 @@ class _Collector:
         if self.video is not None:
             for gap in range(self.frames_seen[-1] + 1 if self.frames_seen else 0, idx):
                 # a frame the pipeline skipped: keep the video in step with the loop
-                self.video.write(overlay.skipped_frame(
-                    overlay.fit_size(*self.size, self.task.overlay_max_side), gap))
+                self.video.write(overlay.skipped_frame(overlay.fit_size(*self.size, self.task.overlay_max_side), gap))
         self.frames_seen.append(idx)
         status = next((m for m in fr.messages if m.get("type") == "status"), None)
         alerts = [m for m in fr.messages if m.get("type") == "alert"]
@@ -131,12 +131,7 @@ class _Collector:
             if isinstance(v, int | float):
                 self.stage_latencies.setdefault(k, []).append(float(v))
 
-        if (
-            self.masks is not None
-            and self.dice is not None
-            and self.mask_mismatch is None
-            and idx < len(self.masks)
-        ):
+        if self.masks is not None and self.dice is not None and self.mask_mismatch is None and idx < len(self.masks):
             try:
                 truth = self.masks.frame(idx)
             except LabelsError as exc:
@@ -161,18 +156,18 @@ class _Collector:
         if self.video is not None or reasons:
             lines = [(f"frame {idx}", overlay.WHITE)]
             lines += [(f"ALERT {k}", overlay.RED) for k, on in sorted(self.active.items()) if on]
-            lines += [(f"label: {e.kind} leak since frame {e.onset_frame}", (0, 255, 0))
-                      for e in (self.task.labels.events if self.task.labels else ())
-                      if e.onset_frame <= idx]
+            lines += [
+                (f"label: {e.kind} leak since frame {e.onset_frame}", (0, 255, 0))
+                for e in (self.task.labels.events if self.task.labels else ())
+                if e.onset_frame <= idx
+            ]
             max_side = self.task.overlay_max_side
             size = overlay.fit_size(self.size[0], self.size[1], max_side)
             bgr = overlay.render(fr.image, np.asarray(fr.labels), size, flags, lines)
             if self.video is not None:
                 self.video.write(bgr)
             if reasons and len(self.thumbnails) < MAX_CANDIDATES:
-                self.thumbnails.append(
-                    {"frame": idx, "why": ", ".join(reasons), "png": overlay.png_base64(bgr)}
-                )
+                self.thumbnails.append({"frame": idx, "why": ", ".join(reasons), "png": overlay.png_base64(bgr)})
         prog = self.task.progress
         if prog is not None and len(self.frames_seen) % self.task.progress_every == 0:
             prog.put((self.task.ref.loop_id, self.task.progress_every))
@@ -198,12 +193,32 @@ def _same_aspect(mask_hw: tuple[int, int], frame_hw: tuple[int, int]) -> bool:
 
 def base_result(ref: LoopRef) -> dict:
     return {
-        "loop_id": ref.loop_id, "name": ref.name, "source": ref.source, "form": ref.form,
-        "labels": ref.labels, "status": "failed", "failure": None, "reason": None, "frames": 0, "fps": None,
-        "fps_source": None, "size": None, "missing_frames": 0, "raises": [],
-        "technical_alerts": [], "score": None, "dice": None, "dice_counts": None,
-        "latency_ms": latency_stats([]), "latencies_ms": [], "wall_s": None,
-        "realtime_factor": None, "cpu_s": None, "artifacts": {}, "series": None, "thumbnails": [],
+        "loop_id": ref.loop_id,
+        "name": ref.name,
+        "source": ref.source,
+        "form": ref.form,
+        "labels": ref.labels,
+        "status": "failed",
+        "failure": None,
+        "reason": None,
+        "frames": 0,
+        "fps": None,
+        "fps_source": None,
+        "size": None,
+        "missing_frames": 0,
+        "raises": [],
+        "technical_alerts": [],
+        "score": None,
+        "dice": None,
+        "dice_counts": None,
+        "latency_ms": latency_stats([]),
+        "latencies_ms": [],
+        "wall_s": None,
+        "realtime_factor": None,
+        "cpu_s": None,
+        "artifacts": {},
+        "series": None,
+        "thumbnails": [],
         "events": [],
     }
 
@@ -313,8 +328,7 @@ def _finish_loop(result: dict, col: _Collector | None, t0: float, ok: bool) -> d
         if m.get("category") == "technical"
     ]
     result["alerts"] = [
-        {"kind": m.get("kind"), "state": m.get("state"), "frame": m.get("frame"),
-         "priority": m.get("priority")}
+        {"kind": m.get("kind"), "state": m.get("state"), "frame": m.get("frame"), "priority": m.get("priority")}
         for m in col.messages
     ]
     if col.video is not None and col.video.frames:
@@ -336,9 +350,11 @@ def _finish_loop(result: dict, col: _Collector | None, t0: float, ok: bool) -> d
     late = [e for e in labels.events if e.onset_frame >= frames]
     if late:
         result["failure"] = "labels"
-        result["reason"] = str(LabelsError(
-            labels.path, "events[].onset_frame",
-            f"onset {late[0].onset_frame} is beyond the loop's {frames} frames"))
+        result["reason"] = str(
+            LabelsError(
+                labels.path, "events[].onset_frame", f"onset {late[0].onset_frame} is beyond the loop's {frames} frames"
+            )
+        )
         return result
     if col.masks is not None:
         if col.mask_mismatch:
@@ -347,8 +363,9 @@ def _finish_loop(result: dict, col: _Collector | None, t0: float, ok: bool) -> d
             return result
         if len(col.masks) != frames:
             result["failure"] = "labels"
-            result["reason"] = str(LabelsError(
-                labels.path, "masks", f"has {len(col.masks)} frames, the loop has {frames}"))
+            result["reason"] = str(
+                LabelsError(labels.path, "masks", f"has {len(col.masks)} frames, the loop has {frames}")
+            )
             return result
         # frames the pipeline skipped (corrupt) count as predicted background: every truth
         # pixel of theirs is a false negative

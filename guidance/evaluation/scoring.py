@@ -61,9 +61,7 @@ def score_events(events: Sequence[Event], raises: Sequence[AlertRaise], fps: flo
     rows = []
     for ev in events:
         hits = sorted(
-            r.frame
-            for r in raises
-            if r.kind == ev.kind and ev.onset_frame <= r.frame <= ev.onset_frame + window
+            r.frame for r in raises if r.kind == ev.kind and ev.onset_frame <= r.frame <= ev.onset_frame + window
         )
         f = hits[0] if hits else None
         rows.append(
@@ -102,9 +100,7 @@ def rate_per_minute(count: int, n_minutes: float) -> float | None:
     return count / n_minutes if n_minutes > 0 else None
 
 
-def score_loop(
-    events: Sequence[Event], raises: Sequence[AlertRaise], fps: float, n_frames: int
-) -> dict:
+def score_loop(events: Sequence[Event], raises: Sequence[AlertRaise], fps: float, n_frames: int) -> dict:
     """Everything the spec scores for one loop, except Dice (see DiceCounter)."""
     ev_rows = score_events(events, raises, fps)
     fa_rows = false_alerts(events, raises)
@@ -216,10 +212,7 @@ def aggregate_detection(loop_scores: Sequence[dict]) -> dict:
     for kind in (*EVENT_KINDS, None):
         evs = [e for e in all_events if kind is None or e["kind"] == kind]
         hits = [e for e in evs if e["detected"]]
-        fa = sum(
-            s["per_kind"][kind]["false_alerts"] if kind else s["false_alerts_total"]
-            for s in loop_scores
-        )
+        fa = sum(s["per_kind"][kind]["false_alerts"] if kind else s["false_alerts_total"] for s in loop_scores)
         row = {
             "events": len(evs),
             "detected": len(hits),

@@ -24,20 +24,17 @@ def build(args: argparse.Namespace) -> Settings:
     settings = load_settings(
         args.config,
         overrides={
-            "segmentation": {"model": args.model, "sha256sums": args.sha256sums,
-                             "provider": args.provider},
+            "segmentation": {"model": args.model, "sha256sums": args.sha256sums, "provider": args.provider},
             "calibration": {"file": args.calibration},
         },
     )
     seg = settings.segmentation
     # absolute paths: worker processes and Dask workers may not share this working directory
-    absolute = {k: str(Path(v).resolve()) for k, v in
-                (("model", seg.model), ("sha256sums", seg.sha256sums)) if v}
+    absolute = {k: str(Path(v).resolve()) for k, v in (("model", seg.model), ("sha256sums", seg.sha256sums)) if v}
     if absolute:
         settings = settings.replace(segmentation=absolute)
     if settings.calibration.file:
-        settings = settings.replace(
-            calibration={"file": str(Path(settings.calibration.file).resolve())})
+        settings = settings.replace(calibration={"file": str(Path(settings.calibration.file).resolve())})
     return for_evaluation(settings, threads=args.threads_per_worker)
 
 

@@ -23,9 +23,28 @@ TIMING_TOP_FIELDS = ("run", "latency_ms")
 
 # Row fields of a loop result that go into summary.json (the rest goes to loops/<slug>.json)
 ROW_FIELDS = (
-    "loop_id", "name", "source", "form", "labels", "status", "failure", "reason", "frames", "fps",
-    "fps_source", "size", "missing_frames", "raises", "technical_alerts", "score", "dice",
-    "latency_ms", "wall_s", "cpu_s", "realtime_factor", "artifacts",
+    "loop_id",
+    "name",
+    "source",
+    "form",
+    "labels",
+    "status",
+    "failure",
+    "reason",
+    "frames",
+    "fps",
+    "fps_source",
+    "size",
+    "missing_frames",
+    "raises",
+    "technical_alerts",
+    "score",
+    "dice",
+    "latency_ms",
+    "wall_s",
+    "cpu_s",
+    "realtime_factor",
+    "artifacts",
 )
 
 
@@ -91,8 +110,14 @@ LOWER_BOUND_PREFIXES = ("sensitivity", "dice")
 
 def metric_names() -> list[str]:
     names = []
-    for base in ("sensitivity", "false_alerts_per_min", "delay_ms_median", "delay_ms_p90",
-                 "delay_frames_median", "delay_frames_p90"):
+    for base in (
+        "sensitivity",
+        "false_alerts_per_min",
+        "delay_ms_median",
+        "delay_ms_p90",
+        "delay_frames_median",
+        "delay_frames_p90",
+    ):
         names += [base] + [f"{base}_{kind}" for kind in EVENT_KINDS]
     names += ["dice"] + [f"dice_{name}" for name in DICE_CLASSES.values()]
     names += ["latency_ms_p50", "latency_ms_p99"]
@@ -112,9 +137,7 @@ def parse_fail_under(text: str | None) -> dict[str, float]:
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or key not in known:
-            raise BadInputError(
-                f"--fail-under: {part!r} is not METRIC=NUMBER with METRIC one of {', '.join(known)}"
-            )
+            raise BadInputError(f"--fail-under: {part!r} is not METRIC=NUMBER with METRIC one of {', '.join(known)}")
         try:
             out[key] = float(value)
         except ValueError:
@@ -147,8 +170,7 @@ def check_fail_under(summary: dict, thresholds: dict[str, float]) -> dict | None
         lower = metric.startswith(LOWER_BOUND_PREFIXES)
         value = metric_value(summary, metric)
         met = value is not None and (value >= bound if lower else value <= bound)
-        results.append({"metric": metric, "op": ">=" if lower else "<=", "bound": bound,
-                        "value": value, "met": met})
+        results.append({"metric": metric, "op": ">=" if lower else "<=", "bound": bound, "value": value, "met": met})
     return {"results": results, "met": all(c["met"] for c in results)}
 
 

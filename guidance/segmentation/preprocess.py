@@ -58,10 +58,8 @@ class LetterboxGeometry:
 def to_float_grey(frame: np.ndarray) -> np.ndarray:
     """Any 8-16 bit grey or BGR frame -> float32 grey, intensity range kept."""
     if frame.ndim == 3:
-        if frame.shape[2] == 1:
-            frame = frame[..., 0]
-        else:
-            frame = cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
+        single = frame.shape[2] == 1
+        frame = frame[..., 0] if single else cv2.cvtColor(frame[..., :3], cv2.COLOR_BGR2GRAY)
     if frame.ndim != 2:
         raise ValueError(f"expected a 2-D grey or 3-channel frame, got shape {frame.shape}")
     return frame.astype(np.float32, copy=False)
@@ -91,6 +89,10 @@ def _order_statistics(values: np.ndarray, ranks: list[int]) -> np.ndarray:
     the few values beyond the bound are partitioned instead of the whole plane (~5x faster on
     a 256x256 plane); any doubt falls back to one full partition."""
     n = values.size
+    if values.dtype in (np.uint8, np.uint16) and n >= 8192:
+        # integers of a small range: a histogram's running count finds them in one pass
+        cumulative = np.cumsum(np.bincount(values))
+        return np.searchsorted(cumulative, np.asarray(ranks) + 1).astype(values.dtype)
     if n < 8192:
         return np.partition(values, ranks)[ranks]
     step = n // 2048
@@ -117,24 +119,39 @@ def _order_statistics(values: np.ndarray, ranks: list[int]) -> np.ndarray:
     return out
 
 
-def percentile_window(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+def percentile_window(values: np.ndarray, low: float, high: float, divisor: int = 1) -> tuple[float, float]:
     """np.percentile(values, [low, high]) (linear method), bit for bit, without partitioning
-    the whole array (tests compare it with numpy's on many planes)."""
+    the whole array (tests compare it with numpy's on many planes). With `divisor`, `values`
+    are integers standing for the float32 values `values / divisor` (a power of two: exact)."""
     values = np.ravel(values)
     n = values.size
     pos = (n - 1) * (np.asarray([low, high], np.float64) / 100)
     below = np.floor(pos).astype(np.int64)
     above = np.minimum(below + 1, n - 1)
-    stats = _order_statistics(values, sorted({*below.tolist(), *above.tolist()}))
-    lookup = dict(zip(sorted({*below.tolist(), *above.tolist()}), stats, strict=True))
+    ranks = sorted({*below.tolist(), *above.tolist()})
+    lookup = dict(zip(ranks, _order_statistics(values, ranks), strict=True))
     result = []
     for p_, k0, k1 in zip(pos, below, above, strict=True):
         a, b = lookup[int(k0)], lookup[int(k1)]
+        if divisor != 1:
+            a, b = np.float32(a) / np.float32(divisor), np.float32(b) / np.float32(divisor)
         gamma = p_ - k0
         diff = b - a  # in the values' dtype, as numpy's _lerp does
         value = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
         result.append(np.float64(value))
     return result[0], result[1]
+
+
+def _standardise(values: np.ndarray, lo: float, hi: float, normalization: dict) -> np.ndarray:
+    """[lo, hi] -> [0, 1] (clipped) -> (x - mean) / std, in float64 as always, then float32."""
+    span = float(hi - lo) if hi > lo else 1.0
+    # the same operations in the same (float64) precision, in place: no temporaries
+    t = np.subtract(values, lo)
+    np.divide(t, span, out=t)
+    np.clip(t, 0.0, 1.0, out=t)
+    np.subtract(t, normalization["mean"], out=t)
+    np.divide(t, normalization["std"], out=t)
+    return t.astype(np.float32)
 
 
 def normalize(plane: np.ndarray, valid: np.ndarray | None, normalization: dict) -> np.ndarray:
@@ -146,27 +163,49 @@ def normalize(plane: np.ndarray, valid: np.ndarray | None, normalization: dict) 
     if values.size == 0:
         values = plane.ravel()
     lo, hi = percentile_window(values, normalization["low"], normalization["high"])
-    span = float(hi - lo) if hi > lo else 1.0
-    # the same operations in the same (float64) precision, in place: no temporaries
-    t = np.subtract(plane, lo)
-    np.divide(t, span, out=t)
-    np.clip(t, 0.0, 1.0, out=t)
-    np.subtract(t, normalization["mean"], out=t)
-    np.divide(t, normalization["std"], out=t)
-    return t.astype(np.float32)
+    return _standardise(plane, lo, hi, normalization)
+
+
+_POW2_FACTORS = {2: 2, 4: 4, 8: 6, 16: 8}  # downscale factor -> log2 of its block area
+
+
+def _block_sums(frame: np.ndarray, geometry: LetterboxGeometry) -> tuple[np.ndarray, int] | None:
+    """An 8-bit grey frame shrunk by a power-of-two factor (1024 -> 256): the integer sums of
+    its blocks, which stand exactly for the float area-average (sum / area, area a power of
+    two). None when the frame is not such a case."""
+    if frame.dtype != np.uint8 or frame.ndim != 2:
+        return None
+    h, w = geometry.inner_shape
+    f = frame.shape[0] // h
+    if frame.shape != (h * f, w * f) or f not in _POW2_FACTORS:
+        return None
+    # area-averaging area * v gives sum(v) exactly (an integer: no rounding to do)
+    scaled = np.left_shift(frame, _POW2_FACTORS[f], dtype=np.uint16)
+    return cv2.resize(scaled, (w, h), interpolation=cv2.INTER_AREA), f * f
 
 
 def preprocess(
     frame: np.ndarray, size: int, normalization: dict = DEFAULT_NORMALIZATION
 ) -> tuple[np.ndarray, LetterboxGeometry]:
     """Frame (H, W[, C]) of any integer depth -> model input (1, 1, size, size) float32."""
-    grey = to_float_grey(frame)
-    geometry = LetterboxGeometry.fit(grey.shape[0], grey.shape[1], size)
-    plane = letterbox(grey, geometry)
+    if normalization.get("scheme") != "percentile":
+        raise ValueError(f"unknown normalisation scheme {normalization.get('scheme')!r}")
+    if frame.ndim not in (2, 3):
+        raise ValueError(f"expected a 2-D grey or 3-channel frame, got shape {frame.shape}")
+    geometry = LetterboxGeometry.fit(frame.shape[0], frame.shape[1], size)
     h, w = geometry.inner_shape
-    # the window is computed over the frame area only and padding gets the value of black;
-    # normalising the inner block alone gives the same numbers for a fraction of the work
-    inner = plane[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w]
-    x = np.full(plane.shape, (0.0 - normalization["mean"]) / normalization["std"], np.float32)
-    x[geometry.pad_y : geometry.pad_y + h, geometry.pad_x : geometry.pad_x + w] = normalize(inner, None, normalization)
+    inner_slice = (slice(geometry.pad_y, geometry.pad_y + h), slice(geometry.pad_x, geometry.pad_x + w))
+    # the window is computed over the frame area only and padding gets the value of black
+    x = np.full((size, size), (0.0 - normalization["mean"]) / normalization["std"], np.float32)
+    blocks = _block_sums(frame, geometry)
+    if blocks is not None:
+        # fast path, same bits: the plane takes few distinct values (sum / area), so they are
+        # standardised once each (a lookup table) instead of once per pixel
+        sums, area = blocks
+        lo, hi = percentile_window(sums, normalization["low"], normalization["high"], area)
+        levels = np.arange(255 * area + 1, dtype=np.float32) / np.float32(area)
+        x[inner_slice] = _standardise(levels, lo, hi, normalization)[sums]
+        return x[None, None], geometry
+    plane = letterbox(to_float_grey(frame), geometry)
+    x[inner_slice] = normalize(plane[inner_slice], None, normalization)
     return x[None, None], geometry

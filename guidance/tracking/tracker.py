@@ -35,7 +35,11 @@ class TrackerConfig:
     hull_tolerance_px: float = 4.0  # frame pixels, when the spacing is unknown
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
+    posterior_depth_mm: float = 2.0  # or this far behind the wall, whatever the area
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
+    min_leak_depth_mm: float = 1.0  # an extravertebral blob must reach this far from the body
+    min_venous_depth_mm: float = 1.5  # venous: a little further (the canal is what must not wait)
+    max_leak_gap_mm: float = 8.0  # ... and come this close to it (a leak leaves the body)
     roi_margin_mm: float = 30.0  # work around the cement: a vertebral body's size
     breathing_mm: float = 4.0  # the treated body moves this much at most (breathing)
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
@@ -107,7 +111,7 @@ class TrackerState:
     # as it fills it), and where the other vertebrae were then, to follow breathing
     body_ref: np.ndarray | None = field(default=None, compare=False, repr=False)
     body_ref_px: int = 0
-    anchor_ref: tuple[float, float] | None = None
+    anchor_ref: tuple[float, float, float] | None = None  # (x, y, pixels)
     anchor_rect: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) left out of anchors
 
 
@@ -216,7 +220,7 @@ def _shift(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
     return moved.view(bool)
 
 
-def _anchor(body: np.ndarray, rect: tuple[int, int, int, int]) -> tuple[float, float] | None:
+def _anchor(body: np.ndarray, rect: tuple[int, int, int, int]) -> tuple[float, float, float] | None:
     """Centroid of the bone outside `rect` (where the treated body may be): the other
     vertebrae, which move with breathing as the treated one does."""
     x0, y0, x1, y1 = rect
@@ -227,7 +231,7 @@ def _anchor(body: np.ndarray, rect: tuple[int, int, int, int]) -> tuple[float, f
         return None
     m10 = full["m10"] - (part["m10"] + x0 * part["m00"])
     m01 = full["m01"] - (part["m01"] + y0 * part["m00"])
-    return m10 / m00, m01 / m00
+    return m10 / m00, m01 / m00, m00
 
 
 def _infer_side(needle: np.ndarray, body_centroid_x: float, hull: np.ndarray) -> str | None:
@@ -360,7 +364,15 @@ def _track(
         # the reference was taken, so both centroids cover the same anatomy)
         anchor = _anchor(body_full, prev.anchor_rect) if prev.anchor_rect else None
         dx = dy = 0.0
-        if anchor is not None and anchor_ref is not None:
+        # trusted only when it is the same anatomy (about as much bone as then) and the move
+        # is one breathing can make; otherwise the body is taken where it was
+        if (
+            anchor is not None
+            and anchor_ref is not None
+            and abs(anchor[2] - anchor_ref[2]) <= 0.3 * anchor_ref[2]
+            and anchor_ref[2] >= 0.5 * body_ref_px
+            and math.hypot(anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]) <= 2 * zone
+        ):
             dx, dy = anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]
         ref = _shift(body_ref, dx, dy)
         if not (ref & core).any():  # the cement is elsewhere: the C-arm moved; start over
@@ -398,6 +410,20 @@ def _track(
         if geo.posterior_side is None:
             side = _infer_side(needle, float(xs.mean()), hull) or side
         extra = cement & ~_dilate(hull, tol)
+        if extra.any():
+            # a leak goes somewhere: blobs that only hug the cortex (label edges, rounding
+            # of the letterbox) never get `min_leak_depth` away from the body, so they go
+            away = cv2.distanceTransform((~hull).view(np.uint8), cv2.DIST_L2, 5)
+            blob_count, blobs = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
+            reach = np.zeros(blob_count, np.float32)
+            np.maximum.at(reach, blobs[extra], away[extra])
+            min_depth = cfg.min_leak_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 2.0
+            # and a leak leaves the body: cement far from it with nothing in between is not
+            # a leak (text, a stray pixel the model got wrong), it would raise forever
+            gap = np.full(blob_count, np.inf, np.float32)
+            np.minimum.at(gap, blobs[extra], away[extra])
+            max_gap = cfg.max_leak_gap_mm * px_per_unit_len if geo.mm_per_frame_px else 8.0
+            extra &= ((reach >= min_depth) & (gap <= max_gap))[blobs]
         if side in ("left", "right"):
             wall = _wall_line(filled, side)
         if wall is not None and extra.any():
@@ -419,6 +445,9 @@ def _track(
             if behind.any():
                 depth = max(0.0, float(dist[behind].max())) * unit
         venous_mask = extra & ~posterior_mask
+        if venous_mask.any():
+            min_venous = cfg.min_venous_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 3.0
+            venous_mask &= (reach >= min_venous)[blobs]
         if needle.any():
             venous_mask &= ~_dilate(needle, margin)
 
@@ -435,6 +464,10 @@ def _track(
     for kind in KINDS:
         before: KindState = getattr(prev, kind)
         over = areas[kind] >= threshold and areas[kind] > 0
+        if kind == "posterior" and areas[kind] > 0 and geo.mm_per_frame_px:
+            # thin cement already well behind the wall is a leak even while its area is
+            # still under the threshold (the model draws a thin epidural leak thinner)
+            over = over or depth >= cfg.posterior_depth_mm
         after = _step(before, over, masks[kind], cfg)
         states[kind] = after
         if after.active != before.active:

@@ -1,0 +1,52 @@
+"""bench/latency.py still runs end to end (tiny loops, stand-in model): its report has every
+number the README quotes. It measures nothing here: speed is the benchmark's job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
+    onnx_path, sums = stand_in
+    out = tmp_path / "lat.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/latency.py",
+            "--model",
+            str(onnx_path),
+            "--sha256sums",
+            str(sums),
+            "--size",
+            "128",
+            "--seconds",
+            "1",
+            "--rates",
+            "15",
+            "--rounds",
+            "1",
+            "--bare-runs",
+            "5",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    (r,) = report["results"]
+    assert r["frames_processed"] + r["dropped_frames"] == r["frames_in_loop"] == 15
+    assert set(r["capture_to_publish_ms"]) == {"p50", "p99", "max"}
+    assert r["bare_inference_ms"]["p50"] > 0 and r["overhead_ratio"] > 0
+    assert r["paired_bare_inference_ms"]["samples"] == r["frames_processed"]
+    assert {"capture", "calibrate", "segment", "track", "publish"} <= set(r["stage_median_ms"])
+    assert report["rss_mb"]["peak"] > 0 and "CPU" in report["machine"]
+    assert "overhead ratio" in proc.stdout
