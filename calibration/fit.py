@@ -11,7 +11,6 @@ toward the rim. Its pixel spacing is that scale: millimetres in the phantom plan
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -245,7 +244,3 @@ def _ideal_fov(
     cx, cy, _, _ = fit_circle(mapped, iterations=1)
     r = float(np.min(np.hypot(mapped[:, 0] - cx, mapped[:, 1] - cy)))
     return float(cx), float(cy), r
-
-
-def file_fingerprint(path: str, data: bytes) -> dict[str, Any]:
-    return {"path": path, "sha256": hashlib.sha256(data).hexdigest()}

@@ -21,6 +21,7 @@ Polarity = Literal["bone_bright", "bone_dark"]
 
 # Work at most at this size for whole-frame heuristics: cheap, and the features are large.
 _WORK_SIZE = 512
+_TEXT_WORK_SIZE = 640  # text strokes of a 1024 px frame stay >= 1 px; ~3x cheaper than full size
 
 
 def to_float_grey(frame: np.ndarray) -> np.ndarray:
@@ -314,35 +315,44 @@ def _scaled(fov: tuple[float, float, float], f: float) -> tuple[float, float, fl
 def text_mask(frame: np.ndarray, max_glyph_px: int | None = None) -> np.ndarray:
     """Bool mask (frame's H, W) of burned-in text and small overlay glyphs.
 
-    Text is found as thin, high-contrast strokes at the extreme of the intensity range,
-    grouped into glyph-sized components that sit side by side on a line. Long lines (the
-    needle), blobs (cement) and isolated dots are deliberately left alone: masking anatomy or
-    cement would hide a leak, which is worse than leaving a stray overlay in.
+    Burned-in text is drawn onto the image after it was formed: its strokes are thin, sharp,
+    flat-valued (no quantum noise, no X-ray blur) and stand far out of the local noise, and
+    glyphs sit side by side on a line. A candidate must show all of that. Long lines (the
+    needle), blobs (cement, however bright or clipped), noise clusters and isolated dots are
+    deliberately left alone: masking cement would hide a leak, which is worse than leaving a
+    stray overlay in.
     """
     grey = to_float_grey(frame)
     h, w = grey.shape
-    small, f = _work_copy(grey)
+    f = max(1.0, max(h, w) / _TEXT_WORK_SIZE)
+    small = grey if f == 1.0 else cv2.resize(grey, (round(w / f), round(h / f)), interpolation=cv2.INTER_AREA)
     sh, sw = small.shape
-    lo, hi = np.percentile(small, [1.0, 99.9])
-    top, bottom = float(small.max()), float(small.min())
-    span = max(top - bottom, 1e-6)
+    span = max(float(small.max() - small.min()), 1e-6)
     glyph_max = max_glyph_px if max_glyph_px is not None else max(12, round(0.08 * max(sh, sw)))
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (9, 9))
+    k = max(7, round(9 * max(sh, sw) / 512)) | 1  # strokes thinner than this survive the top-hat
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
     mask_small = np.zeros((sh, sw), dtype=bool)
-    del lo, hi
+    noise_map = _noise_map(small, span)
     for sign in (1.0, -1.0):
         img = small if sign > 0 else -small
-        extreme = top if sign > 0 else -bottom
         hat = img - cv2.morphologyEx(img, cv2.MORPH_OPEN, kernel)
-        cand = (hat > 0.2 * span) & (img > extreme - 0.35 * span)
-        cand = cand.astype(np.uint8)
+        cand = (hat > 0.15 * span).astype(np.uint8)
         n, labels, st, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)
+        if n <= 1:
+            continue
+        dist = cv2.distanceTransform(cand, cv2.DIST_L2, 3)
+        around = cv2.dilate(cand, np.ones((3, 3), np.uint8)) > 0  # candidate pixels + 1 px rim
         glyphs = []
         for i in range(1, n):
             x, y, cw, ch, area = st[i]
             if area < 3 or ch < 3 or ch > glyph_max or cw > glyph_max:
                 continue
-            glyphs.append((i, x, y, cw, ch))
+            stroke = float(dist[y : y + ch, x : x + cw][labels[y : y + ch, x : x + cw] == i].max())
+            if 2.0 * stroke > max(2.5, 0.5 * ch):  # a blob, not a stroke
+                continue
+            local_noise = float(noise_map[y + ch // 2, x + cw // 2])
+            if _looks_burned_in(img, labels, around, i, (x, y, cw, ch), span, local_noise):
+                glyphs.append((i, x, y, cw, ch))
         keep = _glyph_rows(glyphs)
         if keep:
             mask_small |= np.isin(labels, np.array(sorted(keep)))
@@ -350,25 +360,76 @@ def text_mask(frame: np.ndarray, max_glyph_px: int | None = None) -> np.ndarray:
         return np.zeros((h, w), dtype=bool)
     if f != 1.0:
         mask_small = cv2.resize(mask_small.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-    grow = max(3, 2 * round(f) + 3)
+    grow = max(3, 2 * round(f) + 3)  # anti-aliasing and compression ringing around strokes
     grown = cv2.dilate(mask_small.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_RECT, (grow, grow)))
     return grown > 0
 
 
-def _glyph_rows(glyphs: list[tuple[int, int, int, int, int]]) -> set[int]:
-    """Labels of glyphs that have a neighbour glyph on the same text line."""
-    keep: set[int] = set()
-    for a in range(len(glyphs)):
-        ia, xa, ya, wa, ha = glyphs[a]
-        for b in range(a + 1, len(glyphs)):
-            ib, xb, yb, wb, hb = glyphs[b]
+def _noise_map(img: np.ndarray, span: float) -> np.ndarray:
+    """Local noise sigma: median of |pixel - 3x3 mean| over a 31 px window (robust to the few
+    stroke pixels in it), scaled for Gaussian noise."""
+    d = np.abs(img - cv2.blur(img, (3, 3)))
+    q = np.clip(d * (1024.0 / span), 0, 255).astype(np.uint8)
+    med = cv2.medianBlur(q, 31).astype(np.float32) * (span / 1024.0)
+    return med * 1.58  # median |d| = 0.674 * 0.94 sigma for Gaussian noise
+
+
+def _looks_burned_in(
+    img: np.ndarray,
+    labels: np.ndarray,
+    around: np.ndarray,
+    i: int,
+    box: tuple,
+    span: float,
+    local_noise: float = 0.0,
+) -> bool:
+    """Flat stroke cores far above the local background and its noise."""
+    x, y, cw, ch = box
+    m = 3
+    y0, y1, x0, x1 = max(0, y - m), y + ch + m, max(0, x - m), x + cw + m
+    win, lab, near = img[y0:y1, x0:x1], labels[y0:y1, x0:x1], around[y0:y1, x0:x1]
+    vals = win[lab == i]
+    core = vals[vals >= np.percentile(vals, 75)]  # fully covered stroke pixels (anti-aliasing)
+    bg = win[~near]
+    if bg.size < 8:
+        return False
+    bg_med = float(np.median(bg))
+    noise = max(1.4826 * float(np.median(np.abs(bg - bg_med))), local_noise)
+    level = float(np.median(core))
+    flat = 1.4826 * float(np.median(np.abs(core - level)))
+    contrast = level - bg_med
+    if contrast < max(4.0 * noise, 0.15 * span) or flat > max(0.5 * noise, 0.04 * span):
+        return False
+    # clipped noise (a dark, noisy region crushed to black) is flat too, but its surroundings
+    # share its level; a glyph's surroundings do not
+    shared = float(np.mean(np.abs(bg - level) <= max(flat, 0.02 * span)))
+    return shared < 0.05
+
+
+def _glyph_rows(glyphs: list[tuple[int, int, int, int, int]], min_run: int = 3) -> set[int]:
+    """Labels of glyphs in a run of at least `min_run` glyphs side by side on one text line
+    (similar heights, overlapping rows, gaps under a glyph height)."""
+    parent = list(range(len(glyphs)))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    order = sorted(range(len(glyphs)), key=lambda k: glyphs[k][1])
+    for pos, a in enumerate(order):
+        _, xa, ya, wa, ha = glyphs[a]
+        for b in order[pos + 1 :]:
+            _, xb, yb, wb, hb = glyphs[b]
+            if xb - (xa + wa) > 1.2 * max(ha, hb):
+                break  # sorted by x: every later glyph is farther
             if max(ha, hb) > 3.0 * min(ha, hb):
                 continue
-            overlap = min(ya + ha, yb + hb) - max(ya, yb)
-            if overlap < 0.4 * min(ha, hb):
+            if min(ya + ha, yb + hb) - max(ya, yb) < 0.4 * min(ha, hb):
                 continue
-            gap = max(xa, xb) - min(xa + wa, xb + wb)
-            if gap > 1.2 * max(ha, hb):
-                continue
-            keep.update((ia, ib))
-    return keep
+            parent[root(a)] = root(b)
+    runs: dict[int, list[int]] = {}
+    for k in range(len(glyphs)):
+        runs.setdefault(root(k), []).append(glyphs[k][0])
+    return {label for run in runs.values() if len(run) >= min_run for label in run}

@@ -89,6 +89,25 @@ class PhantomTruth:
         return self.distorted_from_undistorted(self.phantom_from_undistorted.inverse()(xy_mm))
 
 
+def _phantom_mm_grid(truth: PhantomTruth, hs: int, ws: int, ss: int, k: int = 4) -> np.ndarray:
+    """Phantom-plane mm of every supersampled pixel, (hs*ws, 2). The map is smooth, so it is
+    traced exactly on every k-th sample and interpolated bilinearly in between (error
+    ~1e-3 px), which makes rendering ~10x cheaper."""
+    import cv2
+
+    hc, wc = -(-hs // k), -(-ws // k)
+    # coarse sample j sits at fine index j*k + (k-1)/2: cv2.resize's pixel-centre convention
+    cy = np.arange(hc) * k + (k - 1) / 2
+    cx = np.arange(wc) * k + (k - 1) / 2
+    xx, yy = np.meshgrid((cx + 0.5) / ss - 0.5, (cy + 0.5) / ss - 0.5)
+    coarse = truth.phantom_from_distorted(np.column_stack([xx.ravel(), yy.ravel()]))
+    planes = [
+        cv2.resize(coarse[:, c].reshape(hc, wc), (wc * k, hc * k), interpolation=cv2.INTER_LINEAR)[:hs, :ws]
+        for c in (0, 1)
+    ]
+    return np.column_stack([planes[0].ravel(), planes[1].ravel()])
+
+
 def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, PhantomTruth]:
     h, w = spec.size
     rng = np.random.default_rng(spec.seed)
@@ -106,9 +125,7 @@ def render_phantom(spec: PhantomSpec) -> tuple[np.ndarray, PhantomTruth]:
     truth = PhantomTruth(spec, center, radius, phantom_from_undistorted, frozenset(missing))
 
     ss = 2  # supersampling
-    ys, xs = np.mgrid[0 : h * ss, 0 : w * ss].astype(np.float64)
-    pts = np.column_stack([(xs.ravel() + 0.5) / ss - 0.5, (ys.ravel() + 0.5) / ss - 0.5])
-    mm = truth.phantom_from_distorted(pts)
+    mm = _phantom_mm_grid(truth, h * ss, w * ss, ss)
     gi = np.round(mm / spec.pitch_mm)
     d = np.hypot(mm[:, 0] - gi[:, 0] * spec.pitch_mm, mm[:, 1] - gi[:, 1] * spec.pitch_mm)
     # soft bead edge over ~1 undistorted pixel

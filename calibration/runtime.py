@@ -82,13 +82,17 @@ class Calibration:
         if self._maps is None:
             self._maps = self._build_maps()
 
-    def check_frame(self, frame: np.ndarray) -> None:
-        h, w = frame.shape[:2]
-        if (w, h) != tuple(self.image_size):
+    def check_size(self, width: int, height: int) -> None:
+        """CalibrationError unless frames of width x height are what this calibration is for."""
+        if (int(width), int(height)) != tuple(self.image_size):
             raise CalibrationError(
-                f"frame is {w}x{h} but calibration {self.angulation!r} was made for "
+                f"frame is {width}x{height} but calibration {self.angulation!r} was made for "
                 f"{self.image_size[0]}x{self.image_size[1]} frames"
             )
+
+    def check_frame(self, frame: np.ndarray) -> None:
+        h, w = frame.shape[:2]
+        self.check_size(w, h)
 
     def undistort(self, frame: np.ndarray) -> np.ndarray:
         """Raw frame (H, W[, C], uint8/uint16/float32) -> corrected frame, same shape and type."""

@@ -39,6 +39,9 @@ class BridgeConfig:
     ack_endpoint: str = "tcp://127.0.0.1:5557"  # bind (REP)
     pub_endpoint: str = "tcp://127.0.0.1:5558"  # bind (PUB)
     guidance_timeout_s: float = 1.0
+    # before the first guidance heartbeat ever: how long guidance may take to come up (boot,
+    # model load) before the bridge holds. None: the same as guidance_timeout_s (fail-safe)
+    guidance_startup_s: float | None = None
     injector_timeout_s: float = 0.5
     heartbeat_period_s: float = 0.5  # bridge heartbeat on the PUB
     link_heartbeat_period_s: float = 0.2  # HEARTBEAT command to the firmware
@@ -56,6 +59,8 @@ class BridgeConfig:
                      "reassert_period_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.guidance_startup_s is not None and not self.guidance_startup_s > 0:
+            raise ValueError(f"guidance_startup_s must be > 0, got {self.guidance_startup_s}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 
@@ -115,6 +120,7 @@ class Bridge:
         self.g_seq: int | None = None
         self.g_retired: set[str] = set()
         self.g_last_frame: int | None = None
+        self.g_state: str | None = None  # state in guidance's last heartbeat
         self._sockets_open = False
         self._connect_error = ""  # why the last connect attempt failed ("" when connected)
         self.pub_address = self.ack_address = ""
@@ -125,6 +131,8 @@ class Bridge:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, c.rcvhwm)
+        # guidance (re)starting: be connected within 20 ms of its bind (default 100 ms)
+        self.sub.setsockopt(zmq.RECONNECT_IVL, 20)
         # status too, though only its seq and frame are used: the publisher's seq counts every
         # type, so a SUB that filtered status out could not tell loss from filtering
         for topic in messages.GUIDANCE_TOPICS:
@@ -195,12 +203,20 @@ class Bridge:
         self.state = "stopping"
         self._publish_heartbeat(time.monotonic_ns())
 
+    def _guidance_timeout_ns(self) -> int:
+        """The startup grace until guidance's first heartbeat saying anything but `starting`,
+        then the heartbeat watchdog proper."""
+        c = self.config
+        if self.g_state in (None, "starting") and c.guidance_startup_s is not None:
+            return int(c.guidance_startup_s * 1e9)
+        return int(c.guidance_timeout_s * 1e9)
+
     def _next_deadline_ns(self, now: int) -> int:
         c = self.config
         # only timers that can still fire: a deadline in the past would make poll() spin
         deadlines = [self._next_pub_heartbeat_ns]
         if "guidance_lost" not in self.active:
-            deadlines.append(self._last_g_heartbeat_ns + int(c.guidance_timeout_s * 1e9) + 1)
+            deadlines.append(self._last_g_heartbeat_ns + self._guidance_timeout_ns() + 1)
         if "injector_silent" not in self.active:
             deadlines.append(self._last_rx_ns + int(c.injector_timeout_s * 1e9) + 1)
         if self.link.connected:
@@ -218,11 +234,12 @@ class Bridge:
     def _timers(self, now: int) -> None:
         c = self.config
         # guidance watchdog
-        if (now - self._last_g_heartbeat_ns > c.guidance_timeout_s * 1e9
-                and "guidance_lost" not in self.active):
+        limit_ns = self._guidance_timeout_ns()
+        if now - self._last_g_heartbeat_ns > limit_ns and "guidance_lost" not in self.active:
             silent_ms = (now - self._last_g_heartbeat_ns) / MS
-            self._guidance_lost(f"No guidance heartbeat for {silent_ms:.0f} ms (limit "
-                                f"{c.guidance_timeout_s * 1000:.0f} ms): injector held.", now)
+            never = " since the bridge started" if self.g_state is None else ""
+            self._guidance_lost(f"No guidance heartbeat for {silent_ms:.0f} ms{never} (limit "
+                                f"{limit_ns / MS:.0f} ms): injector held.", now)
         # firmware watchdog
         if (now - self._last_rx_ns > c.injector_timeout_s * 1e9
                 and "injector_silent" not in self.active):
@@ -333,6 +350,7 @@ class Bridge:
                 self._guidance_lost("Guidance is stopping: injector held.", now)
             return
         self._last_g_heartbeat_ns = now
+        self.g_state = hb.state
         if "guidance_lost" in self.active:
             # the alert clears; the hold it latched stays until acknowledged
             self._clear("guidance_lost", "Guidance heartbeat back; hold stays latched until "

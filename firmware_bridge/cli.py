@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start even if PORT does not exist yet (it is retried)")
     parser.add_argument("--guidance-timeout", type=float, default=1.0, metavar="S",
                         help="hold when no guidance heartbeat for S seconds (default 1.0)")
+    parser.add_argument("--guidance-startup", type=float, default=None, metavar="S",
+                        help="before guidance is first heard, wait up to S seconds for it "
+                             "(boot, model load) before holding (default: --guidance-timeout)")
     parser.add_argument("--injector-timeout", type=float, default=0.5, metavar="S",
                         help="alert when the firmware is silent for S seconds (default 0.5)")
     parser.add_argument("--allow-remote", action="store_true",
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--baud {args.baud}: must be positive")
     config = BridgeConfig(guidance_endpoint=endpoints["guidance"], ack_endpoint=endpoints["ack"],
                           pub_endpoint=endpoints["pub"], guidance_timeout_s=args.guidance_timeout,
+                          guidance_startup_s=args.guidance_startup,
                           injector_timeout_s=args.injector_timeout)
     try:
         config.validate()

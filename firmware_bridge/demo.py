@@ -39,6 +39,8 @@ from firmware_bridge.wire import HoldReason, MsgType
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED_LOG = Path(__file__).parent / "demo_data" / "guidance_alert_log.jsonl"
 LEAKS = ("posterior_leak", "venous_leak")
+HOLD_SHOWN_S = 1.0  # how long the demo lets the hold stand before the operator acks
+STARTUP_GRACE_S = 60.0  # guidance boot + model load; the 1 s watchdog applies once it is heard
 
 
 class Clock:
@@ -55,6 +57,7 @@ class GuidanceWatch:
     def __init__(self, ctx: zmq.Context, endpoint: str, record: str | None = None) -> None:
         self.sock = ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 10)  # on as soon as the service binds
         for topic in (b"alert", b"heartbeat"):
             self.sock.setsockopt(zmq.SUBSCRIBE, topic)
         self.sock.connect(endpoint)
@@ -82,8 +85,18 @@ class GuidanceWatch:
                 self.alerts.append(doc)
 
     def first_leak(self) -> dict[str, Any] | None:
-        return next((a for a in self.alerts if a.get("kind") in LEAKS
-                     and a.get("state") == "raised" and a.get("priority") == "high"), None)
+        """The first high-priority leak raise heard; if its message went out before this SUB
+        had joined, the raise as listed in a heartbeat's active_alerts (no publish time)."""
+        heard = next((a for a in self.alerts if a.get("kind") in LEAKS
+                      and a.get("state") == "raised" and a.get("priority") == "high"), None)
+        if heard or not self.heartbeat:
+            return heard
+        listed = next((a for a in self.heartbeat.get("active_alerts", [])
+                       if a.get("kind") in LEAKS and a.get("priority") == "high"), None)
+        if listed:
+            return {**listed, "state": "raised", "message": "(raise sent before the demo had "
+                    "joined; listed in guidance's heartbeat)", "publish_mono_ns": None}
+        return None
 
     def close(self) -> None:
         self.sock.close()
@@ -96,8 +109,9 @@ class ReplayGuidance:
     recorded pace with fresh stamps (own session, seq, publish times), heartbeating every
     200 ms as the live service would."""
 
-    def __init__(self, ctx: zmq.Context, events: list[dict[str, Any]]) -> None:
-        self.pub = GuidancePublisher(ctx)
+    def __init__(self, ctx: zmq.Context, events: list[dict[str, Any]],
+                 endpoint: str = "tcp://127.0.0.1:*", sock: zmq.Socket | None = None) -> None:
+        self.pub = GuidancePublisher(ctx, endpoint, sock=sock)
         self.endpoint = self.pub.endpoint
         self.events = [e for e in events if e.get("type") == "alert"]
         self._stop = threading.Event()
@@ -148,39 +162,43 @@ def load_log(path: Path) -> list[dict[str, Any]]:
     return events
 
 
-def free_tcp_endpoint(ctx: zmq.Context) -> str:
-    """A loopback port free right now (bound, then released) for the service's PUB."""
+def reserve_endpoint(ctx: zmq.Context) -> tuple[str, zmq.Socket]:
+    """A PUB bound to a free loopback port, kept bound: the replay publishes on it, or it is
+    closed for the service to bind the port (which it does after a second of start-up; a
+    ZeroMQ close is asynchronous, so re-binding at once could find the port still taken).
+
+    Below Linux's ephemeral range (32768+) on purpose: the bridge and the demo connect to it
+    before guidance binds, and a TCP connect to a free *ephemeral* port can, rarely, get that
+    same port as its own source port and connect to itself, stealing the port."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.bind("tcp://127.0.0.1:*")
-        return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-    finally:
-        sock.close()
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    port = sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000,
+                                    max_tries=200)
+    return f"tcp://127.0.0.1:{port}", sock
 
 
-def start_service(ctx: zmq.Context, clock: Clock, extra_args: list[str], record: str | None
-                  ) -> tuple[subprocess.Popen, GuidanceWatch] | str:
-    """`guidance run` as its own process; returns it once its first heartbeat is heard, or
-    the reason it could not start."""
-    endpoint = free_tcp_endpoint(ctx)
-    cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *extra_args]
+def start_service(endpoint: str, watch: GuidanceWatch, clock: Clock, extra_args: list[str]
+                  ) -> subprocess.Popen | str:
+    """`guidance run` as its own process on `endpoint`; returns it once its first heartbeat
+    is heard (by `watch`, subscribed already), or the reason it could not start."""
+    # 10 fps unless told: the bundled loop's leak comes near its end (frame ~62 of 90), and the
+    # operator's ack must land while guidance still runs (a stopped guidance is a hold)
+    pace = [] if "--fps" in extra_args else ["--fps", "10"]
+    cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *pace, *extra_args]
     service = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    watch = GuidanceWatch(ctx, endpoint, record)
     clock.say(f"guidance service: {shlex.join(['guidance', *cmd[3:]])} (pid {service.pid})")
     deadline = time.monotonic() + 60.0
     while watch.heartbeat is None and time.monotonic() < deadline:
         watch.pump(0.1)
         if service.poll() is not None:
             err = (service.stderr.read() if service.stderr else "").strip().splitlines()
-            watch.close()
             return f"exited with {service.returncode}: {err[-1] if err else 'no message'}"
     if watch.heartbeat is None:
         stop_process(service)
-        watch.close()
         return "no heartbeat within 60 s"
-    return service, watch
+    return service
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -206,18 +224,32 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
     watch: GuidanceWatch | None = None
     tap: BridgeTap | None = None
     bt: BridgeThread | None = None
+    reserved: zmq.Socket | None = None
     try:
+        # the guidance endpoint, and everyone on it before guidance binds it (ZeroMQ connects
+        # when it appears): the bridge hears the very first alert, as in the room
+        endpoint, reserved = reserve_endpoint(ctx)
+        watch = GuidanceWatch(ctx, endpoint, record)
+        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx,
+                          guidance_startup_s=STARTUP_GRACE_S)
+        tap = BridgeTap(ctx, bt.bridge.pub_address)
+        bt.start()
+        clock.say(f"bridge up: SUB {endpoint} (guidance may take {STARTUP_GRACE_S:.0f} s to "
+                  f"come up, then 1 s heartbeat watchdog), ack REP {bt.bridge.ack_address}, "
+                  f"PUB {bt.bridge.pub_address}")
         if replay is None and use_service:
-            started = start_service(ctx, clock, guidance_args or [], record)
+            reserved.close()  # the service binds it
+            reserved = None
+            started = start_service(endpoint, watch, clock, guidance_args or [])
             if isinstance(started, str):
                 clock.say(f"guidance service could not run ({started}); falling back to the "
                           f"recorded guidance alert log {RECORDED_LOG.name}")
                 replay = str(RECORDED_LOG)
             else:
-                service, watch = started
-                endpoint = f"{watch.sock.getsockopt(zmq.LAST_ENDPOINT).decode()}"
+                service = started
+                assert watch.heartbeat is not None
                 clock.say(f"guidance service up (session {watch.heartbeat['session']}, "
-                          f"heartbeat every {watch.heartbeat['period_ms']} ms) on {endpoint}")
+                          f"heartbeat every {watch.heartbeat['period_ms']} ms)")
         if service is None:
             path = Path(replay or RECORDED_LOG)
             try:
@@ -225,18 +257,10 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             except (OSError, ValueError) as err:
                 clock.say(f"cannot replay {path}: {err}")
                 return 1
-            source = ReplayGuidance(ctx, events)
-            endpoint = source.endpoint
-            watch = GuidanceWatch(ctx, endpoint, record)
+            source = ReplayGuidance(ctx, events, endpoint, reserved)
+            reserved = None  # the replay owns it now
             clock.say(f"guidance: replaying recorded alert log {path} "
                       f"({len(source.events)} alerts) on {endpoint}")
-        assert watch is not None
-        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx)
-        tap = BridgeTap(ctx, bt.bridge.pub_address)
-        bt.start()
-        clock.say(f"bridge up: SUB {endpoint}, ack REP {bt.bridge.ack_address}, PUB "
-                  f"{bt.bridge.pub_address}")
-        if source:
             source.start()
 
         # 1. the first high-priority leak alert from guidance
@@ -262,12 +286,15 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             return 1
         hold = next(x for x in sim.commands(MsgType.HOLD)
                     if x.frame.payload[0] == HoldReason.CLINICAL_ALERT)
-        delay_ms = (hold.rx_mono_ns - alert["publish_mono_ns"]) / 1e6
-        how = ("" if delay_ms < 50 else " (the bridge was still joining when the alert went "
-               "out: it learned the raise from the next guidance heartbeat's active_alerts)")
-        clock.say(f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware "
-                  f"{delay_ms:.2f} ms after guidance published the alert{how}; firmware ACK "
-                  f"{hold.status.name if hold.status is not None else '-'}")
+        if alert["publish_mono_ns"] is None:
+            when = "(the raise predates the bridge: learned from guidance's heartbeat)"
+        else:
+            delay_ms = (hold.rx_mono_ns - alert["publish_mono_ns"]) / 1e6
+            when = f"{delay_ms:.2f} ms after guidance published the alert" + (
+                "" if delay_ms < 50 else " (the bridge was still joining when the alert went "
+                "out: it learned the raise from the next guidance heartbeat's active_alerts)")
+        clock.say(f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware {when}; "
+                  f"firmware ACK {hold.status.name if hold.status is not None else '-'}")
         held = tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == "held", 3)
         if not held:
             clock.say("the injector never reported held")
@@ -278,7 +305,7 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
                   f"{held['hold_latched']}")
 
         # 3. the hold stays, whatever guidance does meanwhile
-        until = time.monotonic() + 1.5
+        until = time.monotonic() + HOLD_SHOWN_S
         while time.monotonic() < until:
             watch.pump(0.05)
             tap.pump(0)
@@ -287,7 +314,8 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             if a is alert:
                 continue
             text = f"{a['kind']} {a['state']} (frame {a.get('frame')})"
-            if a["kind"] in LEAKS and a["state"] == "raised" and a["priority"] == "high":
+            if (a["kind"] in LEAKS and a["state"] == "raised" and a["priority"] == "high"
+                    and a.get("publish_mono_ns")):
                 rehold = next((x for x in sim.commands(MsgType.HOLD)
                                if x.rx_mono_ns > a["publish_mono_ns"]), None)
                 if rehold:  # every new raise goes to the wire, even while latched
@@ -295,7 +323,7 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
                              f"{(rehold.rx_mono_ns - a['publish_mono_ns']) / 1e6:.2f} ms later")
             later.append(text)
         last = tap.of("telemetry")[-1]
-        clock.say(f"1.5 s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
+        clock.say(f"{HOLD_SHOWN_S:.0f} s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
                   f"still {last['injector_state']}, delivered {last['delivered_volume_ml']:.3f} "
                   f"mL: no release without an operator ack")
 
@@ -325,13 +353,13 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
         if bt:
             with contextlib.suppress(Exception):
                 bt.stop()
-        for part in (tap, watch, source):
+        for part in (tap, watch, source, reserved):
             if part:
                 part.close()
         if service:
             stop_process(service)
         sim.stop()
-        ctx.term()
+        ctx.destroy(linger=0)  # never hang the exit on a socket left open
         with contextlib.suppress(OSError):
             os.rmdir(tmp)
 

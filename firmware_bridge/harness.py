@@ -31,11 +31,14 @@ class GuidancePublisher:
     """Publishes guidance-protocol messages; heartbeats from a thread when asked."""
 
     def __init__(self, context: zmq.Context, endpoint: str = LOCAL_ANY,
-                 session: str | None = None, source: str = "guidance") -> None:
-        self.sock = context.socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 1000)
-        self.sock.bind(endpoint)
+                 session: str | None = None, source: str = "guidance",
+                 sock: zmq.Socket | None = None) -> None:
+        if sock is None:  # else: a PUB already bound by the caller
+            sock = context.socket(zmq.PUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.bind(endpoint)
+        self.sock = sock
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.session = session or secrets.token_hex(6)
         self.source = source

@@ -96,6 +96,8 @@ class CalibrateOp:
                 if angulation
                 else load_calibration(settings.calibration.file)
             )
+            if info.width and info.height:  # made for other frames: refuse to start (calibration)
+                self.calibration.check_size(info.width, info.height)
         self.mm_per_px = (
             settings.calibration.pixel_spacing_mm
             or (self.calibration.pixel_spacing_mm if self.calibration else None)

@@ -32,10 +32,16 @@ def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
     h = int(rng.choice([512, 768, 1024])) if big else int(rng.integers(20, 49) * 16)
     aspect = float(rng.choice([1.0, 1.0, 4 / 3, 5 / 4, 3 / 4]))
     w = max(64, int(h * aspect) // 16 * 16)
-    return LoopConfig(height=h, width=w, frames=FRAMES_PER_LOOP, fps=15.0,
-                      view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
-                      leaks=MIX[int(rng.choice(4, p=[0.25, 0.3, 0.3, 0.15]))],
-                      bit_depth=int(rng.choice([8, 8, 12, 16])), jpeg=bool(rng.random() < 0.4))
+    return LoopConfig(
+        height=h,
+        width=w,
+        frames=FRAMES_PER_LOOP,
+        fps=15.0,
+        view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
+        leaks=MIX[int(rng.choice(4, p=[0.25, 0.3, 0.3, 0.15]))],
+        bit_depth=int(rng.choice([8, 8, 12, 16])),
+        jpeg=bool(rng.random() < 0.4),
+    )
 
 
 def render_seed(args: tuple[int, int, bool]) -> tuple[np.ndarray, np.ndarray]:
@@ -51,8 +57,9 @@ def render_seed(args: tuple[int, int, bool]) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(images), np.stack(labels)
 
 
-def build(seeds: range | list[int], size: int = 256, big: bool = False, workers: int = 2,
-          progress: bool = True) -> FrameSet:
+def build(
+    seeds: range | list[int], size: int = 256, big: bool = False, workers: int = 2, progress: bool = True
+) -> FrameSet:
     jobs = [(int(s), size, big) for s in seeds]
     results = []
     with mp.get_context("spawn").Pool(workers) as pool:

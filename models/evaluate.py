@@ -32,8 +32,14 @@ CONDITIONS: dict[str, dict] = {
     "as_drawn": {},
     "bone_dark": {"bone_dark": True},
     "bone_bright": {"bone_dark": False},
-    "text_overlay": {"text": [("ACC 12345 L2 VERTEBROPLASTY", (20, 40), 1.2, 2), ("KV 78 MA 2.1 FPS 15", (20, 980), 1.0, 2),
-                              ("R", (900, 60), 2.0, 3), ("12:34:56 29-NOV-2026", (560, 980), 1.0, 2)]},
+    "text_overlay": {
+        "text": [
+            ("ACC 12345 L2 VERTEBROPLASTY", (20, 40), 1.2, 2),
+            ("KV 78 MA 2.1 FPS 15", (20, 980), 1.0, 2),
+            ("R", (900, 60), 2.0, 3),
+            ("12:34:56 29-NOV-2026", (560, 980), 1.0, 2),
+        ]
+    },
     "circular_fov": {"fov": "centre"},
 }
 
@@ -57,8 +63,9 @@ def segment(session: ort.InferenceSession, meta: dict, frame: np.ndarray) -> np.
 
 def labels_at_frame_resolution(logits: np.ndarray, geometry: LetterboxGeometry) -> np.ndarray:
     inner = geometry.crop(logits)
-    planes = [cv2.resize(p, (geometry.frame_width, geometry.frame_height), interpolation=cv2.INTER_LINEAR)
-              for p in inner]
+    planes = [
+        cv2.resize(p, (geometry.frame_width, geometry.frame_height), interpolation=cv2.INTER_LINEAR) for p in inner
+    ]
     return np.argmax(np.stack(planes), axis=0).astype(np.uint8)
 
 
@@ -69,11 +76,21 @@ def held_out_config(rng: np.random.Generator, condition: dict, size: int) -> Loo
     if forced.get("fov") == "centre":
         forced["fov"] = (w / 2, h / 2, min(h, w) * float(rng.uniform(0.42, 0.5)))
     if "text" in forced:  # scale the overlay to the frame
-        forced["text"] = [(t, (int(x * w / 1024), int(y * h / 1024)), s * w / 1024, th) for t, (x, y), s, th in forced["text"]]
+        forced["text"] = [
+            (t, (int(x * w / 1024), int(y * h / 1024)), s * w / 1024, th) for t, (x, y), s, th in forced["text"]
+        ]
     leaks = [frozenset(), frozenset({"posterior"}), frozenset({"venous"}), frozenset({"posterior", "venous"})]
-    return LoopConfig(height=h, width=w, frames=8, fps=15.0, leaks=leaks[int(rng.integers(0, 4))],
-                      view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
-                      bit_depth=int(rng.choice([8, 12, 16])), jpeg=bool(rng.random() < 0.4), imaging=forced)
+    return LoopConfig(
+        height=h,
+        width=w,
+        frames=8,
+        fps=15.0,
+        leaks=leaks[int(rng.integers(0, 4))],
+        view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
+        bit_depth=int(rng.choice([8, 12, 16])),
+        jpeg=bool(rng.random() < 0.4),
+        imaging=forced,
+    )
 
 
 def dice_condition(session, meta, condition: dict, seeds: range, size: int) -> dict[str, float]:
@@ -88,8 +105,10 @@ def dice_condition(session, meta, condition: dict, seeds: range, size: int) -> d
                 p, t = pred == c, truth == c
                 inter[c] += np.logical_and(p, t).sum()
                 total[c] += p.sum() + t.sum()
-    return {CLASS_NAMES[c]: round(float(2 * inter[c] / total[c]), 4) if total[c] else None
-            for c in range(1, len(CLASS_NAMES))}
+    return {
+        CLASS_NAMES[c]: round(float(2 * inter[c] / total[c]), 4) if total[c] else None
+        for c in range(1, len(CLASS_NAMES))
+    }
 
 
 def latency(session, meta, runs: int = 200) -> dict[str, float]:
@@ -110,13 +129,19 @@ def latency(session, meta, runs: int = 200) -> dict[str, float]:
         pre_ms.append((t1 - t0) * 1e3)
         model_ms.append((t2 - t1) * 1e3)
     pct = lambda v, q: round(float(np.percentile(v, q)), 2)  # noqa: E731
-    return {"model_p50_ms": pct(model_ms, 50), "model_p99_ms": pct(model_ms, 99),
-            "preprocess_1024_p50_ms": pct(pre_ms, 50), "preprocess_1024_p99_ms": pct(pre_ms, 99), "runs": runs}
+    return {
+        "model_p50_ms": pct(model_ms, 50),
+        "model_p99_ms": pct(model_ms, 99),
+        "preprocess_1024_p50_ms": pct(pre_ms, 50),
+        "preprocess_1024_p99_ms": pct(pre_ms, 99),
+        "runs": runs,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m models.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", type=Path, default=Path(__file__).with_name("segmenter.onnx"))
     p.add_argument("--loops", type=int, default=24, help="held-out loops per condition (8 frames each)")
     p.add_argument("--size", type=int, default=0, help="frame height; 0: random of 512, 768, 1024")
@@ -128,15 +153,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"models.evaluate: error: model file {args.model} not found", file=sys.stderr)
         return 2
     session, meta = load_session(args.model, args.threads)
-    results: dict = {"model": args.model.name, "version": meta.get("version"), "parameters": meta.get("parameters"),
-                     "flops": 2 * int(meta.get("macs", 0)), "input_size": meta["input"]["size"],
-                     "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
-                     "held_out_seeds": [TEST_SEED_BASE, TEST_SEED_BASE + args.loops], "dice": {}}
+    results: dict = {
+        "model": args.model.name,
+        "version": meta.get("version"),
+        "parameters": meta.get("parameters"),
+        "flops": 2 * int(meta.get("macs", 0)),
+        "input_size": meta["input"]["size"],
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+        "held_out_seeds": [TEST_SEED_BASE, TEST_SEED_BASE + args.loops],
+        "dice": {},
+    }
     conditions = {"as_drawn": CONDITIONS["as_drawn"]} if args.quick else CONDITIONS
     for name, condition in conditions.items():
         t0 = time.monotonic()
-        results["dice"][name] = dice_condition(session, meta, condition,
-                                               range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops), args.size)
+        results["dice"][name] = dice_condition(
+            session, meta, condition, range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops), args.size
+        )
         print(f"{name:>13}: {json.dumps(results['dice'][name])}  ({time.monotonic() - t0:.0f} s)", flush=True)
     results["latency"] = latency(session, meta, runs=50 if args.quick else 300)
     print(f"latency ({args.threads} threads): {json.dumps(results['latency'])}")

@@ -60,7 +60,9 @@ class LeakUNet(nn.Module):
         self.down2 = nn.Sequential(SeparableConv(w, 2 * w, 2), SeparableConv(2 * w, 2 * w))  # 64
         self.down3 = nn.Sequential(SeparableConv(2 * w, 4 * w, 2), SeparableConv(4 * w, 4 * w))  # 32
         self.down4 = nn.Sequential(  # 16, dilated for context over the whole vertebra
-            SeparableConv(4 * w, 6 * w, 2), SeparableConv(6 * w, 6 * w, dilation=2), SeparableConv(6 * w, 6 * w, dilation=4)
+            SeparableConv(4 * w, 6 * w, 2),
+            SeparableConv(6 * w, 6 * w, dilation=2),
+            SeparableConv(6 * w, 6 * w, dilation=4),
         )
         self.up3 = SeparableConv(6 * w + 4 * w, 4 * w)
         self.up2 = SeparableConv(4 * w + 2 * w, 2 * w)
@@ -103,8 +105,9 @@ def count_macs(model: nn.Module, size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- training
-def sample_crops(images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int,
-                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_crops(
+    images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crops (the network is fully convolutional; crops make CPU training affordable),
     most of them centred near a random foreground pixel so cement and needle are well seen."""
     n, size, _ = images.shape
@@ -178,8 +181,14 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
     model = model.cpu().eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
-        model, (torch.zeros(1, 1, size, size),), str(path), input_names=["image"], output_names=["logits"],
-        opset_version=OPSET, dynamo=False, dynamic_axes=None,
+        model,
+        (torch.zeros(1, 1, size, size),),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        opset_version=OPSET,
+        dynamo=False,
+        dynamic_axes=None,
     )
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
@@ -194,15 +203,18 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
 
 def write_sha256sums(onnx_path: Path, digest: str) -> Path:
     sums = onnx_path.parent / "SHA256SUMS"
-    lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(f"  {onnx_path.name}")]
+    lines = [
+        ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(f"  {onnx_path.name}")
+    ]
     lines.append(f"{digest}  {onnx_path.name}")
     sums.write_text("\n".join(sorted(lines)) + "\n")
     return sums
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m models.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("models/segmenter.onnx"))
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--width", type=int, default=16)
@@ -224,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
+    device = (
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     t0 = time.monotonic()
     train_seeds = range(TRAIN_SEED_BASE + args.seed * 100_000, TRAIN_SEED_BASE + args.seed * 100_000 + args.train_loops)
     val_seeds = range(VAL_SEED_BASE, VAL_SEED_BASE + args.val_loops)
@@ -267,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         sched.step()
         if step % 100 == 0 or step == args.steps:
             elapsed = time.monotonic() - t_train
-            line = {"step": step, "loss": round(float(loss.detach()), 4), "lr": sched.get_last_lr()[0], "s": round(elapsed, 1)}
+            line = {
+                "step": step,
+                "loss": round(float(loss.detach()), 4),
+                "lr": sched.get_last_lr()[0],
+                "s": round(elapsed, 1),
+            }
             if step % 500 == 0 or step == args.steps:
                 line["val_dice"] = evaluate_torch(model, val, device)
             print(json.dumps(line), flush=True)
@@ -291,9 +311,15 @@ def main(argv: list[str] | None = None) -> int:
             "train_seeds": [train_seeds.start, train_seeds.stop],
             "val_seeds": [val_seeds.start, val_seeds.stop],
             "frames_per_loop": dataset.FRAMES_PER_LOOP,
-            "steps": args.steps, "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
-            "device": device, "threads": args.threads,
-            "data_seconds": round(t_data), "train_seconds": round(train_s),
+            "steps": args.steps,
+            "batch": args.batch,
+            "crop": args.crop,
+            "lr": args.lr,
+            "seed": args.seed,
+            "device": device,
+            "threads": args.threads,
+            "data_seconds": round(t_data),
+            "train_seconds": round(train_s),
             "val_dice_model_resolution": {k: round(v, 4) for k, v in val_dice.items()},
             "data": "simulated only (models.sim)",
         },

@@ -121,10 +121,10 @@ def check_demo_output(out: str) -> None:
 
 
 def test_demo_from_the_recorded_guidance_log() -> None:
-    res = run("-m", "firmware_bridge.demo", "--recorded", timeout=60)
+    res = run("-m", "firmware_bridge.demo", "--recorded", timeout=90)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "replaying recorded alert log" in res.stdout
-    assert "GUIDANCE ALERT: venous_leak raised priority high frame 1" in res.stdout
+    assert "GUIDANCE ALERT: posterior_leak raised priority high frame 62" in res.stdout
     check_demo_output(res.stdout)
 
 

@@ -393,17 +393,23 @@ def test_firmware_fault_alert_and_refused_release(rig: Rig) -> None:
     assert rig.alert_seen("injector_fault", "cleared")
 
 
-def test_guidance_never_heard_holds_after_timeout(tmp_path: Path) -> None:
-    """Fail-safe default: a bridge started without guidance holds the injector after 1 s."""
+@pytest.mark.parametrize("config, limit", [
+    ({}, "limit 1000 ms"),  # fail-safe default: held after 1 s without guidance
+    # a startup grace for guidance's boot is its own setting, not the watchdog's
+    ({"guidance_startup_s": 0.3, "guidance_timeout_s": 30.0}, "limit 300 ms"),
+])
+def test_guidance_never_heard_holds_after_timeout(tmp_path: Path, config: dict,
+                                                  limit: str) -> None:
     ctx = zmq.Context()
     sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
     silent_guidance = GuidancePublisher(ctx)  # bound, never publishes
     bt = BridgeThread(SerialInjectorLink(sim.port), silent_guidance.endpoint, ctx,
-                      heartbeat_period_s=0.1).start()
+                      heartbeat_period_s=0.1, **config).start()
     tap = BridgeTap(ctx, bt.bridge.pub_address)
     try:
         lost = tap.wait_for(lambda t, d: t == "alert" and d["kind"] == "guidance_lost", 5.0)
         assert lost and lost["state"] == "raised"
+        assert "since the bridge started" in lost["message"] and limit in lost["message"]
         assert sim.wait_for(lambda r: any(x.frame.type == MsgType.HOLD for x in r), 3.0)
         (hold,) = sim.commands(MsgType.HOLD)
         assert hold.frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.GUIDANCE_LOST)
@@ -563,3 +569,11 @@ def test_guidance_stopping_holds_at_once(rig: Rig) -> None:
     assert "stopping" in lost["message"]
     (hold,) = rig.wait_commands(MsgType.HOLD)
     assert hold.frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.GUIDANCE_LOST)
+
+
+@pytest.mark.parametrize("rig", [{"guidance_startup_s": 30.0}], indirect=True)
+def test_startup_grace_ends_when_guidance_runs(rig: Rig) -> None:
+    """Once guidance has said `running`, the 1 s watchdog applies, grace or not."""
+    rig.guidance.stop_heartbeats()
+    lost = rig.alert_seen("guidance_lost")
+    assert lost and "limit 1000 ms" in lost["message"]

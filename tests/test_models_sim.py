@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _sim(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "models.sim", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "models.sim", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,23 @@ def test_ap_view_has_no_posterior_side():
 def test_cli_writes_every_format(tmp_path):
     out = tmp_path / "loops"
     for fmt, seed in (("mp4", 1), ("avi", 2), ("png", 3), ("dcm", 4)):
-        res = _sim(str(out), "--count", "1", "--seed", str(seed), "--size", "128x96", "--fps", "15",
-                   "--seconds", "1", "--format", fmt, "--prefix", fmt)
+        res = _sim(
+            str(out),
+            "--count",
+            "1",
+            "--seed",
+            str(seed),
+            "--size",
+            "128x96",
+            "--fps",
+            "15",
+            "--seconds",
+            "1",
+            "--format",
+            fmt,
+            "--prefix",
+            fmt,
+        )
         assert res.returncode == 0, res.stderr
     labels = {p.name: json.loads(p.read_text()) for p in out.glob("*.labels.json")}
     assert len(labels) == 4

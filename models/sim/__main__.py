@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=None, help="default: random of 7.5, 15, 30")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--leaks", choices=["mix", *LEAK_MIXES], default="mix")
-    p.add_argument("--view", choices=["lateral", "ap", "mix"], default="lateral",
-                   help="mix: a quarter of the loops AP")
+    p.add_argument("--view", choices=["lateral", "ap", "mix"], default="lateral", help="mix: a quarter of the loops AP")
     p.add_argument("--format", choices=[*FORMATS, "mix"], default="mp4")
     p.add_argument("--bit-depth", type=int, default=8, help="8..16 (mp4/avi store 8)")
     p.add_argument("--no-masks", action="store_true")
@@ -77,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         fps = args.fps or float(rng.choice([7.5, 15.0, 30.0]))
         fmt = args.format if args.format != "mix" else str(rng.choice(FORMATS))
         view = args.view if args.view != "mix" else str(rng.choice(["lateral", "ap"], p=[0.75, 0.25]))
-        config = LoopConfig(height=h, width=w, fps=fps, frames=frame_count_for(args.seconds, fps),
-                            leaks=leaks, view=view, bit_depth=args.bit_depth if fmt in ("dcm", "png") else 8)
+        config = LoopConfig(
+            height=h,
+            width=w,
+            fps=fps,
+            frames=frame_count_for(args.seconds, fps),
+            leaks=leaks,
+            view=view,
+            bit_depth=args.bit_depth if fmt in ("dcm", "png") else 8,
+        )
         loop = simulate(np.random.default_rng([args.seed, k]), config)
         name = f"{args.prefix}_{args.seed}_{k:04d}"
         path = write_loop(loop, args.out_dir, name, fmt, with_masks=not args.no_masks)

@@ -43,12 +43,12 @@ class Grid:
         return x_mm, (ys - self.origin_xy[1]) * self.spacing_mm
 
     def px_from_mm(self, x_mm: float, y_mm: float) -> tuple[float, float]:
-        return (self.x_sign * x_mm / self.spacing_mm + self.origin_xy[0],
-                y_mm / self.spacing_mm + self.origin_xy[1])
+        return (self.x_sign * x_mm / self.spacing_mm + self.origin_xy[0], y_mm / self.spacing_mm + self.origin_xy[1])
 
 
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma_px: float,
-                 anisotropy: float = 1.0) -> np.ndarray:
+def smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, int], sigma_px: float, anisotropy: float = 1.0
+) -> np.ndarray:
     """Zero-mean, unit-std band-limited noise (Gaussian-filtered white noise). Broad noise is
     made on a coarser grid and resized up: the same statistics at a fraction of the cost."""
     factor = max(1, int(min(sigma_px, sigma_px * anisotropy) / 3))
@@ -75,8 +75,9 @@ def window(x: np.ndarray, y: np.ndarray, cx: float, cy: float, radius: float) ->
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def rounded_box_mask(x: np.ndarray, y: np.ndarray, half_w: float, half_h: float, radius: float,
-                     top_profile: np.ndarray | None = None) -> np.ndarray:
+def rounded_box_mask(
+    x: np.ndarray, y: np.ndarray, half_w: float, half_h: float, radius: float, top_profile: np.ndarray | None = None
+) -> np.ndarray:
     """Rounded rectangle centred on 0 in (already rotated) body coordinates; `top_profile`
     lowers the cranial endplate per column (compression fracture)."""
     top = -half_h + (top_profile if top_profile is not None else 0.0)
@@ -88,8 +89,9 @@ def rounded_box_mask(x: np.ndarray, y: np.ndarray, half_w: float, half_h: float,
     return outside - radius  # signed distance (mm): < 0 inside
 
 
-def ellipse_sdf(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float,
-                angle: float = 0.0) -> np.ndarray:
+def ellipse_sdf(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, angle: float = 0.0
+) -> np.ndarray:
     """Approximate signed distance (mm) to an ellipse; good enough for soft masks and rims."""
     c, s = np.cos(angle), np.sin(angle)
     u = (x - cx) * c + (y - cy) * s

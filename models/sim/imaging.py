@@ -40,24 +40,28 @@ class Imaging:
     jpeg_quality: int | None
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, height: int, width: int, bit_depth: int = 8,
-               jpeg: bool = False) -> Imaging:
+    def sample(
+        cls, rng: np.random.Generator, height: int, width: int, bit_depth: int = 8, jpeg: bool = False
+    ) -> Imaging:
         image_intensifier = rng.random() < 0.6
         fov = None
         if image_intensifier and rng.random() < 0.85:
             r = min(height, width) * rng.uniform(0.44, 0.62)
-            fov = (width / 2 + rng.uniform(-0.03, 0.03) * width,
-                   height / 2 + rng.uniform(-0.03, 0.03) * height, r)
+            fov = (width / 2 + rng.uniform(-0.03, 0.03) * width, height / 2 + rng.uniform(-0.03, 0.03) * height, r)
         text = []
         if rng.random() < 0.7:
             for _ in range(rng.integers(1, 6)):
-                words = "".join(rng.choice(list(string.ascii_uppercase + string.digits + " :./-"),
-                                           size=rng.integers(4, 18)))
-                pos = (int(rng.uniform(0.01, 0.75) * width), int(rng.choice([rng.uniform(0.03, 0.12),
-                                                                          rng.uniform(0.88, 0.98)]) * height))
+                words = "".join(
+                    rng.choice(list(string.ascii_uppercase + string.digits + " :./-"), size=rng.integers(4, 18))
+                )
+                pos = (
+                    int(rng.uniform(0.01, 0.75) * width),
+                    int(rng.choice([rng.uniform(0.03, 0.12), rng.uniform(0.88, 0.98)]) * height),
+                )
                 text.append((words, pos, float(rng.uniform(0.4, 1.4) * width / 700), int(rng.integers(1, 3))))
         return cls(
-            height=height, width=width,
+            height=height,
+            width=width,
             photons=float(math.exp(rng.uniform(math.log(60), math.log(3000)))),
             scatter_fraction=float(rng.uniform(0.1, 0.6)),
             blur_px=float(rng.uniform(0.3, 1.6) * max(height, width) / 1024 + 0.2),
@@ -67,9 +71,12 @@ class Imaging:
             bone_dark=bool(rng.random() < 0.5),
             distortion_k=float(rng.uniform(0.01, 0.08)) if image_intensifier else 0.0,
             s_distortion=float(rng.uniform(-0.03, 0.03)) if image_intensifier else 0.0,
-            fov=fov, fov_fill=float(rng.choice([0.0, rng.uniform(0.0, 0.15), 1.0], p=[0.7, 0.2, 0.1])),
-            text=text, text_value=float(rng.choice([1.0, 0.0, rng.uniform(0.6, 1.0)], p=[0.6, 0.2, 0.2])),
-            bit_depth=bit_depth, jpeg_quality=int(rng.uniform(35, 95)) if jpeg else None,
+            fov=fov,
+            fov_fill=float(rng.choice([0.0, rng.uniform(0.0, 0.15), 1.0], p=[0.7, 0.2, 0.1])),
+            text=text,
+            text_value=float(rng.choice([1.0, 0.0, rng.uniform(0.6, 1.0)], p=[0.6, 0.2, 0.2])),
+            bit_depth=bit_depth,
+            jpeg_quality=int(rng.uniform(35, 95)) if jpeg else None,
         )
 
     # -------------------------------------------------------------- geometry
@@ -99,20 +106,26 @@ class Imaging:
         return (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
 
     # -------------------------------------------------------------- intensity
-    def form(self, integral: np.ndarray, rng: np.random.Generator,
-             maps: tuple[np.ndarray, np.ndarray] | None, fov: np.ndarray | None) -> np.ndarray:
+    def form(
+        self,
+        integral: np.ndarray,
+        rng: np.random.Generator,
+        maps: tuple[np.ndarray, np.ndarray] | None,
+        fov: np.ndarray | None,
+    ) -> np.ndarray:
         """Line integral on the output grid (ideal geometry) -> displayed frame (uint8/uint16)."""
         ref = float(np.median(integral))  # automatic exposure control
         quanta = self.photons * np.exp(-(integral - ref))
-        small = cv2.resize(quanta, (max(8, self.width // 16), max(8, self.height // 16)),
-                           interpolation=cv2.INTER_AREA)
-        scatter = cv2.resize(cv2.GaussianBlur(small, (0, 0), 3.0), (self.width, self.height),
-                             interpolation=cv2.INTER_LINEAR)
+        small = cv2.resize(quanta, (max(8, self.width // 16), max(8, self.height // 16)), interpolation=cv2.INTER_AREA)
+        scatter = cv2.resize(
+            cv2.GaussianBlur(small, (0, 0), 3.0), (self.width, self.height), interpolation=cv2.INTER_LINEAR
+        )
         quanta = quanta + self.scatter_fraction * scatter
         if self.vignetting:
             ys, xs = np.ogrid[0 : self.height, 0 : self.width]
             rr = ((xs - self.width / 2) ** 2 + (ys - self.height / 2) ** 2) / (
-                (self.width / 2) ** 2 + (self.height / 2) ** 2)
+                (self.width / 2) ** 2 + (self.height / 2) ** 2
+            )
             quanta = quanta * (1.0 - self.vignetting * rr).astype(np.float32)
         # quantum noise: Poisson, by its normal approximation above a few quanta
         noisy = quanta + np.sqrt(np.maximum(quanta, 1e-3)) * rng.standard_normal(quanta.shape).astype(np.float32)
@@ -143,8 +156,9 @@ class Imaging:
             frame = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
         return frame
 
-    def warp_labels(self, labels: np.ndarray, maps: tuple[np.ndarray, np.ndarray] | None,
-                    fov: np.ndarray | None) -> np.ndarray:
+    def warp_labels(
+        self, labels: np.ndarray, maps: tuple[np.ndarray, np.ndarray] | None, fov: np.ndarray | None
+    ) -> np.ndarray:
         if maps is not None:
             labels = cv2.remap(labels, maps[0], maps[1], cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
         if fov is not None:

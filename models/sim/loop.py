@@ -78,8 +78,17 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
     h, w = config.height, config.width
     # the vertebral body (~30-45 mm) should span roughly 15-45 % of the shorter side
     spacing = config.spacing_mm or float(rng.uniform(120.0, 260.0) / min(h, w))
-    scene = LoopScene.sample(rng, h, w, spacing, config.view, config.frames, config.fps,
-                             set(config.leaks), margin_px=max(8, int(4.0 / spacing)))
+    scene = LoopScene.sample(
+        rng,
+        h,
+        w,
+        spacing,
+        config.view,
+        config.frames,
+        config.fps,
+        set(config.leaks),
+        margin_px=max(8, int(4.0 / spacing)),
+    )
     imaging = Imaging.sample(rng, h, w, bit_depth=config.bit_depth, jpeg=config.jpeg)
     for key, value in config.imaging.items():  # forced conditions, e.g. for robustness subsets
         setattr(imaging, key, value)
@@ -111,8 +120,7 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
 
 
 # ---------------------------------------------------------------------------- writers
-def write_loop(loop: SimulatedLoop, out_dir: Path, name: str, fmt: str = "mp4",
-               with_masks: bool = True) -> Path:
+def write_loop(loop: SimulatedLoop, out_dir: Path, name: str, fmt: str = "mp4", with_masks: bool = True) -> Path:
     """Write NAME.<fmt> (or NAME/ of PNGs), NAME.labels.json and NAME.masks.npz."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if fmt in ("mp4", "avi", "mkv"):

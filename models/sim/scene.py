@@ -127,8 +127,15 @@ class LoopScene:
                 k = min(len(p) - 1, int(travelled / frag["step"]))
                 cx, cy = self.grid.px_from_mm(*p[k])
                 r = frag["radius"] / self.grid.spacing_mm
-                cv2.circle(thickness, (int(round(cx * 4)), int(round(cy * 4))), int(round(r * 4)),
-                           float(frag["radius"] * 1.6), -1, lineType=cv2.LINE_AA, shift=2)
+                cv2.circle(
+                    thickness,
+                    (int(round(cx * 4)), int(round(cy * 4))),
+                    int(round(r * 4)),
+                    float(frag["radius"] * 1.6),
+                    -1,
+                    lineType=cv2.LINE_AA,
+                    shift=2,
+                )
         return thickness
 
     def epidural_thickness(self, i: int) -> np.ndarray:
@@ -143,8 +150,10 @@ class LoopScene:
         px = self.grid.spacing_mm**2
         if self.view == "lateral":
             out = cement & ~self.treated_body
-            return {"posterior": np.count_nonzero(out & self.behind_wall) * px,
-                    "venous": np.count_nonzero(out & ~self.behind_wall) * px}
+            return {
+                "posterior": np.count_nonzero(out & self.behind_wall) * px,
+                "venous": np.count_nonzero(out & ~self.behind_wall) * px,
+            }
         epidural = cement & (self.epidural_thickness(i) >= VISIBLE_CEMENT_MM)
         venous = cement & ~self.treated_body & ~self.epidural
         return {"posterior": np.count_nonzero(epidural) * px, "venous": np.count_nonzero(venous) * px}
@@ -165,12 +174,24 @@ class LoopScene:
 
     # ------------------------------------------------------------------ sampling
     @classmethod
-    def sample(cls, rng: np.random.Generator, height: int, width: int, spacing_mm: float,
-               view: str, frames: int, fps: float, leaks: set[str], margin_px: int = 24
-               ) -> LoopScene:
-        grid = Grid(height + 2 * margin_px, width + 2 * margin_px, spacing_mm,
-                    (margin_px + width * rng.uniform(0.38, 0.62),
-                     margin_px + height * rng.uniform(0.38, 0.62)))
+    def sample(
+        cls,
+        rng: np.random.Generator,
+        height: int,
+        width: int,
+        spacing_mm: float,
+        view: str,
+        frames: int,
+        fps: float,
+        leaks: set[str],
+        margin_px: int = 24,
+    ) -> LoopScene:
+        grid = Grid(
+            height + 2 * margin_px,
+            width + 2 * margin_px,
+            spacing_mm,
+            (margin_px + width * rng.uniform(0.38, 0.62), margin_px + height * rng.uniform(0.38, 0.62)),
+        )
         posterior_sign = int(rng.choice([-1, 1]))
         # Anatomy is built with posterior = +x; the grid mirrors x when the canal is on the left.
         grid.x_sign = posterior_sign
@@ -190,7 +211,10 @@ def _vertebra(rng: np.random.Generator, scale: float = 1.0) -> Vertebra:
     hd = rng.uniform(14, 23) * scale
     hh = rng.uniform(10, 15) * scale
     return Vertebra(
-        half_depth=hd, half_height=hh, corner=rng.uniform(1.5, 4.0), width_lr=rng.uniform(32, 52),
+        half_depth=hd,
+        half_height=hh,
+        corner=rng.uniform(1.5, 4.0),
+        width_lr=rng.uniform(32, 52),
         tilt=rng.uniform(-0.28, 0.28),
         anterior_collapse=rng.choice([0.0, rng.uniform(0.05, 0.45)], p=[0.5, 0.5]),
         centre_collapse=rng.choice([0.0, rng.uniform(0.05, 0.25)], p=[0.6, 0.4]),
@@ -233,14 +257,27 @@ def _body_integral(rng, v: Vertebra, x, y, ox, oy, tex, spacing, defect: bool, v
     ped_u = v.half_depth + rng.uniform(4, 8)
     ped_v = -v.half_height * rng.uniform(0.2, 0.5)
     for k in range(2):
-        psdf = ellipse_sdf(u, w, ped_u + k * rng.uniform(-1.5, 1.5), ped_v + k * rng.uniform(-1, 1),
-                           rng.uniform(5, 9), rng.uniform(4, 7), rng.uniform(-0.3, 0.3))
+        psdf = ellipse_sdf(
+            u,
+            w,
+            ped_u + k * rng.uniform(-1.5, 1.5),
+            ped_v + k * rng.uniform(-1, 1),
+            rng.uniform(5, 9),
+            rng.uniform(4, 7),
+            rng.uniform(-0.3, 0.3),
+        )
         integral = integral + MU_TRABECULAR * 7 * (psdf < 0) + MU_CORTICAL * rim_chord(psdf, 0.8, 5)
     lam_u = v.half_depth + rng.uniform(13, 20)
     for cu, cv_, a, b, ang, thick in (
         (lam_u, -v.half_height * 0.1, rng.uniform(5, 8), rng.uniform(8, 12), rng.uniform(-0.4, 0.4), 14),
-        (lam_u + rng.uniform(12, 20), v.half_height * rng.uniform(0.1, 0.6), rng.uniform(10, 17),
-         rng.uniform(3.5, 6), rng.uniform(0.2, 0.7), 8),
+        (
+            lam_u + rng.uniform(12, 20),
+            v.half_height * rng.uniform(0.1, 0.6),
+            rng.uniform(10, 17),
+            rng.uniform(3.5, 6),
+            rng.uniform(0.2, 0.7),
+            8,
+        ),
         (v.half_depth + rng.uniform(8, 14), -v.half_height * 1.05, rng.uniform(3, 5), rng.uniform(4, 6), 0.0, 10),
         (v.half_depth + rng.uniform(8, 14), v.half_height * 1.0, rng.uniform(3, 5), rng.uniform(4, 6), 0.0, 10),
     ):
@@ -269,11 +306,19 @@ def _ap_elements(rng, v: Vertebra, u, w, integral: np.ndarray) -> np.ndarray:
     for side in (-1, 1):  # pedicles end-on: cortical rings
         psdf = ellipse_sdf(u, w, side * ped_u, ped_v, a, b, rng.uniform(-0.2, 0.2))
         integral = integral + MU_TRABECULAR * 10 * (psdf < 0) + MU_CORTICAL * rim_chord(psdf, 1.0, 10)
-        tsdf = ellipse_sdf(u, w, side * (v.half_depth + rng.uniform(6, 14)), ped_v, rng.uniform(7, 12),
-                           rng.uniform(3, 5), rng.uniform(-0.3, 0.3))  # transverse processes
+        tsdf = ellipse_sdf(
+            u,
+            w,
+            side * (v.half_depth + rng.uniform(6, 14)),
+            ped_v,
+            rng.uniform(7, 12),
+            rng.uniform(3, 5),
+            rng.uniform(-0.3, 0.3),
+        )  # transverse processes
         integral = integral + MU_TRABECULAR * 8 * (tsdf < 0) + MU_CORTICAL * rim_chord(tsdf, 0.8, 4)
-    ssdf = ellipse_sdf(u, w, rng.uniform(-2, 2), v.half_height * rng.uniform(0.2, 0.6), rng.uniform(2.5, 5),
-                       rng.uniform(6, 11))  # spinous process, midline
+    ssdf = ellipse_sdf(
+        u, w, rng.uniform(-2, 2), v.half_height * rng.uniform(0.2, 0.6), rng.uniform(2.5, 5), rng.uniform(6, 11)
+    )  # spinous process, midline
     lsdf = ellipse_sdf(u, w, 0, v.half_height * rng.uniform(0.3, 0.7), v.half_depth * 0.7, rng.uniform(3, 5))
     integral = integral + MU_TRABECULAR * 12 * (ssdf < 0) + MU_CORTICAL * rim_chord(ssdf, 0.8, 6)
     return integral + MU_TRABECULAR * 6 * (lsdf < 0)
@@ -294,8 +339,15 @@ def _soft_tissue(rng, x, y, spacing, lateral: bool) -> np.ndarray:
             integral += MU_CORTICAL * rim_chord(band - width, 0.8, 6) + MU_TRABECULAR * 12 * (band < width)
     if rng.random() < 0.4:
         for _ in range(rng.integers(1, 6)):
-            gsdf = ellipse_sdf(x, y, rng.uniform(-90, 90), rng.uniform(-90, 90), rng.uniform(5, 25),
-                               rng.uniform(4, 18), rng.uniform(0, 3.14))
+            gsdf = ellipse_sdf(
+                x,
+                y,
+                rng.uniform(-90, 90),
+                rng.uniform(-90, 90),
+                rng.uniform(5, 25),
+                rng.uniform(4, 18),
+                rng.uniform(0, 3.14),
+            )
             integral += MU_AIR_MINUS_SOFT * rng.uniform(10, 40) * np.clip(-gsdf / 4, 0, 1)
     return integral.astype(np.float32)
 
@@ -378,12 +430,16 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         span = rng.uniform(3, 9)
         treated.defect_y = (c - span / 2, c + span / 2)
     for _ in range(rng.integers(0, 3)):
-        treated.lesions.append((
-            rng.uniform(-0.6, 0.6) * treated.half_depth, rng.uniform(-0.6, 0.6) * treated.half_height,
-            rng.uniform(3, 10), rng.uniform(3, 8),
-            # lytic (most) or sclerotic; sclerotic bone stays well below cement's opacity
-            float(rng.choice([rng.uniform(0.2, 0.7), rng.uniform(1.15, 1.6)], p=[0.65, 0.35])),
-        ))
+        treated.lesions.append(
+            (
+                rng.uniform(-0.6, 0.6) * treated.half_depth,
+                rng.uniform(-0.6, 0.6) * treated.half_height,
+                rng.uniform(3, 10),
+                rng.uniform(3, 8),
+                # lytic (most) or sclerotic; sclerotic bone stays well below cement's opacity
+                float(rng.choice([rng.uniform(0.2, 0.7), rng.uniform(1.15, 1.6)], p=[0.65, 0.35])),
+            )
+        )
     integral, inside, sdf, u, w = _body_integral(rng, treated, x, y, 0.0, 0.0, tex, spacing, True, view)
     static += integral
     body_labels[inside] = BODY
@@ -430,8 +486,11 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
     u_c = cv2.resize(u, (cs[1], cs[0]), interpolation=cv2.INTER_LINEAR)
     w_c = cv2.resize(w, (cs[1], cs[0]), interpolation=cv2.INTER_LINEAR)
     cost[sdf_c > -0.6] = np.inf
-    epidural_c = ((u_c > treated.half_depth) & (u_c < treated.half_depth + rng.uniform(2.5, 5))
-                  & (np.abs(w_c) < treated.half_height + rng.uniform(2, 10)))
+    epidural_c = (
+        (u_c > treated.half_depth)
+        & (u_c < treated.half_depth + rng.uniform(2.5, 5))
+        & (np.abs(w_c) < treated.half_height + rng.uniform(2, 10))
+    )
     if "posterior" in leaks and treated.defect_y is not None:
         y0, y1 = treated.defect_y
         gap = (u_c > treated.half_depth - 3) & (u_c <= treated.half_depth + 0.6) & (w_c > y0) & (w_c < y1)
@@ -442,11 +501,15 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         px, py = grid.px_from_mm(*nd.tip)
         sources.append((int(np.clip(py / coarse, 0, cs[0] - 1)), int(np.clip(px / coarse, 0, cs[1] - 1))))
     arrival_c = _arrival_times(cost, sources) * spacing * coarse  # mm-ish units
-    arrival = cv2.resize(np.where(np.isfinite(arrival_c), arrival_c, 1e6).astype(np.float32),
-                         (x.shape[1], x.shape[0]), interpolation=cv2.INTER_LINEAR)
+    arrival = cv2.resize(
+        np.where(np.isfinite(arrival_c), arrival_c, 1e6).astype(np.float32),
+        (x.shape[1], x.shape[0]),
+        interpolation=cv2.INTER_LINEAR,
+    )
     arrival += 0.8 * smooth_noise(rng, x.shape, 0.6 / spacing)  # irregular, lobulated edges
-    epidural = cv2.resize(epidural_c.astype(np.uint8), (x.shape[1], x.shape[0]),
-                          interpolation=cv2.INTER_NEAREST).astype(bool)
+    epidural = cv2.resize(
+        epidural_c.astype(np.uint8), (x.shape[1], x.shape[0]), interpolation=cv2.INTER_NEAREST
+    ).astype(bool)
     epidural_arrival = np.where(epidural & (sdf > 0), arrival, 1e6).astype(np.float32)
     arrival[sdf > 0] = 1e6
     if not lateral and "posterior" in leaks:
@@ -459,10 +522,14 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         band = (np.abs(u_c) < hd * rng.uniform(0.25, 0.45)) & (np.abs(w_c) < hh + rng.uniform(3, 12))
         epi_cost = np.where(band, rng.uniform(0.5, 1.5) * np.exp(0.3 * porosity), np.inf).astype(np.float32)
         epi_c = _arrival_times(epi_cost, [(min(r // coarse, cs[0] - 1), min(c // coarse, cs[1] - 1))])
-        epi = cv2.resize(np.where(np.isfinite(epi_c), epi_c * spacing * coarse, 1e6).astype(np.float32),
-                         (x.shape[1], x.shape[0]), interpolation=cv2.INTER_LINEAR)
-        epidural = cv2.resize(band.astype(np.uint8), (x.shape[1], x.shape[0]),
-                              interpolation=cv2.INTER_NEAREST).astype(bool)
+        epi = cv2.resize(
+            np.where(np.isfinite(epi_c), epi_c * spacing * coarse, 1e6).astype(np.float32),
+            (x.shape[1], x.shape[0]),
+            interpolation=cv2.INTER_LINEAR,
+        )
+        epidural = cv2.resize(band.astype(np.uint8), (x.shape[1], x.shape[0]), interpolation=cv2.INTER_NEAREST).astype(
+            bool
+        )
         a_defect = float(arrival[r, c]) if arrival[r, c] < 1e5 else 0.0
         epidural_arrival = np.where(epidural, a_defect + epi, 1e6).astype(np.float32)
 
@@ -502,10 +569,18 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
             veins.append(Vein(path, diam, tuple(inside_pt), rng.uniform(0, 3), rng.uniform(0.05, 0.3)))
             if rng.random() < 0.5:  # a branch
                 b0 = int(rng.integers(len(path) // 4, max(len(path) // 4 + 1, len(path) - 5)))
-                bp = _vein_path(rng, path[b0], heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2),
-                                rng.uniform(10, 30))
-                veins.append(Vein(bp, np.full(len(bp), diam[b0] * 0.8), tuple(inside_pt),
-                                  veins[-1].delay + b0 * 0.6 * veins[-1].speed, veins[-1].speed))
+                bp = _vein_path(
+                    rng, path[b0], heading + rng.choice([-1, 1]) * rng.uniform(0.5, 1.2), rng.uniform(10, 30)
+                )
+                veins.append(
+                    Vein(
+                        bp,
+                        np.full(len(bp), diam[b0] * 0.8),
+                        tuple(inside_pt),
+                        veins[-1].delay + b0 * 0.6 * veins[-1].speed,
+                        veins[-1].speed,
+                    )
+                )
         for vein in veins:
             px, py = grid.px_from_mm(*vein.entry_inside)
             r, c = int(np.clip(py, 0, x.shape[0] - 1)), int(np.clip(px, 0, x.shape[1] - 1))
@@ -520,9 +595,16 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
     if veins and rng.random() < 0.35:
         main = veins[0]
         extra = _vein_path(rng, main.points[-1], rng.uniform(0, 2 * math.pi), rng.uniform(20, 60))
-        fragments.append({"path": extra, "step": 0.6, "length": 0.6 * (len(extra) - 1),
-                          "start": vein_entry_times[0] + main.delay + 0.6 * len(main.points) * main.speed,
-                          "speed": rng.uniform(3, 10), "radius": rng.uniform(1.0, 2.5)})
+        fragments.append(
+            {
+                "path": extra,
+                "step": 0.6,
+                "length": 0.6 * (len(extra) - 1),
+                "start": vein_entry_times[0] + main.delay + 0.6 * len(main.points) * main.speed,
+                "speed": rng.uniform(3, 10),
+                "radius": rng.uniform(1.0, 2.5),
+            }
+        )
         end_budget = max(end_budget, fragments[0]["start"] + rng.uniform(1, 6))
 
     start_budget = rng.uniform(0.0, 0.5) * min(end_budget, fill_budget)
@@ -531,11 +613,26 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
     schedule = _schedule(rng, frames, start_budget, end_budget)
 
     return cls(
-        grid=grid, view=view, posterior_sign=sign if lateral else 0, frames=frames, fps=fps,
-        static_integral=static, body_labels=body_labels, treated_body=inside, behind_wall=behind,
-        needle_integral=needle_integral, needle_mask=needle_mask, arrival=arrival.astype(np.float32),
-        epidural_arrival=epidural_arrival, epidural=epidural, max_thickness=treated.width_lr * rng.uniform(0.3, 0.6), schedule=schedule,
-        vein_arrival=vein_arrival, vein_diameter=vein_diameter, fragments=fragments, planned=planned,
+        grid=grid,
+        view=view,
+        posterior_sign=sign if lateral else 0,
+        frames=frames,
+        fps=fps,
+        static_integral=static,
+        body_labels=body_labels,
+        treated_body=inside,
+        behind_wall=behind,
+        needle_integral=needle_integral,
+        needle_mask=needle_mask,
+        arrival=arrival.astype(np.float32),
+        epidural_arrival=epidural_arrival,
+        epidural=epidural,
+        max_thickness=treated.width_lr * rng.uniform(0.3, 0.6),
+        schedule=schedule,
+        vein_arrival=vein_arrival,
+        vein_diameter=vein_diameter,
+        fragments=fragments,
+        planned=planned,
         mu_cement=MU_CEMENT * float(rng.uniform(1.3, 3.0)),
         breathing=(rng.uniform(0, 3.0), rng.uniform(0, 2 * math.pi), rng.uniform(3, 6), rng.uniform(0, 6.3)),
     )
