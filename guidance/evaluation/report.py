@@ -7,6 +7,8 @@ import html
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from guidance import DISCLAIMER
 from guidance.evaluation.scoring import DICE_CLASSES, detection_window_frames
 
@@ -157,7 +159,7 @@ def latency_histogram_svg(latencies: Sequence[float], width: int = 560, height: 
             f"{c}</title></rect>"
         )
     for q, colour in ((50, "#2ca02c"), (99, "#d62728")):
-        v = vals[min(len(vals) - 1, int(round(q / 100 * (len(vals) - 1))))]
+        v = float(np.percentile(vals, q))  # as in the summary (linear interpolation)
         x = left + min(v, hi) / hi * plot_w
         out.append(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bottom - plot_h}" y2="{bottom}" '
