@@ -148,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="default: metrics.json beside the model")
     p.add_argument("--quick", action="store_true", help="as-drawn condition only, fewer latency runs")
-    p.add_argument("--latency-only", action="store_true", help="re-measure latency only, into the existing metrics file")
+    p.add_argument(
+        "--latency-only", action="store_true", help="re-measure latency only, into the existing metrics file"
+    )
     args = p.parse_args(argv)
     if not args.model.is_file():
         print(f"models.evaluate: error: model file {args.model} not found", file=sys.stderr)
