@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="default: metrics.json beside the model")
     p.add_argument("--quick", action="store_true", help="as-drawn condition only, fewer latency runs")
+    p.add_argument(
+        "--latency-only", action="store_true", help="re-measure latency only, into the existing metrics file"
+    )
     args = p.parse_args(argv)
     if not args.model.is_file():
         print(f"models.evaluate: error: model file {args.model} not found", file=sys.stderr)
@@ -163,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         "held_out_seeds": [TEST_SEED_BASE, TEST_SEED_BASE + args.loops],
         "dice": {},
     }
-    conditions = {"as_drawn": CONDITIONS["as_drawn"]} if args.quick else CONDITIONS
+    out = args.out or args.model.with_name("metrics.json")
+    if args.latency_only and out.is_file():
+        results = json.loads(out.read_text())
+    conditions = {} if args.latency_only else {"as_drawn": CONDITIONS["as_drawn"]} if args.quick else CONDITIONS
     for name, condition in conditions.items():
         t0 = time.monotonic()
         results["dice"][name] = dice_condition(
@@ -172,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>13}: {json.dumps(results['dice'][name])}  ({time.monotonic() - t0:.0f} s)", flush=True)
     results["latency"] = latency(session, meta, runs=50 if args.quick else 300)
     print(f"latency ({args.threads} threads): {json.dumps(results['latency'])}")
-    out = args.out or args.model.with_name("metrics.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
