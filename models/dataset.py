@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, LetterboxGeometry, letterbox_labels, preprocess
+from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, letterbox_labels, preprocess
 from models.sim.loop import LEAK_KINDS, LoopConfig, simulate
 
 FRAMES_PER_LOOP = 10
@@ -72,15 +72,4 @@ def build(
     return FrameSet(images, labels, [int(s) for s in seeds])
 
 
-def full_resolution_cases(seeds: range | list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(frame, labels) pairs at the loop's own resolution, for Dice the way the service sees it."""
-    cases = []
-    for seed in seeds:
-        rng = np.random.default_rng(int(seed))
-        loop = simulate(rng, _loop_config(rng, big=True))
-        for frame, lab in zip(loop.frames, loop.labels, strict=True):
-            cases.append((frame, lab))
-    return cases
-
-
-__all__ = ["FrameSet", "build", "full_resolution_cases", "LetterboxGeometry"]
+__all__ = ["FrameSet", "build"]

@@ -76,7 +76,6 @@ class Needle:
     tip: np.ndarray  # mm
     back: np.ndarray  # a point far behind the entry, mm
     radius: float
-    wall_fraction: float
 
 
 @dataclass
@@ -109,7 +108,6 @@ class LoopScene:
     vein_arrival: np.ndarray
     vein_diameter: np.ndarray
     fragments: list[dict] = field(default_factory=list)
-    planned: dict = field(default_factory=dict)
     breathing: tuple[float, float, float, float] = (0.0, 0.0, 4.0, 0.0)  # amp, angle, period, phase
     mu_cement: float = MU_CEMENT  # opacifier content varies between cements
 
@@ -352,7 +350,7 @@ def _soft_tissue(rng, x, y, spacing, lateral: bool) -> np.ndarray:
     return integral.astype(np.float32)
 
 
-def _needles(rng, grid: Grid, x, y, tips_and_entries, sign: int) -> tuple[np.ndarray, np.ndarray, list]:
+def _needles(rng, x, y, tips_and_entries) -> tuple[np.ndarray, np.ndarray, list]:
     integral = np.zeros(x.shape, np.float32)
     mask = np.zeros(x.shape, bool)
     needles = []
@@ -366,7 +364,7 @@ def _needles(rng, grid: Grid, x, y, tips_and_entries, sign: int) -> tuple[np.nda
         inner = 2 * np.sqrt(np.clip((0.72 * radius) ** 2 - d**2, 0, None))
         integral += MU_STEEL * (outer - inner * rng.uniform(0.3, 1.0))
         mask |= d <= radius
-        needles.append(Needle(tip, back, radius, 0.28))
+        needles.append(Needle(tip, back, radius))
     return integral, mask, needles
 
 
@@ -474,7 +472,7 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         tip = np.array(treated.from_body(*tip_body), dtype=np.float64)
         through = ped + rng.normal(0, 1.5, size=2)
         tips_entries.append((tip, through))
-    needle_integral, needle_mask, needles = _needles(rng, grid, x, y, tips_entries, sign)
+    needle_integral, needle_mask, needles = _needles(rng, x, y, tips_entries)
 
     # cement: arrival field on a coarse grid (~0.5 mm)
     coarse = max(1, int(round(0.5 / spacing)))
@@ -632,7 +630,6 @@ def _sample_view(cls, rng, grid: Grid, x, y, sign, frames, fps, leaks: set[str],
         vein_arrival=vein_arrival,
         vein_diameter=vein_diameter,
         fragments=fragments,
-        planned=planned,
         mu_cement=MU_CEMENT * float(rng.uniform(1.3, 3.0)),
         breathing=(rng.uniform(0, 3.0), rng.uniform(0, 2 * math.pi), rng.uniform(3, 6), rng.uniform(0, 6.3)),
     )
