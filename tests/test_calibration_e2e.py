@@ -119,13 +119,15 @@ def _cement_truth_mm2(lab: np.ndarray) -> float:
     return float((lab == 2).sum()) * SPEC.spacing_mm**2
 
 
-def _run(world, *extra: str, name: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+def _run(
+    world, *extra: str, name: str, source: Path | None = None, side: str | None = "right"
+) -> tuple[subprocess.CompletedProcess, list[dict]]:
     onnx_path, sums = world["model"]
     log = world["dir"] / f"{name}.jsonl"
     proc = guidance(
         "run",
         "--source",
-        str(world["loop"]),
+        str(source or world["loop"]),
         "--fast",
         "--address",
         "none",
@@ -136,8 +138,7 @@ def _run(world, *extra: str, name: str) -> tuple[subprocess.CompletedProcess, li
         str(onnx_path),
         "--sha256sums",
         str(sums),
-        "--posterior-side",
-        "right",
+        *(("--posterior-side", side) if side else ()),
         *extra,
     )
     msgs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -236,28 +237,9 @@ def test_service_refuses_a_source_of_another_frame_size(world, tmp_path):
     other.mkdir()
     for t in range(3):
         cv2.imwrite(str(other / f"{t:06d}.png"), np.full((200, 240), 100, np.uint8))
-    onnx_path, sums = world["model"]
-    log = tmp_path / "log.jsonl"
-    proc = guidance(
-        "run",
-        "--source",
-        str(other),
-        "--fast",
-        "--address",
-        "none",
-        "--quiet",
-        "--alert-log",
-        str(log),
-        "--model",
-        str(onnx_path),
-        "--sha256sums",
-        str(sums),
-        "--calibration",
-        str(world["calib"]),
-    )
+    proc, msgs = _run(world, "--calibration", str(world["calib"]), name="other-size", source=other, side=None)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "frame is 240x200 but calibration 'lateral' was made for 256x256 frames" in lines[0]
-    msgs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     assert not [m for m in msgs if m["type"] == "status"]
