@@ -112,8 +112,13 @@ class Imaging:
         rng: np.random.Generator,
         maps: tuple[np.ndarray, np.ndarray] | None,
         fov: np.ndarray | None,
+        bone: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Line integral on the output grid (ideal geometry) -> displayed frame (uint8/uint16)."""
+        """Line integral on the output grid (ideal geometry) -> displayed frame (uint8/uint16).
+
+        `bone` (output grid, after distortion): the vertebral bodies without cement or needle.
+        The display window never clips them: a C-arm's exposure and display curve are set so
+        the operator sees the bone the cement goes into; cement, denser, may clip above it."""
         ref = float(np.median(integral))  # automatic exposure control
         quanta = self.photons * np.exp(-(integral - ref))
         small = cv2.resize(quanta, (max(8, self.width // 16), max(8, self.height // 16)), interpolation=cv2.INTER_AREA)
@@ -137,6 +142,10 @@ class Imaging:
         sample = log_image[fov] if fov is not None else log_image
         sample = sample[:: max(1, sample.size // 50000)] if sample.ndim == 1 else sample[::4, ::4]
         lo, hi = np.percentile(sample, self.window)
+        if bone is not None and np.count_nonzero(bone) > 16:
+            bone_lo, bone_hi = np.percentile(log_image[bone], [0.5, 99.5])
+            hi = max(hi, bone_hi + 0.08 * max(bone_hi - lo, 1e-6))  # headroom above the bone
+            lo = min(lo, bone_lo - 0.02 * max(hi - bone_lo, 1e-6))
         unit = np.clip((log_image - lo) / max(hi - lo, 1e-6), 0, 1) ** self.gamma
         if self.bone_dark:
             unit = 1.0 - unit

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from models.sim.imaging import Imaging
-from models.sim.scene import LoopScene
+from models.sim.scene import BODY, LoopScene
 
 LEAK_KINDS = ("posterior", "venous")
 FORMATS = ("mp4", "avi", "dcm", "png")
@@ -107,8 +107,8 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
         shift = np.float32([[1, 0, -(margin_x + bx)], [0, 1, -(margin_y + by)]])
         ideal = cv2.warpAffine(integral, shift, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
         lab_out = cv2.warpAffine(lab, shift, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
-        frames[i] = imaging.form(ideal, rng, maps, fov)
         labels[i] = imaging.warp_labels(lab_out, maps, fov)
+        frames[i] = imaging.form(ideal, rng, maps, fov, bone=labels[i] == BODY)
     events = []
     for kind in LEAK_KINDS:
         hits = np.flatnonzero(extra[kind] >= 1.0)
