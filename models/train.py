@@ -25,7 +25,7 @@ from torch import nn
 from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from models import dataset
 
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = "0.2.0"
 OPSET = 17
 TRAIN_SEED_BASE = 1_000_000
 VAL_SEED_BASE = 9_000_000
