@@ -111,6 +111,53 @@ def dice_condition(session, meta, condition: dict, seeds: range, size: int) -> d
     }
 
 
+ERROR_BANDS_PX = (2, 5, 15, 50)  # distance from the other mask, in pixels of a 1024 px frame
+
+
+def cement_errors(session, meta, seeds: range, size: int) -> dict:
+    """Where cement goes wrong (as-drawn frames): false cement by distance from the true
+    cement and by the true class under it, missed cement by distance from the predicted
+    cement. Boundary errors sit within a few pixels; look-alikes lie far away."""
+    edges = (0, *ERROR_BANDS_PX, np.inf)
+    fp_by_distance = np.zeros(len(edges) - 1)
+    fn_by_distance = np.zeros(len(edges) - 1)
+    fp_on_class = np.zeros(len(CLASS_NAMES))
+    true_positive = 0
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        loop = simulate(rng, held_out_config(rng, {}, size))
+        for frame, truth in zip(loop.frames, loop.labels, strict=True):
+            pred = segment(session, meta, frame) == 2
+            true = truth == 2
+            to_1024 = 1024 / max(truth.shape)
+            if true.any():
+                away_from_truth = cv2.distanceTransform((~true).view(np.uint8), cv2.DIST_L2, 3) * to_1024
+            else:
+                away_from_truth = np.full(truth.shape, np.inf, np.float32)
+            if pred.any():
+                away_from_pred = cv2.distanceTransform((~pred).view(np.uint8), cv2.DIST_L2, 3) * to_1024
+            else:
+                away_from_pred = np.full(truth.shape, np.inf, np.float32)
+            false_pos, false_neg = pred & ~true, true & ~pred
+            fp_by_distance += np.histogram(away_from_truth[false_pos], edges)[0]
+            fn_by_distance += np.histogram(away_from_pred[false_neg], edges)[0]
+            fp_on_class += np.bincount(truth[false_pos], minlength=len(CLASS_NAMES))
+            true_positive += int(np.count_nonzero(pred & true))
+    bands = [f"<{b} px" for b in ERROR_BANDS_PX] + [f">={ERROR_BANDS_PX[-1]} px"]
+    share = lambda v: {b: round(float(x / max(v.sum(), 1)), 3) for b, x in zip(bands, v, strict=True)}  # noqa: E731
+    fp, fn = float(fp_by_distance.sum()), float(fn_by_distance.sum())
+    return {
+        "pixels": {"true_positive": true_positive, "false_positive": int(fp), "false_negative": int(fn)},
+        "precision": round(true_positive / max(true_positive + fp, 1), 4),
+        "recall": round(true_positive / max(true_positive + fn, 1), 4),
+        "false_cement_by_distance_from_true_cement": share(fp_by_distance),
+        "false_cement_on_true_class": {
+            CLASS_NAMES[c]: round(float(fp_on_class[c] / max(fp, 1)), 3) for c in range(len(CLASS_NAMES)) if c != 2
+        },
+        "missed_cement_by_distance_from_predicted_cement": share(fn_by_distance),
+    }
+
+
 def latency(session, meta, runs: int = 200) -> dict[str, float]:
     rng = np.random.default_rng(0)
     loop = simulate(rng, LoopConfig(height=1024, width=1024, frames=4, leaks=frozenset({"posterior"})))
@@ -148,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="default: metrics.json beside the model")
     p.add_argument("--quick", action="store_true", help="as-drawn condition only, fewer latency runs")
+    p.add_argument("--errors", action="store_true", help="also break the cement errors down (as-drawn frames)")
     p.add_argument(
         "--latency-only", action="store_true", help="re-measure latency only, into the existing metrics file"
     )
@@ -176,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
             session, meta, condition, range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops), args.size
         )
         print(f"{name:>13}: {json.dumps(results['dice'][name])}  ({time.monotonic() - t0:.0f} s)", flush=True)
+    if args.errors:
+        t0 = time.monotonic()
+        seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops)
+        results["cement_errors"] = cement_errors(session, meta, seeds, args.size)
+        print(f"cement errors: {json.dumps(results['cement_errors'])}  ({time.monotonic() - t0:.0f} s)", flush=True)
     results["latency"] = latency(session, meta, runs=50 if args.quick else 300)
     print(f"latency ({args.threads} threads): {json.dumps(results['latency'])}")
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -118,3 +118,25 @@ def test_evaluate_refuses_a_missing_model(tmp_path):
         timeout=60,
     )
     assert res.returncode == 2 and "none.onnx" in res.stderr
+
+
+def test_cement_error_breakdown_accounts_for_every_pixel():
+    """The card's error analysis (`models.evaluate --errors`) adds up: true positives plus
+    misses are the true cement, plus false cement the predicted cement, each share sums to 1."""
+    from models.evaluate import TEST_SEED_BASE, cement_errors, held_out_config, segment
+    from models.sim.loop import simulate
+
+    session, meta = load_session(SHIPPED)
+    seeds = range(TEST_SEED_BASE + 2, TEST_SEED_BASE + 3)
+    report = cement_errors(session, meta, seeds, 512)
+    rng = np.random.default_rng(seeds[0])
+    loop = simulate(rng, held_out_config(rng, {}, 512))
+    true_px = int(sum(np.count_nonzero(t == 2) for t in loop.labels))
+    pred_px = int(sum(np.count_nonzero(segment(session, meta, f) == 2) for f in loop.frames))
+    px = report["pixels"]
+    assert true_px > 0 and px["true_positive"] > 0
+    assert px["true_positive"] + px["false_negative"] == true_px
+    assert px["true_positive"] + px["false_positive"] == pred_px
+    for key in ("false_cement_by_distance_from_true_cement", "missed_cement_by_distance_from_predicted_cement"):
+        assert abs(sum(report[key].values()) - 1.0) < 0.01, report[key]
+    assert abs(sum(report["false_cement_on_true_class"].values()) - 1.0) < 0.01
