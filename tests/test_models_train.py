@@ -140,3 +140,23 @@ def test_cement_error_breakdown_accounts_for_every_pixel():
     for key in ("false_cement_by_distance_from_true_cement", "missed_cement_by_distance_from_predicted_cement"):
         assert abs(sum(report[key].values()) - 1.0) < 0.01, report[key]
     assert abs(sum(report["false_cement_on_true_class"].values()) - 1.0) < 0.01
+
+
+def test_first_frame_reference_experiment_pairs_each_frame_with_its_loops_first(tmp_path):
+    """The experiment behind the card's next step: every frame's reference is frame 0 of its
+    own loop, and the script runs end to end (tiny data, a few steps)."""
+    from models import dataset
+    from models.experiments.first_frame_reference import first_frames
+
+    per_loop = dataset.FRAMES_PER_LOOP
+    images = np.arange(3 * per_loop, dtype=np.float16)[:, None, None] * np.ones((1, 4, 4), np.float16)
+    refs = first_frames(dataset.FrameSet(images, np.zeros(images.shape, np.uint8), [0, 1, 2]))
+    assert [int(r[0, 0]) for r in refs] == [0] * per_loop + [per_loop] * per_loop + [2 * per_loop] * per_loop
+    out = tmp_path / "exp.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "models.experiments.first_frame_reference", "ref", "3", str(out), "2", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "ref" and set(result["val_dice"]) == {"vertebral_body", "cement", "needle"}
