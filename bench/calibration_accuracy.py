@@ -11,7 +11,6 @@ and the fit residual the file reports.
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -51,15 +50,7 @@ def main() -> int:
         td = np.hypot(*(mm[a] - mm[b]).T)
         far = td > 20
         rel = np.hypot(*(ideal[a] - ideal[b]).T)[far] * cal.pixel_spacing_mm / td[far] - 1
-        ref = np.array([cal.ideal_from_distorted.center_xy])
-        e = 0.5
-        jac = np.column_stack(
-            [
-                (truth.phantom_from_distorted(ref + [e, 0]) - truth.phantom_from_distorted(ref - [e, 0]))[0],
-                (truth.phantom_from_distorted(ref + [0, e]) - truth.phantom_from_distorted(ref - [0, e]))[0],
-            ]
-        ) / (2 * e)
-        true_sp = math.sqrt(abs(np.linalg.det(jac)))
+        true_sp = truth.spacing_mm_at(cal.ideal_from_distorted.center_xy)
         q = ideal * cal.pixel_spacing_mm
         rig = fit_rigid(mm, q)
         err = np.hypot(*(rig(mm) - q).T) / cal.pixel_spacing_mm

@@ -88,6 +88,14 @@ class PhantomTruth:
     def distorted_from_phantom(self, xy_mm: np.ndarray) -> np.ndarray:
         return self.distorted_from_undistorted(self.phantom_from_undistorted.inverse()(xy_mm))
 
+    def spacing_mm_at(self, xy: tuple[float, float], eps: float = 0.5) -> float:
+        """True local pixel spacing (mm/px, the area scale) at distorted pixel xy: the square
+        root of the Jacobian determinant of phantom_from_distorted, by central differences."""
+        ref = np.array([xy], dtype=np.float64)
+        f = self.phantom_from_distorted
+        jac = np.column_stack([(f(ref + [eps, 0]) - f(ref - [eps, 0]))[0], (f(ref + [0, eps]) - f(ref - [0, eps]))[0]])
+        return math.sqrt(abs(np.linalg.det(jac / (2 * eps))))
+
 
 def _phantom_mm_grid(truth: PhantomTruth, hs: int, ws: int, ss: int, k: int = 4) -> np.ndarray:
     """Phantom-plane mm of every supersampled pixel, (hs*ws, 2). The map is smooth, so it is
