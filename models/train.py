@@ -105,14 +105,13 @@ def count_macs(model: nn.Module, size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- training
-def sample_crops(
-    images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops (the network is fully convolutional; crops make CPU training affordable),
-    most of them centred near a random foreground pixel so cement and needle are well seen."""
-    n, size, _ = images.shape
+def crop_windows(labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator) -> list[tuple[int, slice, slice]]:
+    """(frame index, rows, columns) of `batch` random crops (the network is fully convolutional;
+    crops make CPU training affordable), most of them centred near a random foreground pixel so
+    cement and needle are well seen."""
+    n, size, _ = labels.shape
     idx = torch.randint(0, n, (batch,), generator=gen)
-    xs, ys = [], []
+    windows = []
     for i in idx.tolist():
         lab = labels[i]
         if crop >= size:
@@ -127,8 +126,17 @@ def sample_crops(
                 cy, cx = torch.randint(0, size, (2,), generator=gen).tolist()
             y0 = min(max(cy - crop // 2, 0), size - crop)
             x0 = min(max(cx - crop // 2, 0), size - crop)
-        xs.append(images[i, y0 : y0 + crop, x0 : x0 + crop])
-        ys.append(lab[y0 : y0 + crop, x0 : x0 + crop])
+        windows.append((i, slice(y0, y0 + crop), slice(x0, x0 + crop)))
+    return windows
+
+
+def sample_crops(
+    images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random crops (crop_windows) of images [n, S, S] and their labels."""
+    windows = crop_windows(labels, batch, crop, gen)
+    xs = [images[i, rows, cols] for i, rows, cols in windows]
+    ys = [labels[i, rows, cols] for i, rows, cols in windows]
     return torch.stack(xs).float()[:, None], torch.stack(ys)
 
 

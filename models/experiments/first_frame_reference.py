@@ -20,7 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from models import dataset
-from models.train import TRAIN_SEED_BASE, VAL_SEED_BASE, ConvBNReLU, LeakUNet, augment, dice_loss, dice_per_class
+from models.train import (
+    TRAIN_SEED_BASE,
+    VAL_SEED_BASE,
+    ConvBNReLU,
+    LeakUNet,
+    augment,
+    crop_windows,
+    dice_loss,
+    dice_per_class,
+)
 
 CROP, BATCH = 128, 16
 
@@ -40,23 +49,11 @@ def build_model(channels: int) -> LeakUNet:
 
 
 def sample(images, refs, labels, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crops as models.train samples them (70 % near cement or needle), the same crop of the
-    reference stacked as a second channel."""
-    size = images.shape[-1]
-    xs, ys = [], []
-    for i in torch.randint(0, len(images), (BATCH,), generator=gen).tolist():
-        lab = labels[i]
-        fg = torch.nonzero(lab >= 2) if torch.rand(1, generator=gen) < 0.7 else torch.empty(0, 2)
-        if len(fg):
-            cy, cx = fg[torch.randint(0, len(fg), (1,), generator=gen)][0].tolist()
-            cy += int(torch.randint(-CROP // 3, CROP // 3 + 1, (1,), generator=gen))
-            cx += int(torch.randint(-CROP // 3, CROP // 3 + 1, (1,), generator=gen))
-        else:
-            cy, cx = torch.randint(0, size, (2,), generator=gen).tolist()
-        y0, x0 = min(max(cy - CROP // 2, 0), size - CROP), min(max(cx - CROP // 2, 0), size - CROP)
-        window = (slice(y0, y0 + CROP), slice(x0, x0 + CROP))
-        xs.append(torch.stack([images[i][window], refs[i][window]]))
-        ys.append(lab[window])
+    """Crops as models.train samples them, the same crop of the reference stacked as a second
+    channel."""
+    windows = crop_windows(labels, BATCH, CROP, gen)
+    xs = [torch.stack([images[i, rows, cols], refs[i, rows, cols]]) for i, rows, cols in windows]
+    ys = [labels[i, rows, cols] for i, rows, cols in windows]
     return augment(torch.stack(xs).float(), torch.stack(ys), gen)  # same flips and gain for both
 
 
