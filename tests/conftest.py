@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -13,6 +15,20 @@ import pytest
 
 from guidance.capture.simulated import draw_scene
 from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_guidance(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m guidance ARGS` as a user runs it, from the repo root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "guidance", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
 
 # grey level (after the percentile window, 0..1) each class of the stand-in sits at
 STAND_IN_CENTRES = (0.0, 0.45, 1.0, 0.73)  # background, vertebral_body, cement, needle

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import run_guidance
 
 from calibration import load_calibration
 from calibration.phantom import PhantomSpec, render_phantom
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def guidance(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "guidance", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_guidance(*args, timeout=120)
 
 
 def assert_bad_input(proc: subprocess.CompletedProcess, command: str, *fragments: str) -> None:

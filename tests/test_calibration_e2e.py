@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import build_stand_in, write_sums
+from conftest import build_stand_in, run_guidance, write_sums
 
 from calibration import load_calibration
 from calibration.phantom import PhantomSpec, render_phantom
 from guidance.capture.simulated import BONE, CEMENT, NEEDLE, TISSUE
 
-ROOT = Path(__file__).resolve().parents[1]
 S = 256
 FRAMES = 14
 SPEC = PhantomSpec(
@@ -63,13 +61,7 @@ def draw_ideal(t: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
 
 
 def guidance(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "guidance", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_guidance(*args, timeout=300)
 
 
 @pytest.fixture(scope="module")

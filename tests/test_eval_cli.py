@@ -15,7 +15,7 @@ import cv2
 import jsonschema
 import numpy as np
 import pytest
-from conftest import build_stand_in, write_sums
+from conftest import build_stand_in, run_guidance, write_sums
 
 from guidance.evaluation.labels import load_labels
 from guidance.evaluation.scoring import raises_from_messages, score_loop
@@ -28,10 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "guidance", "evaluate", *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_guidance("evaluate", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
