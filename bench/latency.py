@@ -50,6 +50,7 @@ def write_loop(path: Path, size: int, frames: int, fps: float) -> Path:
 
 def bare_inference(model: Model, frame: np.ndarray, runs: int) -> np.ndarray:
     x, _ = model.preprocess(frame)
+    x = model.feed(x, x)  # the graph alone: its input is ready
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -99,6 +100,7 @@ def run_rate(model: Model, loop: Path, fps: float, bare_runs: int, frame: np.nda
         if result.index % every:
             return
         x, _ = model.preprocess(result.image)
+        x = model.feed(x, x)
         t0 = time.perf_counter()
         model.session.run([model.info.output_name], {model.info.input_name: x})
         paired.append((time.perf_counter() - t0) * 1e3)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -27,10 +28,12 @@ from guidance.capture import Frame, Source, SourceInfo, open_source
 from guidance.errors import GuidanceError
 from guidance.segmentation.model import Model
 from guidance.segmentation.preprocess import LetterboxGeometry
+from guidance.segmentation.reference import ReferenceFrame
 from guidance.settings import Settings
 from guidance.tracking import TrackerConfig, TrackerState, TrackGeometry, TrackStatus, track
 
 log = logging.getLogger("guidance.loop")
+Op = TypeVar("Op")
 
 STAGES = ("capture", "calibrate", "segment", "track", "publish")
 
@@ -69,6 +72,7 @@ class Context:
     labels: np.ndarray | None = None
     geometry: LetterboxGeometry | None = None
     label_valid: np.ndarray | None = None
+    reference_frame: int | None = None  # the frame a two-channel model read as the reference
     status: TrackStatus | None = None
     messages: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # the stages, as published
@@ -150,8 +154,10 @@ class SegmentOp:
 
     name = "segment"
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, reference_min_correlation: float = 0.75) -> None:
         self.model = model
+        # two-channel models read the scene's first frame beside each frame
+        self.reference = ReferenceFrame(reference_min_correlation) if model.takes_reference else None
         self._label_valid: dict[tuple, np.ndarray] = {}
 
     def compute(self, ctx: Context) -> None:
@@ -160,9 +166,16 @@ class SegmentOp:
             x, geometry = self.model.preprocess(ctx.image)
         except (ValueError, cv2.error) as exc:
             raise FrameError(f"frame cannot be preprocessed: {exc}") from exc
+        reference = None
+        if self.reference is not None:
+            taken = self.reference.taken
+            reference = self.reference.for_frame(x, ctx.image.shape[:2], ctx.frame.index)
+            ctx.reference_frame = self.reference.frame
+            if self.reference.taken != taken:
+                log.info("reference frame %d (%s)", ctx.frame.index, self.reference.last_reason)
         t1 = time.perf_counter()
         try:
-            labels = geometry.crop(self.model.infer(x))
+            labels = geometry.crop(self.model.infer(x, reference))
         except Exception as exc:  # onnxruntime raises its own types  # noqa: BLE001
             raise ModelRunError(f"model failed on the frame: {exc}") from exc
         ctx.detail["preprocess"] = (t1 - t0) * 1e3
@@ -256,6 +269,7 @@ class PublishOp:
             units=status.units,
             dropped_frames=self.source.dropped_frames,
             injector=self.injector.latest() if self.injector is not None else None,
+            reference_frame=ctx.reference_frame,
         )
         ctx.messages.append(msg)
 
@@ -267,6 +281,10 @@ class Pipeline:
     source: Source
     operators: list
     publisher: EventPublisher
+
+    def operator(self, kind: type[Op]) -> Op:
+        """The composed operator of that class."""
+        return next(op for op in self.operators if isinstance(op, kind))
 
     def process(self, frame: Frame) -> Context:
         ctx = Context(frame=frame, picked_ns=time.monotonic_ns())
@@ -290,7 +308,7 @@ def compose(settings: Settings, source: Source, model: Model, publisher: EventPu
         source,
         [
             CalibrateOp(settings, info),
-            SegmentOp(model),
+            SegmentOp(model, settings.segmentation.reference_min_correlation),
             TrackOp(settings, info),
             PublishOp(publisher, source, injector),
         ],
@@ -372,7 +390,7 @@ class GuidanceLoop:
                 self.on_message(msg)
 
     def _check_calibration(self) -> None:
-        calibrate: CalibrateOp = self.pipeline.operators[0]
+        calibrate = self.pipeline.operator(CalibrateOp)
         if calibrate.mm_per_px is None:
             self._emit(
                 self.publisher.raise_alert(

@@ -64,6 +64,9 @@ class SegmentationSettings:
     provider: str = "cpu"  # cpu | cuda | auto
     threads: int = 0  # onnxruntime intra-op threads; 0 = one per core
     warmup_runs: int = 3
+    # two-channel models: below this correlation with the reference frame the scene is taken
+    # to have changed (C-arm moved) and the frame becomes the new reference
+    reference_min_correlation: float = 0.75
 
 
 @dataclass

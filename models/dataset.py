@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +27,11 @@ class FrameSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def first_frames(self) -> np.ndarray:
+        """For every frame, the first frame of its loop (frames are stored loop by loop)."""
+        first = (np.arange(len(self)) // FRAMES_PER_LOOP) * FRAMES_PER_LOOP
+        return self.images[first]
 
 
 def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
@@ -72,4 +78,26 @@ def build(
     return FrameSet(images, labels, [int(s) for s in seeds])
 
 
-__all__ = ["FrameSet", "build"]
+def build_cached(
+    seeds: range, size: int, workers: int, cache: Path | None, progress: bool = True
+) -> FrameSet:
+    """build(), kept in `cache` (a folder) as one .npz per seed range and size, so runs that
+    differ only in training settings render their data once."""
+    if cache is None:
+        return build(seeds, size, workers=workers, progress=progress)
+    path = cache / f"frames_{seeds.start}_{seeds.stop}_{size}_{FRAMES_PER_LOOP}.npz"
+    # the same range, or a longer one from the same first seed: its first frames are these
+    for found in sorted(cache.glob(f"frames_{seeds.start}_*_{size}_{FRAMES_PER_LOOP}.npz")):
+        if int(found.name.split("_")[2]) >= seeds.stop:
+            n = len(seeds) * FRAMES_PER_LOOP
+            with np.load(found) as data:
+                return FrameSet(data["images"][:n], data["labels"][:n], [int(s) for s in seeds])
+    frames = build(seeds, size, workers=workers, progress=progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, images=frames.images, labels=frames.labels)
+    partial.replace(path)  # whole or absent: a killed run leaves no half file behind
+    return frames
+
+
+__all__ = ["FrameSet", "build", "build_cached"]

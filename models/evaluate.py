@@ -54,9 +54,19 @@ def load_session(path: Path, threads: int = 2) -> tuple[ort.InferenceSession, di
     return session, meta
 
 
-def segment(session: ort.InferenceSession, meta: dict, frame: np.ndarray) -> np.ndarray:
-    """Class map at the frame's own resolution."""
+def model_input(meta: dict, frame: np.ndarray, first_frame: np.ndarray) -> tuple[np.ndarray, LetterboxGeometry]:
+    """The frame preprocessed as the service does; a two-channel model also gets the loop's
+    first frame as its reference, as the service gives it the first frame it saw."""
     x, geometry = preprocess(frame, meta["input"]["size"], meta["normalization"])
+    if meta["input"].get("channels", 1) == 2:
+        reference, _ = preprocess(first_frame, meta["input"]["size"], meta["normalization"])
+        x = np.concatenate([x, reference], axis=1)
+    return x, geometry
+
+
+def segment(session: ort.InferenceSession, meta: dict, frame: np.ndarray, first_frame: np.ndarray) -> np.ndarray:
+    """Class map at the frame's own resolution."""
+    x, geometry = model_input(meta, frame, first_frame)
     logits = session.run(None, {meta["input"]["name"]: x})[0][0]
     return labels_at_frame_resolution(logits, geometry)
 
@@ -100,7 +110,7 @@ def dice_condition(session, meta, condition: dict, seeds: range, size: int) -> d
         rng = np.random.default_rng(seed)
         loop = simulate(rng, held_out_config(rng, condition, size))
         for frame, truth in zip(loop.frames, loop.labels, strict=True):
-            pred = segment(session, meta, frame)
+            pred = segment(session, meta, frame, loop.frames[0])
             for c in range(1, len(CLASS_NAMES)):
                 p, t = pred == c, truth == c
                 inter[c] += np.logical_and(p, t).sum()
@@ -127,7 +137,7 @@ def cement_errors(session, meta, seeds: range, size: int) -> dict:
         rng = np.random.default_rng(seed)
         loop = simulate(rng, held_out_config(rng, {}, size))
         for frame, truth in zip(loop.frames, loop.labels, strict=True):
-            pred = segment(session, meta, frame) == 2
+            pred = segment(session, meta, frame, loop.frames[0]) == 2
             true = truth == 2
             to_1024 = 1024 / max(truth.shape)
             if true.any():
@@ -163,13 +173,16 @@ def latency(session, meta, runs: int = 200) -> dict[str, float]:
     loop = simulate(rng, LoopConfig(height=1024, width=1024, frames=4, leaks=frozenset({"posterior"})))
     frame = loop.frames[-1]
     name = meta["input"]["name"]
-    x, _ = preprocess(frame, meta["input"]["size"], meta["normalization"])
+    x, _ = model_input(meta, frame, loop.frames[0])
+    channels, reference = x.shape[1], x[:, 1:]
     for _ in range(20):  # warm-up, not measured
         session.run(None, {name: x})
     model_ms, pre_ms = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
         x, _ = preprocess(frame, meta["input"]["size"], meta["normalization"])
+        if channels == 2:  # the reference is preprocessed once a run: only the stacking is paid
+            x = np.concatenate([x, reference], axis=1)
         t1 = time.perf_counter()
         session.run(None, {name: x})
         t2 = time.perf_counter()

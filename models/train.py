@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guidance.segmentation.model import REFERENCE_FIRST_FRAME
 from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from models import dataset
 
@@ -52,11 +53,12 @@ class ConvBNReLU(nn.Sequential):
 class LeakUNet(nn.Module):
     """A small U-Net: full-resolution stem for thin needles and veins, separable convs below."""
 
-    def __init__(self, classes: int = len(CLASS_NAMES), width: int = 16):
+    def __init__(self, classes: int = len(CLASS_NAMES), width: int = 16, channels: int = 1):
         super().__init__()
         w = width
-        self.full = ConvBNReLU(1, 8)  # 256
-        self.stem = nn.Sequential(ConvBNReLU(1, w, stride=2), SeparableConv(w, w))  # 128
+        self.channels = channels  # 2: the frame and the run's reference frame (see REFERENCE)
+        self.full = ConvBNReLU(channels, 8)  # 256
+        self.stem = nn.Sequential(ConvBNReLU(channels, w, stride=2), SeparableConv(w, w))  # 128
         self.down2 = nn.Sequential(SeparableConv(w, 2 * w, 2), SeparableConv(2 * w, 2 * w))  # 64
         self.down3 = nn.Sequential(SeparableConv(2 * w, 4 * w, 2), SeparableConv(4 * w, 4 * w))  # 32
         self.down4 = nn.Sequential(  # 16, dilated for context over the whole vertebra
@@ -98,7 +100,7 @@ def count_macs(model: nn.Module, size: int) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        model(torch.zeros(1, 1, size, size))
+        model(torch.zeros(1, getattr(model, "channels", 1), size, size))
     for h in handles:
         h.remove()
     return macs
@@ -130,14 +132,29 @@ def crop_windows(labels: torch.Tensor, batch: int, crop: int, gen: torch.Generat
     return windows
 
 
+def reference_index(i: int, gen: torch.Generator, first_frame_share: float = 0.8) -> int:
+    """The reference frame (REFERENCE_FIRST_FRAME) for training frame i: mostly its loop's first frame, as in the
+    room when guidance starts before the injection; otherwise any earlier frame of the loop or
+    the frame itself, as when guidance starts mid-injection (the model must not count on an
+    empty reference)."""
+    first = i - i % dataset.FRAMES_PER_LOOP
+    if torch.rand(1, generator=gen) < first_frame_share:
+        return first
+    return int(torch.randint(first, i + 1, (1,), generator=gen))
+
+
 def sample_crops(
-    images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator
+    images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator, channels: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of random crops (crop_windows) of images [n, S, S] and their labels."""
+    """A batch of random crops (crop_windows) of images [n, S, S] and their labels; with two
+    channels the same crop of each frame's reference (reference_index) is the second."""
     windows = crop_windows(labels, batch, crop, gen)
-    xs = [images[i, rows, cols] for i, rows, cols in windows]
+    if channels == 2:
+        xs = [torch.stack([images[i, r, c], images[reference_index(i, gen), r, c]]) for i, r, c in windows]
+    else:
+        xs = [images[i, r, c][None] for i, r, c in windows]
     ys = [labels[i, rows, cols] for i, rows, cols in windows]
-    return torch.stack(xs).float()[:, None], torch.stack(ys)
+    return torch.stack(xs).float(), torch.stack(ys)
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,9 +191,11 @@ def dice_per_class(pred: np.ndarray, target: np.ndarray, classes: int = len(CLAS
 def evaluate_torch(model: nn.Module, frames: dataset.FrameSet, device: str, batch: int = 32) -> dict[str, float]:
     model.eval()
     preds = []
+    channels = getattr(model, "channels", 1)
+    planes = [frames.images, frames.first_frames()][:channels]
     with torch.no_grad():
         for i in range(0, len(frames), batch):
-            x = torch.from_numpy(frames.images[i : i + batch].astype(np.float32))[:, None].to(device)
+            x = torch.from_numpy(np.stack([p[i : i + batch] for p in planes], 1).astype(np.float32)).to(device)
             preds.append(model(x).argmax(1).cpu().numpy().astype(np.uint8))
     model.train()
     return dice_per_class(np.concatenate(preds), frames.labels)
@@ -190,7 +209,7 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
         model,
-        (torch.zeros(1, 1, size, size),),
+        (torch.zeros(1, getattr(model, "channels", 1), size, size),),
         str(path),
         input_names=["image"],
         output_names=["logits"],
@@ -226,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("models/segmenter.onnx"))
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--width", type=int, default=16)
+    p.add_argument(
+        "--channels", type=int, choices=(1, 2), default=2, help="2: the frame and the run's reference frame"
+    )
     p.add_argument("--train-loops", type=int, default=700)
     p.add_argument("--val-loops", type=int, default=60)
     p.add_argument("--steps", type=int, default=3000)
@@ -235,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="processes rendering the training frames")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-cache", type=Path, default=None, help="keep rendered frames here, reuse them next time")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--log", type=Path, default=None, help="write the training log (JSON lines) here")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (a .pt written by a run)")
@@ -253,17 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     train_seeds = range(TRAIN_SEED_BASE + args.seed * 100_000, TRAIN_SEED_BASE + args.seed * 100_000 + args.train_loops)
     val_seeds = range(VAL_SEED_BASE, VAL_SEED_BASE + args.val_loops)
     print(f"rendering {args.train_loops} training loops and {args.val_loops} validation loops ...", flush=True)
-    train = dataset.build(train_seeds, args.size, workers=args.workers)
-    val = dataset.build(val_seeds, args.size, workers=args.workers, progress=False)
+    train = dataset.build_cached(train_seeds, args.size, args.workers, args.data_cache)
+    val = dataset.build_cached(val_seeds, args.size, args.workers, args.data_cache, progress=False)
     t_data = time.monotonic() - t0
     print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
 
-    model = LeakUNet(width=args.width)
+    model = LeakUNet(width=args.width, channels=args.channels)
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     model = model.to(device).to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(LeakUNet(width=args.width), args.size)
+    macs = count_macs(LeakUNet(width=args.width, channels=args.channels), args.size)
     print(f"model: {params} parameters, {macs / 1e6:.1f} M MACs per frame", flush=True)
 
     # class balance: rare classes (cement, needle) weigh more
@@ -279,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.monotonic()
     model.train()
     for step in range(1, args.steps + 1):
-        x, y = augment(*sample_crops(images, labels, args.batch, args.crop, gen), gen)
+        x, y = augment(*sample_crops(images, labels, args.batch, args.crop, gen, args.channels), gen)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         y = y.to(device).long()
         logits = model(x)
@@ -307,7 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "name": "segmenter",
         "version": MODEL_VERSION,
-        "input": {"name": "image", "size": args.size, "channels": 1, "layout": "NCHW", "dtype": "float32"},
+        "input": {
+            "name": "image",
+            "size": args.size,
+            "channels": args.channels,
+            "layout": "NCHW",
+            "dtype": "float32",
+            **({"reference": REFERENCE_FIRST_FRAME} if args.channels == 2 else {}),
+        },
         "resize": "letterbox",
         "normalization": DEFAULT_NORMALIZATION,
         "classes": list(CLASS_NAMES),
@@ -320,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             "val_seeds": [val_seeds.start, val_seeds.stop],
             "frames_per_loop": dataset.FRAMES_PER_LOOP,
             "steps": args.steps,
+            "channels": args.channels,
             "batch": args.batch,
             "crop": args.crop,
             "lr": args.lr,

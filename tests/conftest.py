@@ -34,16 +34,17 @@ def run_guidance(*args: object, timeout: float = 120) -> subprocess.CompletedPro
 STAND_IN_CENTRES = (0.0, 0.45, 1.0, 0.73)  # background, vertebral_body, cement, needle
 
 
-def stand_in_metadata(size: int) -> dict:
+def stand_in_metadata(size: int, reference: bool = False) -> dict:
     return {
         "name": "stand-in",
         "version": "0.0-test",
         "input": {
             "name": "image",
             "size": size,
-            "channels": 1,
+            "channels": 2 if reference else 1,
             "layout": "NCHW",
             "dtype": "float32",
+            **({"reference": "first_frame"} if reference else {}),
         },
         "resize": "letterbox",
         "normalization": dict(DEFAULT_NORMALIZATION),
@@ -53,14 +54,19 @@ def stand_in_metadata(size: int) -> dict:
     }
 
 
-def build_stand_in(path: Path, size: int = 64, fragile: bool = False, metadata: dict | None = None) -> Path:
+def build_stand_in(
+    path: Path, size: int = 64, fragile: bool = False, metadata: dict | None = None, reference: bool = False
+) -> Path:
     """A graph that classifies each pixel by its windowed intensity (nearest class centre):
     bright -> cement, mid -> needle/body, dark -> background. `fragile`: fails at run time on a
-    uniform frame (a data-dependent Reshape), so tests can see the model fail on one frame."""
+    uniform frame (a data-dependent Reshape), so tests can see the model fail on one frame.
+    `reference`: a two-channel model (frame, reference frame) that calls cement only what got
+    much brighter than the reference; what was bright already is capped to the body's level."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     norm = DEFAULT_NORMALIZATION
+    to_input = lambda unit: (unit - norm["mean"]) / norm["std"]  # noqa: E731
     inits = [
         numpy_helper.from_array(np.array(norm["std"], np.float32), "std"),
         numpy_helper.from_array(np.array(norm["mean"], np.float32), "mean"),
@@ -69,6 +75,20 @@ def build_stand_in(path: Path, size: int = 64, fragile: bool = False, metadata: 
     ]
     nodes = []
     x = "image"
+    if reference:
+        inits += [
+            numpy_helper.from_array(np.array([1, 1], np.int64), "split"),
+            numpy_helper.from_array(np.array(to_input(0.3) - to_input(0.0), np.float32), "new_step"),
+            numpy_helper.from_array(np.array(to_input(STAND_IN_CENTRES[1]), np.float32), "body_level"),
+        ]
+        nodes += [
+            helper.make_node("Split", ["image", "split"], ["frame", "ref"], axis=1),
+            helper.make_node("Sub", ["frame", "ref"], ["change"]),
+            helper.make_node("Greater", ["change", "new_step"], ["is_new"]),
+            helper.make_node("Min", ["frame", "body_level"], ["capped"]),
+            helper.make_node("Where", ["is_new", "frame", "capped"], ["seen"]),
+        ]
+        x = "seen"
     if fragile:
         inits += [
             numpy_helper.from_array(np.array(-1.9, np.float32), "blank_level"),
@@ -94,13 +114,13 @@ def build_stand_in(path: Path, size: int = 64, fragile: bool = False, metadata: 
     graph = helper.make_graph(
         nodes,
         "stand_in",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, size, size])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 2 if reference else 1, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, size, size])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    meta = metadata if metadata is not None else stand_in_metadata(size)
+    meta = metadata if metadata is not None else stand_in_metadata(size, reference)
     helper.set_model_props(model, {"guidance": json.dumps(meta)})
     onnx.checker.check_model(model)
     onnx.save(model, str(path))

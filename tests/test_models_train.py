@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from guidance.segmentation.preprocess import CLASS_NAMES, preprocess
-from models.evaluate import labels_at_frame_resolution, load_session
+from guidance.segmentation.preprocess import CLASS_NAMES
+from models.evaluate import load_session, segment
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "models" / "segmenter.onnx"
@@ -59,7 +59,10 @@ def test_tiny_training_run_exports_a_working_onnx(tmp_path):
     assert meta["classes"] == list(CLASS_NAMES) and meta["input"]["size"] == 64
     train, val = meta["training"]["train_seeds"], meta["training"]["val_seeds"]
     assert train[1] <= val[0] or val[1] <= train[0], "train and validation seeds overlap"
-    logits = session.run(None, {"image": np.zeros((1, 1, 64, 64), np.float32)})[0]
+    # the default is the two-channel model: the frame and the scene's first frame
+    assert meta["input"]["channels"] == 2 and meta["input"]["reference"] == "first_frame"
+    assert meta["training"]["channels"] == 2
+    logits = session.run(None, {"image": np.zeros((1, 2, 64, 64), np.float32)})[0]
     assert logits.shape == (1, 4, 64, 64)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 3 and "val_dice" in log[-1]
@@ -101,8 +104,7 @@ def test_shipped_model_segments_the_bundled_demo():
     assert len(frames) == len(masks)
     session, meta = load_session(SHIPPED)
     truth = masks[-1]
-    x, geometry = preprocess(frames[-1], meta["input"]["size"], meta["normalization"])
-    pred = labels_at_frame_resolution(session.run(None, {"image": x})[0][0], geometry)
+    pred = segment(session, meta, frames[-1], first_frame=frames[0])
     for cls in (1, 2, 3):
         p, t = pred == cls, truth == cls
         dice = 2 * np.logical_and(p, t).sum() / (p.sum() + t.sum())
@@ -123,7 +125,7 @@ def test_evaluate_refuses_a_missing_model(tmp_path):
 def test_cement_error_breakdown_accounts_for_every_pixel():
     """The card's error analysis (`models.evaluate --errors`) adds up: true positives plus
     misses are the true cement, plus false cement the predicted cement, each share sums to 1."""
-    from models.evaluate import TEST_SEED_BASE, cement_errors, held_out_config, segment
+    from models.evaluate import TEST_SEED_BASE, cement_errors, held_out_config
     from models.sim.loop import simulate
 
     session, meta = load_session(SHIPPED)
@@ -132,7 +134,7 @@ def test_cement_error_breakdown_accounts_for_every_pixel():
     rng = np.random.default_rng(seeds[0])
     loop = simulate(rng, held_out_config(rng, {}, 512))
     true_px = int(sum(np.count_nonzero(t == 2) for t in loop.labels))
-    pred_px = int(sum(np.count_nonzero(segment(session, meta, f) == 2) for f in loop.frames))
+    pred_px = int(sum(np.count_nonzero(segment(session, meta, f, loop.frames[0]) == 2) for f in loop.frames))
     px = report["pixels"]
     assert true_px > 0 and px["true_positive"] > 0
     assert px["true_positive"] + px["false_negative"] == true_px
@@ -142,21 +144,48 @@ def test_cement_error_breakdown_accounts_for_every_pixel():
     assert abs(sum(report["false_cement_on_true_class"].values()) - 1.0) < 0.01
 
 
-def test_first_frame_reference_experiment_pairs_each_frame_with_its_loops_first(tmp_path):
-    """The experiment behind the card's next step: every frame's reference is frame 0 of its
-    own loop, and the script runs end to end (tiny data, a few steps)."""
+def test_two_channel_crops_pair_each_frame_with_an_earlier_frame_of_its_own_loop():
+    """Training's reference channel: the same window of the loop's first frame (mostly) or of
+    an earlier frame of the same loop (service started mid-injection), never another loop's
+    and never a later frame."""
+    import torch
+
     from models import dataset
-    from models.experiments.first_frame_reference import first_frames
+    from models.train import sample_crops
+
+    per_loop = dataset.FRAMES_PER_LOOP
+    n = 3 * per_loop
+    # every pixel of frame i holds i: a crop's value tells which frame it came from
+    images = torch.arange(n, dtype=torch.float16)[:, None, None] * torch.ones(1, 32, 32, dtype=torch.float16)
+    labels = torch.zeros(n, 32, 32, dtype=torch.uint8)
+    labels[:, 10:20, 10:20] = 2
+    gen = torch.Generator().manual_seed(0)
+    firsts = 0
+    for _ in range(20):
+        x, y = sample_crops(images, labels, 16, 16, gen, channels=2)
+        assert x.shape == (16, 2, 16, 16) and y.shape == (16, 16, 16)
+        frame, ref = x[:, 0, 0, 0].long(), x[:, 1, 0, 0].long()
+        assert torch.all(ref <= frame) and torch.all(ref // per_loop == frame // per_loop)
+        assert torch.all(x[:, 1] == x[:, 1, :1, :1])  # the same window, from one frame
+        firsts += int((ref % per_loop == 0).sum())
+    assert 0.65 < firsts / (20 * 16) < 0.95, firsts  # mostly the first frame, not always
+    single, _ = sample_crops(images, labels, 16, 16, torch.Generator().manual_seed(0))
+    assert single.shape == (16, 1, 16, 16)
+
+
+def test_frame_sets_give_each_frame_its_loops_first_frame_and_cache_whole(tmp_path):
+    from models import dataset
 
     per_loop = dataset.FRAMES_PER_LOOP
     images = np.arange(3 * per_loop, dtype=np.float16)[:, None, None] * np.ones((1, 4, 4), np.float16)
-    refs = first_frames(dataset.FrameSet(images, np.zeros(images.shape, np.uint8), [0, 1, 2]))
+    refs = dataset.FrameSet(images, np.zeros(images.shape, np.uint8), [0, 1, 2]).first_frames()
     assert [int(r[0, 0]) for r in refs] == [0] * per_loop + [per_loop] * per_loop + [2 * per_loop] * per_loop
-    out = tmp_path / "exp.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "models.experiments.first_frame_reference", "ref", "3", str(out), "2", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert result["mode"] == "ref" and set(result["val_dice"]) == {"vertebral_body", "cement", "needle"}
+
+    # the cache renders once, then serves the same range, or a shorter one from the same seed
+    built = dataset.build_cached(range(5, 8), 32, 1, tmp_path, progress=False)
+    (cached,) = tmp_path.glob("frames_5_8_32_*.npz")
+    again = dataset.build_cached(range(5, 8), 32, 1, tmp_path, progress=False)
+    shorter = dataset.build_cached(range(5, 7), 32, 1, tmp_path, progress=False)
+    assert np.array_equal(again.images, built.images) and np.array_equal(again.labels, built.labels)
+    assert np.array_equal(shorter.images, built.images[: 2 * per_loop]) and len(shorter) == 2 * per_loop
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name]  # no partial file left

@@ -185,6 +185,7 @@ class EventPublisher:
         units: str,
         dropped_frames: int,
         injector: dict | None = None,
+        reference_frame: int | None = None,
     ) -> dict:
         with self._lock:
             self.frames_processed += 1
@@ -202,6 +203,7 @@ class EventPublisher:
             "units": units,
             "dropped_frames": dropped_frames,
             "injector": injector,
+            "reference_frame": reference_frame,
         }
         return self._send("status", frame, body, capture_mono_ns=capture_mono_ns)
 

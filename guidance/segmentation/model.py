@@ -20,6 +20,9 @@ from guidance.errors import ModelError
 from guidance.segmentation.preprocess import LetterboxGeometry, preprocess
 
 METADATA_KEY = "guidance"
+# A two-channel model's second channel (metadata input.reference): the first frame of the
+# scene, preprocessed like the frame, so new density (cement) stands out from old (bone).
+REFERENCE_FIRST_FRAME = "first_frame"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -97,9 +100,15 @@ def parse_metadata(onnx_path: Path, props: dict[str, str]) -> ModelInfo:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ModelError(f"{onnx_path}: malformed '{METADATA_KEY}' metadata ({exc!r})") from None
-    if info.channels != 1 or inp.get("layout", "NCHW") != "NCHW":
+    if inp.get("layout", "NCHW") != "NCHW" or info.channels not in (1, 2):
         raise ModelError(
-            f"{onnx_path}: expects {info.channels}-channel {inp.get('layout')} input; this service feeds 1-channel NCHW"
+            f"{onnx_path}: expects {info.channels}-channel {inp.get('layout')} input; "
+            "this service feeds NCHW with 1 channel (the frame) or 2 (the frame and its reference)"
+        )
+    if info.channels == 2 and inp.get("reference") != REFERENCE_FIRST_FRAME:
+        raise ModelError(
+            f"{onnx_path}: second input channel {inp.get('reference')!r} unknown "
+            f"(this service gives {REFERENCE_FIRST_FRAME!r})"
         )
     if meta.get("resize", "letterbox") != "letterbox":
         raise ModelError(f"{onnx_path}: resize {meta.get('resize')!r} unsupported (letterbox only)")
@@ -191,18 +200,35 @@ class Model:
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxGeometry]:
         return preprocess(image, self.info.size, self.info.normalization)
 
-    def infer(self, x: np.ndarray) -> np.ndarray:
-        """Model input (1, 1, S, S) -> class map (S, S) uint8 at model resolution."""
-        out = self.session.run([self.info.output_name], {self.info.input_name: x})[0]
+    @property
+    def takes_reference(self) -> bool:
+        """True when the model reads a reference frame beside the frame (two channels)."""
+        return self.info.channels == 2
+
+    def feed(self, x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+        """The graph's input: the preprocessed frame (1, 1, S, S), and for a reference-taking
+        model the preprocessed reference stacked as the second channel. Given no reference,
+        such a model is given the frame itself: it then judges the frame alone, as on a
+        scene's first frame."""
+        if not self.takes_reference:
+            return x
+        return np.concatenate([x, x if reference is None else reference], axis=1)
+
+    def infer(self, x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+        """Preprocessed frame [and reference] (feed) -> class map (S, S) uint8 at model resolution."""
+        out = self.session.run([self.info.output_name], {self.info.input_name: self.feed(x, reference)})[0]
         if self.info.output_kind == "labels":
             return np.asarray(out).reshape(self.info.size, self.info.size).astype(np.uint8)
         return argmax_classes(out[0])
 
-    def segment(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxGeometry]:
-        """Grey frame -> (class map at model resolution, letterbox-cropped to the frame area,
-        geometry)."""
+    def segment(
+        self, image: np.ndarray, reference_image: np.ndarray | None = None
+    ) -> tuple[np.ndarray, LetterboxGeometry]:
+        """Grey frame [and the scene's first frame] -> (class map at model resolution,
+        letterbox-cropped to the frame area, geometry)."""
         x, geometry = self.preprocess(image)
-        return geometry.crop(self.infer(x)), geometry
+        reference = self.preprocess(reference_image)[0] if reference_image is not None else None
+        return geometry.crop(self.infer(x, reference)), geometry
 
     def warm_up(self, runs: int = 3) -> float:
         """Run on blank and noise inputs so the first real frame pays no allocation/JIT cost.
@@ -216,7 +242,7 @@ class Model:
                 else np.zeros((1, 1, self.size, self.size), np.float32)
             )
             t0 = time.perf_counter()
-            self.infer(x)
+            self.infer(x, x)
             elapsed = (time.perf_counter() - t0) * 1e3
         self.warm = True
         return elapsed
