@@ -3,7 +3,7 @@ flags. Sections are named after the parts they configure:
 
     [capture]       source, kind, pace, fps, reconnect_s, video_timeout_s
     [calibration]   file, angulation, pixel_spacing_mm
-    [segmentation]  model, sha256sums, provider, threads, warmup_runs
+    [segmentation]  model, sha256sums, provider, threads, warmup_runs, reference_min_correlation
     [tracker]       posterior_side, raise_frames, clear_frames, area_threshold_mm2, ...
     [alerts]        address, heartbeat_ms, sndhwm, linger_ms, log, injector_address
     [loop]          max_frames, latency_budget_ms, overrun_frames, print_every_s

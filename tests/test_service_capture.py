@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import cv2
 import numpy as np
 import pytest
 from conftest import scene_frames, write_dicom, write_labels, write_pngs, write_video
@@ -216,3 +217,29 @@ def test_simulated_source(tmp_path):
     got = drain(source, limit=3)
     assert got[0].image.dtype == np.uint8 and got[0].image.ndim == 2
     assert json.dumps(source.info.name)
+
+
+def test_grey_video_is_read_from_its_luma_plane_as_the_bgr_decode_reads_it(tmp_path):
+    """The fast path (no BGR conversion) delivers the grey that decoding to BGR and
+    converting gives, within LUMA_TOLERANCE; a flat first frame, which cannot show the
+    mapping, keeps the BGR decode."""
+    from guidance.capture.replay import LUMA_TOLERANCE
+
+    frames = scene_frames(8, size=(96, 128))
+    for name, loop in (("scene", frames), ("flat_start", [np.zeros_like(frames[0])] + frames)):
+        path = write_video(tmp_path / f"{name}.mp4", loop)
+        source = open_source(str(path), pace=False)
+        assert source.info.extra["decode"] == ("luma" if name == "scene" else "bgr")
+        got = [f.image for f in drain(source)]
+        cap = cv2.VideoCapture(str(path))
+        expected = []
+        while True:
+            ok, image = cap.read()
+            if not ok:
+                break
+            expected.append(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+        cap.release()
+        assert len(got) == len(expected) == len(loop)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == np.uint8 and a.shape == b.shape
+            assert np.abs(a.astype(int) - b).max() <= LUMA_TOLERANCE
