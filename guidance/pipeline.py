@@ -12,6 +12,7 @@ clears when frames come back.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -477,6 +478,11 @@ class GuidanceLoop:
         timeout_s = max(cfg.capture.video_timeout_s, 3.0 / fps if fps else 0.0)
         self._check_calibration()
         pub.state = "running"
+        # What exists now (modules, the model, the session) lives as long as the loop: take it
+        # out of the cyclic garbage collector's sight, so that a full collection in the middle
+        # of a frame walks only what the loop itself made (a ms-scale pause otherwise).
+        gc.collect()
+        gc.freeze()
         source.start()
         t_start = time.monotonic()
         last_frame_at = t_start
@@ -509,6 +515,7 @@ class GuidanceLoop:
             else:
                 s.stopped_by = "signal"
         finally:
+            gc.unfreeze()  # many loops in one process (evaluation): collectable again
             source.stop()
             s.wall_s = time.monotonic() - t_start
             s.frames_read = source.frames_read
