@@ -11,18 +11,31 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_previous = 0
+
 
 @contextlib.contextmanager
 def quiet_opencv():
-    """Probing a source that may not be video: OpenCV/FFmpeg must not print their own lines
-    (the user gets one clear line from us)."""
+    """Probing a source that may not be video, or reading video by a path OpenCV warns about
+    on every frame: OpenCV/FFmpeg must not print their own lines (the user gets one clear line
+    from us). OpenCV's level is process-wide: the first of overlapping users (reader threads)
+    silences it, the last restores it."""
+    global _quiet_depth, _quiet_previous
     logging_ = cv2.utils.logging
-    previous = logging_.getLogLevel()
-    logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_previous = logging_.getLogLevel()
+            logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+        _quiet_depth += 1
     try:
         yield
     finally:
-        logging_.setLogLevel(previous)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                logging_.setLogLevel(_quiet_previous)
 
 
 @dataclass(frozen=True)

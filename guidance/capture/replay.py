@@ -101,7 +101,11 @@ class VideoFileSource(ReplaySource):
 
     def _decode(self) -> Iterator[np.ndarray | Exception]:
         while True:
-            ok, image = self._cap.read()
+            if self._luma_to_grey is not None:
+                with quiet_opencv():  # OpenCV warns on every such read that it takes the luma plane
+                    ok, image = self._cap.read()
+            else:
+                ok, image = self._cap.read()
             if not ok:
                 return  # FFmpeg skips undecodable packets itself; a read failure is the end
             if self._luma_to_grey is not None:
