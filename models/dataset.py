@@ -34,6 +34,13 @@ class FrameSet:
         return self.images[first]
 
 
+def loop_fps(rng: np.random.Generator, frames: int) -> float:
+    """A frame rate that spreads `frames` over 0.7-10 s of injection: the frames a model sees
+    beside its reference (the first) come at any phase of breathing, as in a loop of several
+    seconds, not from the same half second."""
+    return float(np.clip(frames / rng.uniform(0.7, 10.0), 1.0, 15.0))
+
+
 def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
     h = int(rng.choice([512, 768, 1024])) if big else int(rng.integers(20, 49) * 16)
     aspect = float(rng.choice([1.0, 1.0, 4 / 3, 5 / 4, 3 / 4]))
@@ -42,7 +49,7 @@ def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
         height=h,
         width=w,
         frames=FRAMES_PER_LOOP,
-        fps=15.0,
+        fps=loop_fps(rng, FRAMES_PER_LOOP),
         view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
         leaks=MIX[int(rng.choice(4, p=[0.25, 0.3, 0.3, 0.15]))],
         bit_depth=int(rng.choice([8, 8, 12, 16])),

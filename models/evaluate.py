@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from guidance.segmentation.preprocess import CLASS_NAMES, LetterboxGeometry, preprocess
+from models.dataset import loop_fps
 from models.sim.loop import LoopConfig, simulate
 
 TEST_SEED_BASE = 7_000_000
@@ -94,7 +95,7 @@ def held_out_config(rng: np.random.Generator, condition: dict, size: int) -> Loo
         height=h,
         width=w,
         frames=8,
-        fps=15.0,
+        fps=loop_fps(rng, 8),  # 8 frames over 0.7-10 s: references at any phase of breathing
         leaks=leaks[int(rng.integers(0, 4))],
         view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
         bit_depth=int(rng.choice([8, 12, 16])),

@@ -26,7 +26,7 @@ from guidance.segmentation.model import REFERENCE_FIRST_FRAME
 from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from models import dataset
 
-MODEL_VERSION = "0.2.0"
+MODEL_VERSION = "0.3.0"
 OPSET = 17
 TRAIN_SEED_BASE = 1_000_000
 VAL_SEED_BASE = 9_000_000
@@ -143,6 +143,18 @@ def reference_index(i: int, gen: torch.Generator, first_frame_share: float = 0.8
     return int(torch.randint(first, i + 1, (1,), generator=gen))
 
 
+REFERENCE_SHIFT_PX = 4  # model pixels: patient and C-arm motion between reference and frame
+
+
+def _moved(rows: slice, cols: slice, size: int, gen: torch.Generator) -> tuple[slice, slice]:
+    """The same window of a size x size plane moved by up to REFERENCE_SHIFT_PX each way (kept
+    inside the plane): the reference is never perfectly registered in the room."""
+    dy, dx = (int(v) for v in torch.randint(-REFERENCE_SHIFT_PX, REFERENCE_SHIFT_PX + 1, (2,), generator=gen))
+    dy = min(max(dy, -rows.start), size - rows.stop)
+    dx = min(max(dx, -cols.start), size - cols.stop)
+    return slice(rows.start + dy, rows.stop + dy), slice(cols.start + dx, cols.stop + dx)
+
+
 def sample_crops(
     images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator, channels: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +162,11 @@ def sample_crops(
     channels the same crop of each frame's reference (reference_index) is the second."""
     windows = crop_windows(labels, batch, crop, gen)
     if channels == 2:
-        xs = [torch.stack([images[i, r, c], images[reference_index(i, gen), r, c]]) for i, r, c in windows]
+        size = images.shape[-1]
+        xs = [
+            torch.stack([images[i, r, c], images[reference_index(i, gen), *_moved(r, c, size, gen)]])
+            for i, r, c in windows
+        ]
     else:
         xs = [images[i, r, c][None] for i, r, c in windows]
     ys = [labels[i, rows, cols] for i, rows, cols in windows]

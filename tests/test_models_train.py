@@ -145,32 +145,51 @@ def test_cement_error_breakdown_accounts_for_every_pixel():
 
 
 def test_two_channel_crops_pair_each_frame_with_an_earlier_frame_of_its_own_loop():
-    """Training's reference channel: the same window of the loop's first frame (mostly) or of
-    an earlier frame of the same loop (service started mid-injection), never another loop's
-    and never a later frame."""
+    """Training's reference channel: a window of the loop's first frame (mostly) or of an
+    earlier frame of the same loop (service started mid-injection), never another loop's and
+    never a later frame, moved by at most REFERENCE_SHIFT_PX (motion between the two)."""
     import torch
 
     from models import dataset
-    from models.train import sample_crops
+    from models.train import REFERENCE_SHIFT_PX, sample_crops
 
     per_loop = dataset.FRAMES_PER_LOOP
-    n = 3 * per_loop
-    # every pixel of frame i holds i: a crop's value tells which frame it came from
-    images = torch.arange(n, dtype=torch.float16)[:, None, None] * torch.ones(1, 32, 32, dtype=torch.float16)
-    labels = torch.zeros(n, 32, 32, dtype=torch.uint8)
-    labels[:, 10:20, 10:20] = 2
+    n, size = 3 * per_loop, 48
+    # pixel (y, x) of frame i holds i * 10000 + y * 100 + x: a crop's corner tells where it came from
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images = torch.arange(n)[:, None, None] * 10000 + yy * 100 + xx
+    labels = torch.zeros(n, size, size, dtype=torch.uint8)
+    labels[:, 16:32, 16:32] = 2
     gen = torch.Generator().manual_seed(0)
-    firsts = 0
+    firsts = moved = 0
     for _ in range(20):
         x, y = sample_crops(images, labels, 16, 16, gen, channels=2)
         assert x.shape == (16, 2, 16, 16) and y.shape == (16, 16, 16)
-        frame, ref = x[:, 0, 0, 0].long(), x[:, 1, 0, 0].long()
+        corner = x[:, :, 0, 0].long()
+        frame, ref = corner[:, 0] // 10000, corner[:, 1] // 10000
         assert torch.all(ref <= frame) and torch.all(ref // per_loop == frame // per_loop)
-        assert torch.all(x[:, 1] == x[:, 1, :1, :1])  # the same window, from one frame
+        dy = corner[:, 1] % 10000 // 100 - corner[:, 0] % 10000 // 100
+        dx = corner[:, 1] % 100 - corner[:, 0] % 100
+        assert torch.all(dy.abs() <= REFERENCE_SHIFT_PX) and torch.all(dx.abs() <= REFERENCE_SHIFT_PX)
+        # one window each: the reference crop is a plain translate of the plane
+        assert torch.all(x[:, 1, 1:, :] - x[:, 1, :-1, :] == 100) and torch.all(x[:, 1, :, 1:] - x[:, 1, :, :-1] == 1)
         firsts += int((ref % per_loop == 0).sum())
+        moved += int(((dy != 0) | (dx != 0)).sum())
     assert 0.65 < firsts / (20 * 16) < 0.95, firsts  # mostly the first frame, not always
+    assert moved > 0.5 * 20 * 16  # most references are not perfectly registered
     single, _ = sample_crops(images, labels, 16, 16, torch.Generator().manual_seed(0))
     assert single.shape == (16, 1, 16, 16)
+
+
+def test_training_loops_spread_their_frames_over_seconds_of_breathing():
+    """Ten frames per training loop cover 0.7-10 s, so a frame and its reference (the first)
+    meet at any phase of breathing, as in the room; frame rates stay valid for the simulator."""
+    from models.dataset import FRAMES_PER_LOOP, loop_fps
+
+    rng = np.random.default_rng(0)
+    spans = np.array([FRAMES_PER_LOOP / loop_fps(rng, FRAMES_PER_LOOP) for _ in range(2000)])
+    assert spans.min() >= 0.66 and spans.max() <= 10.0 + 1e-9
+    assert np.mean(spans > 4.0) > 0.4  # most loops see a whole breath (3-6 s period)
 
 
 def test_frame_sets_give_each_frame_its_loops_first_frame_and_cache_whole(tmp_path):
