@@ -155,7 +155,7 @@ class SegmentOp:
 
     name = "segment"
 
-    def __init__(self, model: Model, reference_min_correlation: float = 0.75) -> None:
+    def __init__(self, model: Model, reference_min_correlation: float = 0.85) -> None:
         self.model = model
         # two-channel models read the scene's first frame beside each frame
         self.reference = ReferenceFrame(reference_min_correlation) if model.takes_reference else None

@@ -66,7 +66,7 @@ class SegmentationSettings:
     warmup_runs: int = 3
     # two-channel models: below this correlation with the reference frame the scene is taken
     # to have changed (C-arm moved) and the frame becomes the new reference
-    reference_min_correlation: float = 0.75
+    reference_min_correlation: float = 0.85
 
 
 @dataclass

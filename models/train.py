@@ -24,6 +24,7 @@ from torch import nn
 
 from guidance.segmentation.model import REFERENCE_FIRST_FRAME
 from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
+from guidance.segmentation.reference import register
 from models import dataset
 
 MODEL_VERSION = "0.3.0"
@@ -204,14 +205,23 @@ def dice_per_class(pred: np.ndarray, target: np.ndarray, classes: int = len(CLAS
     return out
 
 
+def model_inputs(frames: dataset.FrameSet, which: slice, channels: int) -> np.ndarray:
+    """[n, channels, S, S] float32 of frames[which], and for two channels each one's loop's
+    first frame registered onto it, as the service feeds them."""
+    images = frames.images[which].astype(np.float32)
+    if channels == 1:
+        return images[:, None]
+    refs = frames.first_frames()[which].astype(np.float32)
+    return np.stack([images, np.stack([register(r, x)[0] for r, x in zip(refs, images, strict=True)])], 1)
+
+
 def evaluate_torch(model: nn.Module, frames: dataset.FrameSet, device: str, batch: int = 32) -> dict[str, float]:
     model.eval()
     preds = []
     channels = getattr(model, "channels", 1)
-    planes = [frames.images, frames.first_frames()][:channels]
     with torch.no_grad():
         for i in range(0, len(frames), batch):
-            x = torch.from_numpy(np.stack([p[i : i + batch] for p in planes], 1).astype(np.float32)).to(device)
+            x = torch.from_numpy(model_inputs(frames, slice(i, i + batch), channels)).to(device)
             preds.append(model(x).argmax(1).cpu().numpy().astype(np.uint8))
     model.train()
     return dice_per_class(np.concatenate(preds), frames.labels)

@@ -1,13 +1,15 @@
 """The reference frame a two-channel model reads beside each frame: the first frame of the
 current scene, preprocessed like the frame.
 
-Taken from the first frame after start, and taken again when the frame size changes or when
-the scene no longer resembles it (the C-arm was moved or rotated): then the frame itself
-becomes the reference. Cement growing in a still scene changes a small share of the image and
-keeps the correlation high; a new view does not. After a video loss nothing is forgotten: if
-the view is the same when the video comes back, its pre-cement reference is still the right
-one, and if it is not, the correlation says so. A flat frame (X-ray off) never replaces a
-reference.
+Registered onto each frame before use (phase correlation: breathing and small motion shift
+the spine between the first frame and later ones, and a misregistered reference reads as new
+density along every bone edge). Taken from the first frame after start, and taken again when
+the frame size changes or when the scene no longer resembles it even registered (the C-arm was
+moved or rotated): then the frame itself becomes the reference. Cement growing in a still
+scene changes a small share of the image and keeps the correlation high; a new view does not.
+After a video loss nothing is forgotten: if the view is the same when the video comes back,
+its pre-cement reference is still the right one, and if it is not, the correlation says so.
+A flat frame (X-ray off) never replaces a reference.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import cv2
 import numpy as np
 
 SCENE_PLANE = 64  # side of the downsampled planes compared for a scene change
-# Simulated loops (bench-free check in tests/test_reference.py): a frame against its own loop's
-# first frame correlates 0.93 or more through the injection; different scenes 0.47 at most.
+# Simulated loops spanning 0.7-10 s (tests/test_service_reference.py): a frame against its own
+# loop's registered first frame correlates 0.92 or more through the injection; another loop's
+# scene, registered as well as it goes, 0.75 at most (0.46 at the 95th percentile).
 
 
 def _scene_vector(x: np.ndarray) -> np.ndarray:
@@ -30,42 +33,71 @@ def _scene_vector(x: np.ndarray) -> np.ndarray:
     return v / norm if norm > 1e-9 else np.zeros_like(v)
 
 
+REGISTER_PLANE = 128  # side of the planes whose phase correlation gives the reference's shift
+_windows: dict[int, np.ndarray] = {}  # Hanning windows by side (made once)
+
+
+def register(reference: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """The reference (…, S, S) moved onto the frame x (same shape): the translation that phase
+    correlation finds between their REGISTER_PLANE² downsamples, applied at full size.
+
+    Breathing and small patient or table motion shift the spine by several pixels between the
+    first frame and later ones; a two-channel model reads that misregistration as new density
+    along every bone edge. Returns the moved reference and the shift (dx, dy) in model px."""
+    ref2d = np.ascontiguousarray(reference.reshape(reference.shape[-2:]), dtype=np.float32)
+    x2d = np.ascontiguousarray(x.reshape(x.shape[-2:]), dtype=np.float32)
+    h, w = ref2d.shape
+    side = min(REGISTER_PLANE, h, w)  # never upsample
+    window = _windows.get(side)
+    if window is None:
+        window = _windows[side] = cv2.createHanningWindow((side, side), cv2.CV_32F)
+    small_ref = cv2.resize(ref2d, (side, side), interpolation=cv2.INTER_AREA)
+    small_x = cv2.resize(x2d, (side, side), interpolation=cv2.INTER_AREA)
+    (dx, dy), _response = cv2.phaseCorrelate(small_ref, small_x, window)
+    dx, dy = dx * w / side, dy * h / side
+    shift = np.float32([[1, 0, dx], [0, 1, dy]])
+    moved = cv2.warpAffine(ref2d, shift, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return moved.reshape(reference.shape), (float(dx), float(dy))
+
+
 def scene_correlation(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation of two model inputs, compared at SCENE_PLANE px; 0.0 when either is flat."""
     return float(_scene_vector(a) @ _scene_vector(b))
 
 
 class ReferenceFrame:
-    """Holds the reference; `for_frame` returns the one to use with a frame (taking the frame
-    itself when there is none yet or the scene changed)."""
+    """Holds the reference; `for_frame` returns the one to use with a frame: registered onto
+    it (`register`), or the frame itself when there is none yet or the scene changed."""
 
-    def __init__(self, min_correlation: float = 0.75) -> None:
+    def __init__(self, min_correlation: float = 0.85) -> None:
         self.min_correlation = min_correlation
         self.plane: np.ndarray | None = None  # preprocessed reference (1, 1, S, S)
         self.frame: int | None = None  # its frame index
         self.frame_shape: tuple[int, int] | None = None
-        self._vector = np.zeros(0)
-        self.correlation = 1.0  # the last frame's with the reference
+        self.correlation = 1.0  # the last frame's with the registered reference
+        self.shift = (0.0, 0.0)  # the last registration's (dx, dy), model px
         self.taken = 0  # how many references were taken this run
         self.last_reason = ""
 
     def for_frame(self, x: np.ndarray, frame_shape: tuple[int, int], index: int) -> np.ndarray:
-        reason = ""
         if self.plane is None:
             reason = "first frame"
         elif frame_shape != self.frame_shape or x.shape != self.plane.shape:
             reason = f"frame size {self.frame_shape} -> {frame_shape}"
         else:
             vector = _scene_vector(x)
-            # a flat frame (X-ray off, blanked video) says nothing about the scene: keep the
-            # reference, so fluoroscopy resumed on the same view still has its pre-cement one
-            self.correlation = float(vector @ self._vector) if vector.any() else 1.0
-            if self.correlation < self.min_correlation:
-                reason = f"scene changed (correlation {self.correlation:.2f})"
-        if reason:
-            self.plane, self.frame, self.frame_shape = x, index, frame_shape
-            self._vector = _scene_vector(x)
-            self.correlation = 1.0
-            self.taken += 1
-            self.last_reason = reason
+            if not vector.any():
+                # a flat frame (X-ray off, blanked video) says nothing about the scene: keep the
+                # reference, so fluoroscopy resumed on the same view still has its pre-cement one
+                self.correlation, self.shift = 1.0, (0.0, 0.0)
+                return self.plane
+            moved, self.shift = register(self.plane, x)
+            self.correlation = float(vector @ _scene_vector(moved))
+            if self.correlation >= self.min_correlation:
+                return moved
+            reason = f"scene changed (correlation {self.correlation:.2f})"
+        self.plane, self.frame, self.frame_shape = x, index, frame_shape
+        self.correlation, self.shift = 1.0, (0.0, 0.0)
+        self.taken += 1
+        self.last_reason = reason
         return self.plane
