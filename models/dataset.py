@@ -41,7 +41,7 @@ def loop_fps(rng: np.random.Generator, frames: int) -> float:
     return float(np.clip(frames / rng.uniform(0.7, 10.0), 1.0, 15.0))
 
 
-def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
+def _loop_config(rng: np.random.Generator, big: bool, spread: bool) -> LoopConfig:
     h = int(rng.choice([512, 768, 1024])) if big else int(rng.integers(20, 49) * 16)
     aspect = float(rng.choice([1.0, 1.0, 4 / 3, 5 / 4, 3 / 4]))
     w = max(64, int(h * aspect) // 16 * 16)
@@ -49,7 +49,7 @@ def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
         height=h,
         width=w,
         frames=FRAMES_PER_LOOP,
-        fps=loop_fps(rng, FRAMES_PER_LOOP),
+        fps=loop_fps(rng, FRAMES_PER_LOOP) if spread else 15.0,
         view=str(rng.choice(["lateral", "ap"], p=[0.75, 0.25])),
         leaks=MIX[int(rng.choice(4, p=[0.25, 0.3, 0.3, 0.15]))],
         bit_depth=int(rng.choice([8, 8, 12, 16])),
@@ -57,11 +57,12 @@ def _loop_config(rng: np.random.Generator, big: bool) -> LoopConfig:
     )
 
 
-def render_seed(args: tuple[int, int, bool]) -> tuple[np.ndarray, np.ndarray]:
-    """One simulated loop -> its frames preprocessed to the model plane, and its labels."""
-    seed, size, big = args
+def render_seed(args: tuple[int, int, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """One simulated loop -> its frames preprocessed to the model plane, and its labels.
+    `spread`: its frames span 0.7-10 s (loop_fps); otherwise 15 fps (0.7 s)."""
+    seed, size, big, spread = args
     rng = np.random.default_rng(seed)
-    loop = simulate(rng, _loop_config(rng, big))
+    loop = simulate(rng, _loop_config(rng, big, spread))
     images, labels = [], []
     for frame, lab in zip(loop.frames, loop.labels, strict=True):
         x, geometry = preprocess(frame, size, DEFAULT_NORMALIZATION)
@@ -71,9 +72,14 @@ def render_seed(args: tuple[int, int, bool]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(
-    seeds: range | list[int], size: int = 256, big: bool = False, workers: int = 2, progress: bool = True
+    seeds: range | list[int],
+    size: int = 256,
+    big: bool = False,
+    workers: int = 2,
+    progress: bool = True,
+    spread: bool = False,
 ) -> FrameSet:
-    jobs = [(int(s), size, big) for s in seeds]
+    jobs = [(int(s), size, big, spread) for s in seeds]
     results = []
     with mp.get_context("spawn").Pool(workers) as pool:
         for k, res in enumerate(pool.imap(render_seed, jobs, chunksize=4)):
@@ -86,20 +92,21 @@ def build(
 
 
 def build_cached(
-    seeds: range, size: int, workers: int, cache: Path | None, progress: bool = True
+    seeds: range, size: int, workers: int, cache: Path | None, progress: bool = True, spread: bool = False
 ) -> FrameSet:
-    """build(), kept in `cache` (a folder) as one .npz per seed range and size, so runs that
-    differ only in training settings render their data once."""
+    """build(), kept in `cache` (a folder) as one .npz per seed range, size and time spread, so
+    runs that differ only in training settings render their data once."""
     if cache is None:
-        return build(seeds, size, workers=workers, progress=progress)
-    path = cache / f"frames_{seeds.start}_{seeds.stop}_{size}_{FRAMES_PER_LOOP}.npz"
+        return build(seeds, size, workers=workers, progress=progress, spread=spread)
+    kind = f"{size}_{FRAMES_PER_LOOP}" + ("_spread" if spread else "")
+    path = cache / f"frames_{seeds.start}_{seeds.stop}_{kind}.npz"
     # the same range, or a longer one from the same first seed: its first frames are these
-    for found in sorted(cache.glob(f"frames_{seeds.start}_*_{size}_{FRAMES_PER_LOOP}.npz")):
+    for found in sorted(cache.glob(f"frames_{seeds.start}_*_{kind}.npz")):
         if int(found.name.split("_")[2]) >= seeds.stop:
             n = len(seeds) * FRAMES_PER_LOOP
             with np.load(found) as data:
                 return FrameSet(data["images"][:n], data["labels"][:n], [int(s) for s in seeds])
-    frames = build(seeds, size, workers=workers, progress=progress)
+    frames = build(seeds, size, workers=workers, progress=progress, spread=spread)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
     np.savez(partial, images=frames.images, labels=frames.labels)

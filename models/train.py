@@ -144,20 +144,26 @@ def reference_index(i: int, gen: torch.Generator, first_frame_share: float = 0.8
     return int(torch.randint(first, i + 1, (1,), generator=gen))
 
 
-REFERENCE_SHIFT_PX = 4  # model pixels: patient and C-arm motion between reference and frame
-
-
-def _moved(rows: slice, cols: slice, size: int, gen: torch.Generator) -> tuple[slice, slice]:
-    """The same window of a size x size plane moved by up to REFERENCE_SHIFT_PX each way (kept
-    inside the plane): the reference is never perfectly registered in the room."""
-    dy, dx = (int(v) for v in torch.randint(-REFERENCE_SHIFT_PX, REFERENCE_SHIFT_PX + 1, (2,), generator=gen))
+def _moved(rows: slice, cols: slice, size: int, shift: int, gen: torch.Generator) -> tuple[slice, slice]:
+    """The same window of a size x size plane moved by up to `shift` pixels each way (kept
+    inside the plane): motion that registration leaves between reference and frame. With
+    shift 0 the window as it is, and no random draw (the shipped recipe's batches)."""
+    if shift == 0:
+        return rows, cols
+    dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
     dy = min(max(dy, -rows.start), size - rows.stop)
     dx = min(max(dx, -cols.start), size - cols.stop)
     return slice(rows.start + dy, rows.stop + dy), slice(cols.start + dx, cols.stop + dx)
 
 
 def sample_crops(
-    images: torch.Tensor, labels: torch.Tensor, batch: int, crop: int, gen: torch.Generator, channels: int = 1
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch: int,
+    crop: int,
+    gen: torch.Generator,
+    channels: int = 1,
+    reference_shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random crops (crop_windows) of images [n, S, S] and their labels; with two
     channels the same crop of each frame's reference (reference_index) is the second."""
@@ -165,7 +171,7 @@ def sample_crops(
     if channels == 2:
         size = images.shape[-1]
         xs = [
-            torch.stack([images[i, r, c], images[reference_index(i, gen), *_moved(r, c, size, gen)]])
+            torch.stack([images[i, r, c], images[reference_index(i, gen), *_moved(r, c, size, reference_shift, gen)]])
             for i, r, c in windows
         ]
     else:
@@ -283,6 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="processes rendering the training frames")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--spread-frames",
+        action="store_true",
+        help="each training loop's 10 frames span 0.7-10 s of breathing (default: 15 fps, 0.7 s)",
+    )
+    p.add_argument(
+        "--reference-shift", type=int, default=0, help="move each reference crop up to this many pixels"
+    )
     p.add_argument("--data-cache", type=Path, default=None, help="keep rendered frames here, reuse them next time")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--log", type=Path, default=None, help="write the training log (JSON lines) here")
@@ -302,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     train_seeds = range(TRAIN_SEED_BASE + args.seed * 100_000, TRAIN_SEED_BASE + args.seed * 100_000 + args.train_loops)
     val_seeds = range(VAL_SEED_BASE, VAL_SEED_BASE + args.val_loops)
     print(f"rendering {args.train_loops} training loops and {args.val_loops} validation loops ...", flush=True)
-    train = dataset.build_cached(train_seeds, args.size, args.workers, args.data_cache)
-    val = dataset.build_cached(val_seeds, args.size, args.workers, args.data_cache, progress=False)
+    train = dataset.build_cached(train_seeds, args.size, args.workers, args.data_cache, spread=args.spread_frames)
+    val = dataset.build_cached(
+        val_seeds, args.size, args.workers, args.data_cache, progress=False, spread=args.spread_frames
+    )
     t_data = time.monotonic() - t0
     print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
 
@@ -328,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.monotonic()
     model.train()
     for step in range(1, args.steps + 1):
-        x, y = augment(*sample_crops(images, labels, args.batch, args.crop, gen, args.channels), gen)
+        crops = sample_crops(images, labels, args.batch, args.crop, gen, args.channels, args.reference_shift)
+        x, y = augment(*crops, gen)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         y = y.to(device).long()
         logits = model(x)
@@ -377,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             "frames_per_loop": dataset.FRAMES_PER_LOOP,
             "steps": args.steps,
             "channels": args.channels,
+            "spread_frames": args.spread_frames,
+            "reference_shift": args.reference_shift,
             "batch": args.batch,
             "crop": args.crop,
             "lr": args.lr,

@@ -147,11 +147,13 @@ def test_cement_error_breakdown_accounts_for_every_pixel():
 def test_two_channel_crops_pair_each_frame_with_an_earlier_frame_of_its_own_loop():
     """Training's reference channel: a window of the loop's first frame (mostly) or of an
     earlier frame of the same loop (service started mid-injection), never another loop's and
-    never a later frame, moved by at most REFERENCE_SHIFT_PX (motion between the two)."""
+    never a later frame; moved by at most --reference-shift pixels (motion between the two)."""
     import torch
 
     from models import dataset
-    from models.train import REFERENCE_SHIFT_PX, sample_crops
+    from models.train import sample_crops
+
+    REFERENCE_SHIFT_PX = 4
 
     per_loop = dataset.FRAMES_PER_LOOP
     n, size = 3 * per_loop, 48
@@ -163,7 +165,7 @@ def test_two_channel_crops_pair_each_frame_with_an_earlier_frame_of_its_own_loop
     gen = torch.Generator().manual_seed(0)
     firsts = moved = 0
     for _ in range(20):
-        x, y = sample_crops(images, labels, 16, 16, gen, channels=2)
+        x, y = sample_crops(images, labels, 16, 16, gen, channels=2, reference_shift=REFERENCE_SHIFT_PX)
         assert x.shape == (16, 2, 16, 16) and y.shape == (16, 16, 16)
         corner = x[:, :, 0, 0].long()
         frame, ref = corner[:, 0] // 10000, corner[:, 1] // 10000
@@ -179,6 +181,10 @@ def test_two_channel_crops_pair_each_frame_with_an_earlier_frame_of_its_own_loop
     assert moved > 0.5 * 20 * 16  # most references are not perfectly registered
     single, _ = sample_crops(images, labels, 16, 16, torch.Generator().manual_seed(0))
     assert single.shape == (16, 1, 16, 16)
+    # the shipped recipe: no shift, and no draw for one (its batches are those of the commit that made it)
+    still, _ = sample_crops(images, labels, 16, 16, torch.Generator().manual_seed(0), channels=2)
+    corner = still[:, :, 0, 0].long()
+    assert torch.all(corner[:, 0] % 10000 == corner[:, 1] % 10000)
 
 
 def test_training_loops_spread_their_frames_over_seconds_of_breathing():
