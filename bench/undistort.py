@@ -1,10 +1,9 @@
 """Benchmark: distortion correction of 1024x1024 frames on one core.
 
 Calibrates a rendered 1024x1024 bead phantom (known pincushion + S-distortion), then times
-`Calibration.undistort` (float32 maps over the bands that cover the field of view, what the
-service runs) against cv2.remap of the whole frame with the same maps, with them in
-fixed-point form (cv2.convertMaps) and with the textbook -1 for "outside", side by side
-(interleaved frame by frame), for 8-bit, 12-bit-in-16 and float frames.
+`Calibration.undistort` (float32 maps, what the service runs) against cv2.remap with the
+the same maps in fixed-point form (cv2.convertMaps) and with the textbook -1 for "outside",
+side by side (interleaved frame by frame), for 8-bit, 12-bit-in-16 and float frames.
 
     python bench/undistort.py [--frames 300] [--threads 1]
 
@@ -87,9 +86,6 @@ def main() -> int:
     my1[outside] = -1.0
     f1, f2 = cv2.convertMaps(*cal._maps, cv2.CV_16SC2)  # fixed-point version of the service maps
     alternatives = {
-        "whole frame, float maps": lambda f: cv2.remap(
-            f, *cal._maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-        ),
         "fixed-point maps": lambda f: cv2.remap(f, f1, f2, cv2.INTER_LINEAR),
         "float maps, -1 outside": lambda f: cv2.remap(f, mx1, my1, cv2.INTER_LINEAR),
     }

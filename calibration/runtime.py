@@ -28,7 +28,6 @@ from guidance.errors import CalibrationError
 log = logging.getLogger(__name__)
 
 _OFF_FRAME = -16.0  # map value for "no source pixel" (outside the field of view)
-BAND_ROWS = 64  # rows per remapped band (bench/undistort.py: fewer, larger calls cost less overhead)
 
 
 @dataclass(repr=False)
@@ -46,7 +45,6 @@ class Calibration:
     source: str = ""
     entry: dict[str, Any] = field(default_factory=dict, repr=False)
     _maps: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
-    _bands: list[tuple[slice, slice, np.ndarray, np.ndarray]] = field(default_factory=list, repr=False)
     _mask_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
@@ -79,40 +77,10 @@ class Calibration:
         # (bench/undistort.py prints both side by side).
         return np.ascontiguousarray(mx), np.ascontiguousarray(my)
 
-    def _build_bands(self) -> list[tuple[slice, slice, np.ndarray, np.ndarray]]:
-        """(rows, columns, map x, map y) of horizontal bands that together cover the field of
-        view: outside it every pixel is the constant fill anyway, so only the bands are
-        remapped (about a quarter fewer pixels for a circle that fits the frame)."""
-        assert self._maps is not None
-        mx, my = self._maps
-        h, w = mx.shape
-        boxes = [(0, h, 0, w)]
-        if self.fov_center_xy is not None and self.fov_radius_px is not None:
-            cx, cy = self.fov_center_xy
-            r = self.fov_radius_px + 1.0  # a pixel of margin: the circle test rounds
-            boxes = []
-            for y0 in range(max(0, int(cy - r)), min(h, int(np.ceil(cy + r)) + 1), BAND_ROWS):
-                y1 = min(y0 + BAND_ROWS, h, int(np.ceil(cy + r)) + 1)
-                nearest = min(max(cy, y0), y1 - 1)  # the band's row closest to the centre
-                half = float(np.sqrt(max(r * r - (nearest - cy) ** 2, 0.0)))
-                x0, x1 = max(0, int(np.floor(cx - half))), min(w, int(np.ceil(cx + half)) + 1)
-                if x1 > x0:
-                    boxes.append((y0, y1, x0, x1))
-        return [
-            (
-                slice(y0, y1),
-                slice(x0, x1),
-                np.ascontiguousarray(mx[y0:y1, x0:x1]),
-                np.ascontiguousarray(my[y0:y1, x0:x1]),
-            )
-            for y0, y1, x0, x1 in boxes
-        ]
-
     def prepare(self) -> None:
         """Precompute the remap tables (done once; `undistort` calls it on first use)."""
         if self._maps is None:
             self._maps = self._build_maps()
-            self._bands = self._build_bands()
 
     def check_size(self, width: int, height: int) -> None:
         """CalibrationError unless frames of width x height are what this calibration is for."""
@@ -130,18 +98,15 @@ class Calibration:
         """Raw frame (H, W[, C], uint8/uint16/float32) -> corrected frame, same shape and type."""
         self.check_frame(frame)
         self.prepare()
-        out = np.zeros(frame.shape, frame.dtype)  # C order; the constant fill outside the field of view
-        for rows, cols, mx, my in self._bands:
-            cv2.remap(
-                frame,
-                mx,
-                my,
-                cv2.INTER_LINEAR,
-                dst=out[rows, cols],
-                borderMode=cv2.BORDER_CONSTANT,
-                borderValue=0,
-            )
-        return out
+        assert self._maps is not None
+        return cv2.remap(
+            frame,
+            self._maps[0],
+            self._maps[1],
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        )
 
     def fov_mask(self, shape: tuple[int, ...]) -> np.ndarray:
         """Bool (H, W) mask of the field of view in the corrected frame, scaled to `shape` when
