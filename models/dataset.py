@@ -28,9 +28,10 @@ class FrameSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def first_frames(self) -> np.ndarray:
-        """For every frame, the first frame of its loop (frames are stored loop by loop)."""
-        first = (np.arange(len(self)) // FRAMES_PER_LOOP) * FRAMES_PER_LOOP
+    def first_frames(self, which: slice = slice(None)) -> np.ndarray:
+        """For every frame (of `which`), the first frame of its loop (frames are stored loop by
+        loop)."""
+        first = (np.arange(len(self))[which] // FRAMES_PER_LOOP) * FRAMES_PER_LOOP
         return self.images[first]
 
 

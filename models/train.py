@@ -57,7 +57,7 @@ class LeakUNet(nn.Module):
     def __init__(self, classes: int = len(CLASS_NAMES), width: int = 16, channels: int = 1):
         super().__init__()
         w = width
-        self.channels = channels  # 2: the frame and the run's reference frame (see REFERENCE)
+        self.channels = channels  # 2: the frame and the run's reference frame (REFERENCE_FIRST_FRAME)
         self.full = ConvBNReLU(channels, 8)  # 256
         self.stem = nn.Sequential(ConvBNReLU(channels, w, stride=2), SeparableConv(w, w))  # 128
         self.down2 = nn.Sequential(SeparableConv(w, 2 * w, 2), SeparableConv(2 * w, 2 * w))  # 64
@@ -217,7 +217,7 @@ def model_inputs(frames: dataset.FrameSet, which: slice, channels: int) -> np.nd
     images = frames.images[which].astype(np.float32)
     if channels == 1:
         return images[:, None]
-    refs = frames.first_frames()[which].astype(np.float32)
+    refs = frames.first_frames(which).astype(np.float32)
     return np.stack([images, np.stack([register(r, x)[0] for r, x in zip(refs, images, strict=True)])], 1)
 
 

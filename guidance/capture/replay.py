@@ -100,18 +100,17 @@ class VideoFileSource(ReplaySource):
         return cap, table
 
     def _decode(self) -> Iterator[np.ndarray | Exception]:
+        table = self._luma_to_grey
         while True:
-            if self._luma_to_grey is not None:
+            if table is None:
+                ok, image = self._cap.read()
+            else:
                 with quiet_opencv():  # OpenCV warns on every such read that it takes the luma plane
                     ok, image = self._cap.read()
-            else:
-                ok, image = self._cap.read()
             if not ok:
                 return  # FFmpeg skips undecodable packets itself; a read failure is the end
-            if self._luma_to_grey is not None:
-                yield cv2.LUT(image, self._luma_to_grey)
-            else:
-                yield to_grey(image)  # the spec: colour video is converted to grey
+            # the spec: colour video is converted to grey (the luma plane already is)
+            yield to_grey(image) if table is None else cv2.LUT(image, table)
 
     def _release(self) -> None:
         cap = getattr(self, "_cap", None)
