@@ -18,6 +18,7 @@ import numpy as np
 
 from guidance.errors import ModelError
 from guidance.segmentation.preprocess import LetterboxGeometry, preprocess
+from guidance.segmentation.reference import register
 
 METADATA_KEY = "guidance"
 # A two-channel model's second channel (metadata input.reference): the first frame of the
@@ -225,9 +226,12 @@ class Model:
         self, image: np.ndarray, reference_image: np.ndarray | None = None
     ) -> tuple[np.ndarray, LetterboxGeometry]:
         """Grey frame [and the scene's first frame] -> (class map at model resolution,
-        letterbox-cropped to the frame area, geometry)."""
+        letterbox-cropped to the frame area, geometry). The reference is registered onto the
+        frame, as the service's segment operator gives it."""
         x, geometry = self.preprocess(image)
-        reference = self.preprocess(reference_image)[0] if reference_image is not None else None
+        reference = None
+        if reference_image is not None and self.takes_reference:
+            reference = register(self.preprocess(reference_image)[0], x)[0]
         return geometry.crop(self.infer(x, reference)), geometry
 
     def warm_up(self, runs: int = 3) -> float:
