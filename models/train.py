@@ -156,6 +156,15 @@ def _moved(rows: slice, cols: slice, size: int, shift: int, gen: torch.Generator
     return slice(rows.start + dy, rows.stop + dy), slice(cols.start + dx, cols.stop + dx)
 
 
+def registered_reference(images: torch.Tensor, i: int, reference: int) -> torch.Tensor:
+    """Frame `reference`'s whole plane registered onto frame i's, as the service registers the
+    first frame onto each frame (guidance.segmentation.reference.register)."""
+    if reference == i:
+        return images[i]
+    moved, _ = register(images[reference].numpy().astype(np.float32), images[i].numpy().astype(np.float32))
+    return torch.from_numpy(moved).to(images.dtype)
+
+
 def sample_crops(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -164,16 +173,19 @@ def sample_crops(
     gen: torch.Generator,
     channels: int = 1,
     reference_shift: int = 0,
+    register_references: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random crops (crop_windows) of images [n, S, S] and their labels; with two
-    channels the same crop of each frame's reference (reference_index) is the second."""
+    channels the same crop of each frame's reference (reference_index) is the second: as it
+    is, or (`register_references`) registered onto the frame first, as the service feeds it."""
     windows = crop_windows(labels, batch, crop, gen)
     if channels == 2:
         size = images.shape[-1]
-        xs = [
-            torch.stack([images[i, r, c], images[reference_index(i, gen), *_moved(r, c, size, reference_shift, gen)]])
-            for i, r, c in windows
-        ]
+        xs = []
+        for i, r, c in windows:
+            ref = reference_index(i, gen)
+            plane = registered_reference(images, i, ref) if register_references else images[ref]
+            xs.append(torch.stack([images[i, r, c], plane[_moved(r, c, size, reference_shift, gen)]]))
     else:
         xs = [images[i, r, c][None] for i, r, c in windows]
     ys = [labels[i, rows, cols] for i, rows, cols in windows]
@@ -277,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("models/segmenter.onnx"))
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--width", type=int, default=16)
-    p.add_argument(
-        "--channels", type=int, choices=(1, 2), default=2, help="2: the frame and the run's reference frame"
-    )
+    p.add_argument("--channels", type=int, choices=(1, 2), default=2, help="2: the frame and the run's reference frame")
     p.add_argument("--train-loops", type=int, default=700)
     p.add_argument("--val-loops", type=int, default=60)
     p.add_argument("--steps", type=int, default=3000)
@@ -294,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="each training loop's 10 frames span 0.7-10 s of breathing (default: 15 fps, 0.7 s)",
     )
+    p.add_argument("--reference-shift", type=int, default=0, help="move each reference crop up to this many pixels")
     p.add_argument(
-        "--reference-shift", type=int, default=0, help="move each reference crop up to this many pixels"
+        "--register-references",
+        action="store_true",
+        help="register each reference onto its frame before cropping, as the service does",
     )
     p.add_argument("--data-cache", type=Path, default=None, help="keep rendered frames here, reuse them next time")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -344,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     t_train = time.monotonic()
     model.train()
     for step in range(1, args.steps + 1):
-        crops = sample_crops(images, labels, args.batch, args.crop, gen, args.channels, args.reference_shift)
+        crops = sample_crops(
+            images, labels, args.batch, args.crop, gen, args.channels, args.reference_shift, args.register_references
+        )
         x, y = augment(*crops, gen)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         y = y.to(device).long()
@@ -396,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             "channels": args.channels,
             "spread_frames": args.spread_frames,
             "reference_shift": args.reference_shift,
+            "register_references": args.register_references,
             "batch": args.batch,
             "crop": args.crop,
             "lr": args.lr,

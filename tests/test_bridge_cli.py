@@ -21,17 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--guidance", "tcp://10.1.2.3:5556"], "is not loopback"),
-    (["--pub", "udp://127.0.0.1:1"], "expected tcp://HOST:PORT"),
-    (["--ack", "tcp://127.0.0.1:notaport"], "port missing or not a number"),
-    (["--injector", "/dev/does-not-exist-ttyACM9"], "no such port"),
-    (["--guidance-timeout", "0"], "guidance_timeout_s must be > 0"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--guidance", "tcp://10.1.2.3:5556"], "is not loopback"),
+        (["--pub", "udp://127.0.0.1:1"], "expected tcp://HOST:PORT"),
+        (["--ack", "tcp://127.0.0.1:notaport"], "port missing or not a number"),
+        (["--injector", "/dev/does-not-exist-ttyACM9"], "no such port"),
+        (["--guidance-timeout", "0"], "guidance_timeout_s must be > 0"),
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(args: list[str], needle: str) -> None:
     # both entry points for the first case; one is enough for the others (same code)
     prefixes = [["-m", "guidance", "bridge"]]
@@ -49,22 +51,38 @@ def test_bridge_process_holds_on_alert_and_releases_on_ack(tmp_path: Path) -> No
     sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
     guidance = GuidancePublisher(ctx).start_heartbeats(0.1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "guidance", "bridge", "--injector", sim.port,
-         "--guidance", guidance.endpoint, "--pub", "tcp://127.0.0.1:*",
-         "--ack", "tcp://127.0.0.1:*"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "guidance",
+            "bridge",
+            "--injector",
+            sim.port,
+            "--guidance",
+            guidance.endpoint,
+            "--pub",
+            "tcp://127.0.0.1:*",
+            "--ack",
+            "tcp://127.0.0.1:*",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     tap = None
     try:
         line = proc.stdout.readline()  # the bridge prints its bound endpoints first
         m = re.search(r"pub (\S+) ack (\S+)", line)
         assert m, f"no endpoints in {line!r}"
         tap = BridgeTap(ctx, m.group(1))
-        assert tap.wait_for(lambda t, d: t == "heartbeat" and d["guidance"]["session"]
-                            == guidance.session and d["link"] == "connected", 10.0)
+        assert tap.wait_for(
+            lambda t, d: t == "heartbeat" and d["guidance"]["session"] == guidance.session and d["link"] == "connected",
+            10.0,
+        )
         alert = guidance.alert("venous_leak")
         assert sim.wait_for(lambda r: any(x.frame.type == MsgType.HOLD for x in r), 5.0)
-        assert sim.commands(MsgType.HOLD)[0].frame.payload == wire.HOLD_PAYLOAD.pack(
-            HoldReason.CLINICAL_ALERT)
+        assert sim.commands(MsgType.HOLD)[0].frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.CLINICAL_ALERT)
         assert tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == "held")
         reply = send_ack(ctx, m.group(2), alert["alert_id"], operator="dr-cli")
         assert reply["accepted"] and not reply["hold_latched"]
@@ -84,9 +102,14 @@ def test_bridge_process_holds_on_alert_and_releases_on_ack(tmp_path: Path) -> No
 
 
 def test_simulator_module_prints_a_port_pyserial_can_open(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "firmware_bridge.simulator", "--link-dir",
-                             str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "firmware_bridge.simulator", "--link-dir", str(tmp_path)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = proc.stdout.readline().strip()
         assert port == str(tmp_path / "injector")
@@ -108,16 +131,25 @@ def test_simulator_module_prints_a_port_pyserial_can_open(tmp_path: Path) -> Non
             proc.wait()
 
 
-DEMO_STEPS = ("HOLD on the wire", "INJECTOR: state held", "no release without an operator ack",
-              "OPERATOR ACK (demo-operator, all holds): accepted True", "RELEASE on the wire",
-              "INJECTOR: state injecting")
+DEMO_STEPS = (
+    "HOLD on the wire",
+    "INJECTOR: state held",
+    "no release without an operator ack",
+    "OPERATOR ACK (demo-operator, all holds): accepted True",
+    "RELEASE on the wire",
+    "INJECTOR: state injecting",
+)
 
 
 def check_demo_output(out: str) -> None:
     for needle in DEMO_STEPS:
         assert needle in out, (needle, out)
-    assert out.index("GUIDANCE ALERT") < out.index("HOLD on the wire") < out.index(
-        "OPERATOR ACK") < out.index("RELEASE on the wire")
+    assert (
+        out.index("GUIDANCE ALERT")
+        < out.index("HOLD on the wire")
+        < out.index("OPERATOR ACK")
+        < out.index("RELEASE on the wire")
+    )
 
 
 def test_demo_from_the_recorded_guidance_log() -> None:
@@ -132,8 +164,7 @@ def test_demo_with_the_guidance_service(stand_in) -> None:
     """The real `guidance run` process on its bundled leak loop (with the test stand-in model
     from conftest, the trained one not being part of the tests), the bridge and the injector."""
     onnx_path, sums = stand_in
-    res = run("-m", "firmware_bridge.demo", "--guidance-args",
-              f"--model {onnx_path} --sha256sums {sums}", timeout=90)
+    res = run("-m", "firmware_bridge.demo", "--guidance-args", f"--model {onnx_path} --sha256sums {sums}", timeout=90)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "guidance service up" in res.stdout and "replaying" not in res.stdout
     check_demo_output(res.stdout)
@@ -154,8 +185,7 @@ def test_port_in_use_exits_2(tmp_path: Path) -> None:
     taken = holder.getsockopt(zmq.LAST_ENDPOINT).decode()
     sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
     try:
-        res = run("-m", "firmware_bridge", "--injector", sim.port, "--pub", taken,
-                  "--ack", "tcp://127.0.0.1:*")
+        res = run("-m", "firmware_bridge", "--injector", sim.port, "--pub", taken, "--ack", "tcp://127.0.0.1:*")
         assert res.returncode == 2
         assert "cannot set up ZeroMQ sockets" in res.stderr and "Traceback" not in res.stderr
     finally:
@@ -171,24 +201,29 @@ def test_console_acks_a_hold_and_watches(tmp_path: Path) -> None:
     ctx = zmq.Context()
     sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
     guidance = GuidancePublisher(ctx).start_heartbeats(0.1)
-    bt = BridgeThread(SerialInjectorLink(sim.port), guidance.endpoint, ctx,
-                      heartbeat_period_s=0.1).start()
+    bt = BridgeThread(SerialInjectorLink(sim.port), guidance.endpoint, ctx, heartbeat_period_s=0.1).start()
     tap = BridgeTap(ctx, bt.bridge.pub_address)
     try:
-        assert tap.wait_for(lambda t, d: t == "heartbeat" and d["guidance"]["session"]
-                            == guidance.session, 5.0)
-        watch = run("-m", "firmware_bridge.console", "watch", "--endpoint",
-                    bt.bridge.pub_address, "--count", "2")
+        assert tap.wait_for(lambda t, d: t == "heartbeat" and d["guidance"]["session"] == guidance.session, 5.0)
+        watch = run("-m", "firmware_bridge.console", "watch", "--endpoint", bt.bridge.pub_address, "--count", "2")
         assert watch.returncode == 0 and watch.stdout.count("heartbeat link connected") >= 1
         alert = guidance.alert("posterior_leak")
         assert sim.wait_for(lambda r: any(x.frame.type == MsgType.HOLD for x in r), 3.0)
         assert tap.wait_for(lambda t, d: t == "heartbeat" and d["hold_latched"], 3.0)
-        res = run("-m", "firmware_bridge.console", "ack", "--operator", "dr-cli",
-                  "--alert-id", alert["alert_id"], "--endpoint", bt.bridge.ack_address)
+        res = run(
+            "-m",
+            "firmware_bridge.console",
+            "ack",
+            "--operator",
+            "dr-cli",
+            "--alert-id",
+            alert["alert_id"],
+            "--endpoint",
+            bt.bridge.ack_address,
+        )
         assert res.returncode == 0 and "accepted True" in res.stdout, res.stdout + res.stderr
         assert sim.wait_for(lambda r: any(x.frame.type == MsgType.RELEASE for x in r), 3.0)
-        res = run("-m", "firmware_bridge.console", "ack", "--operator", "dr-cli",
-                  "--endpoint", bt.bridge.ack_address)
+        res = run("-m", "firmware_bridge.console", "ack", "--operator", "dr-cli", "--endpoint", bt.bridge.ack_address)
         assert res.returncode == 1 and "no hold is latched" in res.stdout
     finally:
         bt.stop()

@@ -28,9 +28,11 @@ VALIDATORS = {
 TOPIC_SCHEMA = {"telemetry": "telemetry", "alert": "bridge_alert", "heartbeat": "bridge_heartbeat"}
 # the shared schemas of docs/protocol.md: a console validating with them accepts the bridge too
 GUIDANCE_SCHEMAS = Path(__file__).resolve().parents[1] / "guidance" / "alerts" / "schemas"
-SHARED = {name: jsonschema.Draft202012Validator(json.loads((GUIDANCE_SCHEMAS / f"{name}.json")
-                                                          .read_text()))
-          for name in ("alert", "heartbeat") if (GUIDANCE_SCHEMAS / f"{name}.json").exists()}
+SHARED = {
+    name: jsonschema.Draft202012Validator(json.loads((GUIDANCE_SCHEMAS / f"{name}.json").read_text()))
+    for name in ("alert", "heartbeat")
+    if (GUIDANCE_SCHEMAS / f"{name}.json").exists()
+}
 
 
 class Rig:
@@ -41,14 +43,17 @@ class Rig:
         self.sim = FirmwareSimulator(link_dir=str(tmp_path), host_timeout_s=host_timeout_s).start()
         self.guidance = GuidancePublisher(self.ctx).start_heartbeats(0.1)
         config.setdefault("heartbeat_period_s", 0.1)
-        self.bt = BridgeThread(SerialInjectorLink(self.sim.port), self.guidance.endpoint,
-                               self.ctx, **config).start()
+        self.bt = BridgeThread(SerialInjectorLink(self.sim.port), self.guidance.endpoint, self.ctx, **config).start()
         self.bridge = self.bt.bridge
         self._t0 = time.monotonic()
         self.tap = BridgeTap(self.ctx, self.bridge.pub_address)
         # slow joiner, both ways: wait until a bridge heartbeat shows it heard our guidance
-        ready = self.tap.wait_for(lambda t, d: t == "heartbeat" and d["link"] == "connected"
-                                  and d["guidance"]["session"] == self.guidance.session, 5.0)
+        ready = self.tap.wait_for(
+            lambda t, d: (
+                t == "heartbeat" and d["link"] == "connected" and d["guidance"]["session"] == self.guidance.session
+            ),
+            5.0,
+        )
         assert ready, "bridge never reported hearing the fake guidance"
 
     def heartbeat_where(self, pred, timeout_s: float = 3.0, since: int = 0) -> dict | None:
@@ -57,8 +62,9 @@ class Rig:
     def processed(self) -> dict:
         """The first bridge heartbeat showing every guidance message sent so far was handled."""
         target = self.guidance.seq
-        hb = self.heartbeat_where(lambda d: (d["guidance"]["last_seq"] or -1) >= target
-                                  and d["guidance"]["session"] == self.guidance.session)
+        hb = self.heartbeat_where(
+            lambda d: (d["guidance"]["last_seq"] or -1) >= target and d["guidance"]["session"] == self.guidance.session
+        )
         assert hb, f"bridge never caught up with guidance seq {target}"
         return hb
 
@@ -67,19 +73,18 @@ class Rig:
         self.tap.pump(0)
         return len(self.tap.messages)
 
-    def alert_seen(self, kind: str, state: str = "raised", timeout_s: float = 3.0,
-                   since: int = 0) -> dict | None:
-        return self.tap.wait_for(lambda t, d: t == "alert" and d["kind"] == kind
-                                 and d["state"] == state, timeout_s, since)
+    def alert_seen(self, kind: str, state: str = "raised", timeout_s: float = 3.0, since: int = 0) -> dict | None:
+        return self.tap.wait_for(
+            lambda t, d: t == "alert" and d["kind"] == kind and d["state"] == state, timeout_s, since
+        )
 
     def injector_state(self, state: str, timeout_s: float = 3.0, since: int = 0) -> dict | None:
-        return self.tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == state,
-                                 timeout_s, since)
+        return self.tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == state, timeout_s, since)
 
     def wait_commands(self, mtype: MsgType, n: int = 1, timeout_s: float = 3.0) -> list:
-        assert self.sim.wait_for(lambda r: sum(1 for x in r if x.frame.type == mtype
-                                               and x.status is not None) >= n, timeout_s), \
-            f"firmware never got {n} {mtype.name}"
+        assert self.sim.wait_for(
+            lambda r: sum(1 for x in r if x.frame.type == mtype and x.status is not None) >= n, timeout_s
+        ), f"firmware never got {n} {mtype.name}"
         return self.sim.commands(mtype)
 
     def ack(self, alert_id: str = "*", **kw) -> dict:
@@ -186,8 +191,16 @@ def test_alerts_that_must_not_hold(rig: Rig) -> None:
 
 def test_bad_guidance_messages_are_rejected_with_reason(rig: Rig, caplog) -> None:
     g = rig.guidance
-    good = g.envelope("alert", alert_id="a:1", kind="posterior_leak", state="raised",
-                      priority="high", category="physiological", evidence=None, message="m")
+    good = g.envelope(
+        "alert",
+        alert_id="a:1",
+        kind="posterior_leak",
+        state="raised",
+        priority="high",
+        category="physiological",
+        evidence=None,
+        message="m",
+    )
     variants = [
         [b"alert", b"{not json"],
         [b"alert", b"\xff\xfe"],
@@ -246,8 +259,13 @@ def test_status_messages_keep_seq_continuity_honest(rig: Rig) -> None:
 
 
 def test_missed_raise_is_learned_from_guidance_heartbeat(rig: Rig) -> None:
-    rig.guidance.active["g:42"] = {"alert_id": "g:42", "kind": "venous_leak",
-                                   "priority": "high", "frame": 3, "raised_seq": 42}
+    rig.guidance.active["g:42"] = {
+        "alert_id": "g:42",
+        "kind": "venous_leak",
+        "priority": "high",
+        "frame": 3,
+        "raised_seq": 42,
+    }
     (hold,) = rig.wait_commands(MsgType.HOLD)
     assert hold.frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.CLINICAL_ALERT)
     assert rig.heartbeat_where(lambda d: d["latched_alerts"] == ["g:42"])
@@ -269,8 +287,7 @@ def test_guidance_heartbeat_lost_holds_and_ack_waits_for_guidance(rig: Rig) -> N
     mark = len(rig.tap.messages)
     rig.guidance.start_heartbeats(0.1)
     assert rig.alert_seen("guidance_lost", "cleared")
-    hb = rig.heartbeat_where(lambda d: "guidance_lost" not in
-                             {a["kind"] for a in d["active_alerts"]}, since=mark)
+    hb = rig.heartbeat_where(lambda d: "guidance_lost" not in {a["kind"] for a in d["active_alerts"]}, since=mark)
     assert hb["hold_latched"] is True  # guidance back is not a release
     assert rig.sim.commands(MsgType.RELEASE) == []
     mark = rig.mark()
@@ -360,8 +377,7 @@ def test_unplug_replug_reasserts_the_latched_hold(rig: Rig) -> None:
     assert holds[1].frame.epoch != holds[0].frame.epoch  # a new link epoch after replug
     assert holds[1].frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.REASSERT)
     assert rig.alert_seen("injector_silent", "cleared")
-    assert rig.heartbeat_where(lambda d: d["link"] == "connected" and d["hold_confirmed"],
-                               since=mark)
+    assert rig.heartbeat_where(lambda d: d["link"] == "connected" and d["hold_confirmed"], since=mark)
     assert rig.injector_state("held", since=mark)
     assert rig.sim.commands(MsgType.RELEASE) == []
     assert rig.bridge.counters.link_losses == 1
@@ -393,18 +409,21 @@ def test_firmware_fault_alert_and_refused_release(rig: Rig) -> None:
     assert rig.alert_seen("injector_fault", "cleared")
 
 
-@pytest.mark.parametrize("config, limit", [
-    ({}, "limit 1000 ms"),  # fail-safe default: held after 1 s without guidance
-    # a startup grace for guidance's boot is its own setting, not the watchdog's
-    ({"guidance_startup_s": 0.3, "guidance_timeout_s": 30.0}, "limit 300 ms"),
-])
-def test_guidance_never_heard_holds_after_timeout(tmp_path: Path, config: dict,
-                                                  limit: str) -> None:
+@pytest.mark.parametrize(
+    "config, limit",
+    [
+        ({}, "limit 1000 ms"),  # fail-safe default: held after 1 s without guidance
+        # a startup grace for guidance's boot is its own setting, not the watchdog's
+        ({"guidance_startup_s": 0.3, "guidance_timeout_s": 30.0}, "limit 300 ms"),
+    ],
+)
+def test_guidance_never_heard_holds_after_timeout(tmp_path: Path, config: dict, limit: str) -> None:
     ctx = zmq.Context()
     sim = FirmwareSimulator(link_dir=str(tmp_path)).start()
     silent_guidance = GuidancePublisher(ctx)  # bound, never publishes
-    bt = BridgeThread(SerialInjectorLink(sim.port), silent_guidance.endpoint, ctx,
-                      heartbeat_period_s=0.1, **config).start()
+    bt = BridgeThread(
+        SerialInjectorLink(sim.port), silent_guidance.endpoint, ctx, heartbeat_period_s=0.1, **config
+    ).start()
     tap = BridgeTap(ctx, bt.bridge.pub_address)
     try:
         lost = tap.wait_for(lambda t, d: t == "alert" and d["kind"] == "guidance_lost", 5.0)
@@ -454,18 +473,28 @@ def test_live_bridge_survives_fuzzed_guidance_and_serial_input(tmp_path: Path) -
 
     rig = Rig(tmp_path)
     try:
-        base = rig.guidance.envelope("alert", alert_id="f:1", kind="posterior_leak",
-                                     state="raised", priority="high", category="physiological",
-                                     evidence=None, message="m")
+        base = rig.guidance.envelope(
+            "alert",
+            alert_id="f:1",
+            kind="posterior_leak",
+            state="raised",
+            priority="high",
+            category="physiological",
+            evidence=None,
+            message="m",
+        )
         scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=6)
         payloads = st.one_of(
             st.binary(max_size=120),
             st.dictionaries(st.sampled_from(sorted(base)), scalars, max_size=6).map(
-                lambda d: json.dumps({**base, **d}).encode()))
+                lambda d: json.dumps({**base, **d}).encode()
+            ),
+        )
 
         @settings(max_examples=40, derandomize=True, deadline=None, database=None)
-        @given(st.sampled_from([b"alert", b"heartbeat", b"status"]), payloads,
-               st.binary(max_size=200), st.integers(0, 2))
+        @given(
+            st.sampled_from([b"alert", b"heartbeat", b"status"]), payloads, st.binary(max_size=200), st.integers(0, 2)
+        )
         def feed(topic: bytes, payload: bytes, garbage: bytes, extra: int) -> None:
             rig.guidance.send_raw([topic, payload] + [b"x"] * extra)
             rig.sim.inject_bytes(garbage)
@@ -492,14 +521,17 @@ def test_restarted_bridge_adopts_the_hold_it_finds(rig: Rig) -> None:
     rig.guidance.alert("posterior_leak", state="cleared", alert_id=leak["alert_id"])
     rig.processed()
     rig.bt.stop()
-    bt2 = BridgeThread(SerialInjectorLink(rig.sim.port), rig.guidance.endpoint, rig.ctx,
-                       heartbeat_period_s=0.1).start()
+    bt2 = BridgeThread(SerialInjectorLink(rig.sim.port), rig.guidance.endpoint, rig.ctx, heartbeat_period_s=0.1).start()
     tap2 = BridgeTap(rig.ctx, bt2.bridge.pub_address)
     try:
         # the raise may be published before the tap's subscription lands (slow joiner): the
         # heartbeat republishes the active alerts, so read the adopted hold from there
-        hb = tap2.wait_for(lambda t, d: t == "heartbeat" and d["hold_latched"]
-                           and any(a["kind"] == "hold_latched" for a in d["active_alerts"]), 5.0)
+        hb = tap2.wait_for(
+            lambda t, d: (
+                t == "heartbeat" and d["hold_latched"] and any(a["kind"] == "hold_latched" for a in d["active_alerts"])
+            ),
+            5.0,
+        )
         assert hb, "restarted bridge never reported the injector's hold as latched"
         (adopted,) = [a for a in hb["active_alerts"] if a["kind"] == "hold_latched"]
         assert "without a hold latched by the bridge" in bt2.bridge.active["hold_latched"].message
@@ -523,8 +555,7 @@ def test_firmware_watchdog_hold_is_adopted_after_replug(rig: Rig) -> None:
     rig.sim.replug()
     adopted = rig.alert_seen("hold_latched", since=mark)
     assert adopted and "firmware watchdog" in adopted["message"]
-    assert rig.heartbeat_where(lambda d: d["hold_latched"] and d["link"] == "connected",
-                               since=mark)
+    assert rig.heartbeat_where(lambda d: d["hold_latched"] and d["link"] == "connected", since=mark)
     assert rig.ack(adopted["alert_id"])["accepted"]
     (release,) = rig.wait_commands(MsgType.RELEASE)
     assert release.status is AckStatus.APPLIED
@@ -540,8 +571,7 @@ def test_fake_guidance_speaks_the_shared_schemas() -> None:
     try:
         raised = pub.alert("posterior_leak")
         SHARED["alert"].validate(raised)
-        SHARED["alert"].validate(pub.alert("posterior_leak", "cleared",
-                                           alert_id=raised["alert_id"]))
+        SHARED["alert"].validate(pub.alert("posterior_leak", "cleared", alert_id=raised["alert_id"]))
         pub.alert("venous_leak")
         SHARED["heartbeat"].validate(pub.heartbeat())
     finally:
@@ -557,8 +587,7 @@ def test_firmware_restart_on_a_live_link_is_followed(rig: Rig) -> None:
     rig.wait_commands(MsgType.HOLD)
     mark, before = rig.mark(), len(rig.sim.received)
     rig.sim.reboot()
-    fresh = rig.tap.wait_for(lambda t, d: t == "telemetry" and d["firmware_uptime_ms"] < 1000,
-                             3.0, since=mark)
+    fresh = rig.tap.wait_for(lambda t, d: t == "telemetry" and d["firmware_uptime_ms"] < 1000, 3.0, since=mark)
     assert fresh and fresh["firmware_seq"] < 100
     holds = rig.wait_commands(MsgType.HOLD, 2)
     assert holds[-1].frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.REASSERT)

@@ -35,18 +35,15 @@ class Port:
                     return frame
             if time.monotonic() > deadline:
                 raise AssertionError("expected frame did not arrive")
-            self.queue += [i for i in self.parser.feed(self.ser.read(4096))
-                           if isinstance(i, wire.Frame)]
+            self.queue += [i for i in self.parser.feed(self.ser.read(4096)) if isinstance(i, wire.Frame)]
 
     def ack_for(self, seq: int) -> tuple[int, AckStatus]:
-        f = self.wait(lambda f: f.type == MsgType.ACK and wire.ACK_PAYLOAD.unpack(f.payload)[0]
-                      == seq)
+        f = self.wait(lambda f: f.type == MsgType.ACK and wire.ACK_PAYLOAD.unpack(f.payload)[0] == seq)
         acked, status = wire.ACK_PAYLOAD.unpack(f.payload)
         return acked, AckStatus(status)
 
     def telemetry(self, pred=lambda t: True) -> wire.Telemetry:
-        f = self.wait(lambda f: f.type == MsgType.TELEMETRY
-                      and pred(wire.Telemetry.unpack(f.payload)))
+        f = self.wait(lambda f: f.type == MsgType.TELEMETRY and pred(wire.Telemetry.unpack(f.payload)))
         return wire.Telemetry.unpack(f.payload)
 
 

@@ -70,8 +70,7 @@ def test_nak_resends_named_command_or_all_when_unknown() -> None:
     a = ch.command(MsgType.HOLD, 0, reason=HoldReason.CLINICAL_ALERT)
     b = ch.command(MsgType.HEARTBEAT, 0, hold_latched=True)
     assert ch.on_nak(wire.NAK_PAYLOAD.pack(2, wire.NakReason.BAD_PAYLOAD), MS)[0] == [b]
-    assert sorted(ch.on_nak(wire.NAK_PAYLOAD.pack(wire.NO_SEQ, wire.NakReason.BAD_CRC),
-                            MS)[0]) == sorted([a, b])
+    assert sorted(ch.on_nak(wire.NAK_PAYLOAD.pack(wire.NO_SEQ, wire.NakReason.BAD_CRC), MS)[0]) == sorted([a, b])
 
 
 def test_abandon_fails_everything_in_flight() -> None:
@@ -99,11 +98,23 @@ def test_latch_needs_an_ack_per_reason_or_a_wildcard() -> None:
 
 
 def guidance_doc(**over) -> dict:
-    doc = {"protocol": "cement-guidance/1", "type": "alert", "source": "guidance",
-           "session": "s1", "seq": 4, "publish_mono_ns": time.monotonic_ns(),
-           "publish_unix_ns": time.time_ns(), "frame": 12, "alert_id": "s1:4",
-           "kind": "posterior_leak", "state": "raised", "priority": "high",
-           "category": "physiological", "evidence": None, "message": "m"}
+    doc = {
+        "protocol": "cement-guidance/1",
+        "type": "alert",
+        "source": "guidance",
+        "session": "s1",
+        "seq": 4,
+        "publish_mono_ns": time.monotonic_ns(),
+        "publish_unix_ns": time.time_ns(),
+        "frame": 12,
+        "alert_id": "s1:4",
+        "kind": "posterior_leak",
+        "state": "raised",
+        "priority": "high",
+        "category": "physiological",
+        "evidence": None,
+        "message": "m",
+    }
     doc.update(over)
     return doc
 
@@ -111,13 +122,14 @@ def guidance_doc(**over) -> dict:
 def test_parse_guidance_alert_and_heartbeat() -> None:
     msg = messages.parse_guidance([b"alert", json.dumps(guidance_doc()).encode()])
     assert isinstance(msg, GuidanceAlert) and msg.requests_hold and msg.frame == 12
-    assert not messages.parse_guidance(
-        [b"alert", json.dumps(guidance_doc(priority="medium")).encode()]).requests_hold
-    assert not messages.parse_guidance(
-        [b"alert", json.dumps(guidance_doc(kind="video_lost")).encode()]).requests_hold
-    hb = guidance_doc(type="heartbeat", period_ms=500, state="running", active_alerts=[
-        {"alert_id": "s1:4", "kind": "venous_leak", "priority": "high", "frame": 1,
-         "raised_seq": 4}])
+    assert not messages.parse_guidance([b"alert", json.dumps(guidance_doc(priority="medium")).encode()]).requests_hold
+    assert not messages.parse_guidance([b"alert", json.dumps(guidance_doc(kind="video_lost")).encode()]).requests_hold
+    hb = guidance_doc(
+        type="heartbeat",
+        period_ms=500,
+        state="running",
+        active_alerts=[{"alert_id": "s1:4", "kind": "venous_leak", "priority": "high", "frame": 1, "raised_seq": 4}],
+    )
     msg = messages.parse_guidance([b"heartbeat", json.dumps(hb).encode()])
     assert isinstance(msg, GuidanceHeartbeat) and msg.active_alerts[0].requests_hold
     status = guidance_doc(type="status", frame=77)
@@ -142,18 +154,23 @@ def test_parse_guidance_rejections_name_the_field() -> None:
 
 json_st = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids,
-                                                                max_size=5), max_leaves=12)
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=5),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=120, derandomize=True, deadline=None)
-@given(st.sampled_from([b"alert", b"heartbeat", b"status", b""]),
-       st.one_of(st.binary(max_size=200), json_st.map(lambda v: json.dumps(v).encode()),
-                 st.dictionaries(st.sampled_from(list(guidance_doc()) + ["period_ms",
-                                                                         "active_alerts"]),
-                                 json_st, max_size=12).map(
-                     lambda d: json.dumps({**guidance_doc(), **d}).encode())),
-       st.integers(1, 3))
+@given(
+    st.sampled_from([b"alert", b"heartbeat", b"status", b""]),
+    st.one_of(
+        st.binary(max_size=200),
+        json_st.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(
+            st.sampled_from(list(guidance_doc()) + ["period_ms", "active_alerts"]), json_st, max_size=12
+        ).map(lambda d: json.dumps({**guidance_doc(), **d}).encode()),
+    ),
+    st.integers(1, 3),
+)
 def test_parse_guidance_never_raises(topic: bytes, payload: bytes, nframes: int) -> None:
     frames = [topic, payload, b"x"][:nframes] if nframes != 2 else [topic, payload]
     res = messages.parse_guidance(frames)
@@ -164,8 +181,7 @@ def test_parse_guidance_never_raises(topic: bytes, payload: bytes, nframes: int)
 
 # ---- the safety property of the command path, fuzzed end to end (pure parts, no I/O)
 net_op = st.one_of(
-    st.tuples(st.just("send"), st.sampled_from([MsgType.HOLD, MsgType.RELEASE,
-                                                MsgType.HEARTBEAT])),
+    st.tuples(st.just("send"), st.sampled_from([MsgType.HOLD, MsgType.RELEASE, MsgType.HEARTBEAT])),
     st.tuples(st.just("deliver"), st.integers(0, 63)),  # any in-flight frame: reordering
     st.tuples(st.just("dup"), st.integers(0, 63)),
     st.tuples(st.just("drop"), st.integers(0, 63)),
@@ -193,8 +209,11 @@ def test_firmware_ends_in_the_hosts_last_intent(ops: list, seq_start: int) -> No
 
     def host_sends(mtype: MsgType) -> None:
         nonlocal intent
-        kw = {"reason": HoldReason.CLINICAL_ALERT} if mtype is MsgType.HOLD else (
-            {"hold_latched": intent is MsgType.HOLD} if mtype is MsgType.HEARTBEAT else {})
+        kw = (
+            {"reason": HoldReason.CLINICAL_ALERT}
+            if mtype is MsgType.HOLD
+            else ({"hold_latched": intent is MsgType.HOLD} if mtype is MsgType.HEARTBEAT else {})
+        )
         to_fw.append(ch.command(mtype, now, **kw))
         if mtype is not MsgType.HEARTBEAT:
             intent = mtype
@@ -218,8 +237,12 @@ def test_firmware_ends_in_the_hosts_last_intent(ops: list, seq_start: int) -> No
         (frame,) = FrameParser().feed(data)
         out = ch.on_ack(frame.payload, now)
         # the bridge's rule: our newest HOLD/RELEASE called stale -> new epoch, send again
-        if (out and out.status is AckStatus.STALE and out.frame.type is not MsgType.HEARTBEAT
-                and out.frame.seq == ch.last_state_seq):
+        if (
+            out
+            and out.status is AckStatus.STALE
+            and out.frame.type is not MsgType.HEARTBEAT
+            and out.frame.seq == ch.last_state_seq
+        ):
             ch.resync()
             host_sends(out.frame.type)
 

@@ -12,17 +12,21 @@ from firmware_bridge import wire
 from firmware_bridge.wire import Frame, FrameParser, MsgType, NakReason, Reject
 
 # derandomized: the same examples every run, so CI never flakes on a lucky draw
-FUZZ = settings(max_examples=300, derandomize=True, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEAVY = settings(FUZZ, max_examples=120)
 
 
 def frames_st() -> st.SearchStrategy[Frame]:
     """Valid frames of every type, with the payload size the type requires."""
-    return st.sampled_from(list(MsgType)).flatmap(lambda t: st.builds(
-        Frame, st.just(t), st.integers(0, 0xFFFF),
-        st.binary(min_size=wire.PAYLOAD_SIZES[t], max_size=wire.PAYLOAD_SIZES[t]),
-        st.integers(0, 255)))
+    return st.sampled_from(list(MsgType)).flatmap(
+        lambda t: st.builds(
+            Frame,
+            st.just(t),
+            st.integers(0, 0xFFFF),
+            st.binary(min_size=wire.PAYLOAD_SIZES[t], max_size=wire.PAYLOAD_SIZES[t]),
+            st.integers(0, 255),
+        )
+    )
 
 
 def accepted(items: list[Frame | Reject]) -> list[Frame]:
@@ -72,7 +76,7 @@ def test_parser_reassembles_any_chunking(frames: list[Frame], cuts: list[int]) -
     stream = b"".join(wire.encode_frame(f) for f in frames)
     parser, got, pos = FrameParser(), [], 0
     for cut in cuts + [len(stream)]:
-        got += parser.feed(stream[pos:pos + cut])
+        got += parser.feed(stream[pos : pos + cut])
         pos += cut
     got += parser.feed(stream[pos:])
     assert got == frames
@@ -109,12 +113,12 @@ def mutate(stream: bytes, ops: list[tuple]) -> bytes:
         if kind == "flip":
             buf[pos] ^= arg
         elif kind == "drop":
-            del buf[pos:pos + arg]
+            del buf[pos : pos + arg]
         elif kind == "dup":
-            buf[pos:pos] = buf[pos:pos + arg]
+            buf[pos:pos] = buf[pos : pos + arg]
         elif kind == "swap":  # reorder two adjacent runs
-            a, b = buf[pos:pos + arg], buf[pos + arg:pos + 2 * arg]
-            buf[pos:pos + 2 * arg] = b + a
+            a, b = buf[pos : pos + arg], buf[pos + arg : pos + 2 * arg]
+            buf[pos : pos + 2 * arg] = b + a
         elif kind == "truncate":
             del buf[pos:]
         elif kind == "insert":
@@ -123,8 +127,7 @@ def mutate(stream: bytes, ops: list[tuple]) -> bytes:
 
 
 @HEAVY
-@given(st.lists(frames_st(), min_size=1, max_size=10), st.lists(mutation_st, min_size=1,
-                                                                 max_size=6))
+@given(st.lists(frames_st(), min_size=1, max_size=10), st.lists(mutation_st, min_size=1, max_size=6))
 def test_parser_accepts_only_frames_that_were_sent(frames: list[Frame], ops: list) -> None:
     """Corrupted, dropped, duplicated, reordered, truncated bytes: no invented frame, ever."""
     stream = b"".join(wire.encode_frame(f) for f in frames)
@@ -160,10 +163,10 @@ def test_damage_to_one_frame_loses_only_that_frame(frames: list[Frame], data) ->
 
 
 def test_rejects_name_their_reason() -> None:
-    def raw_frame(version: int, mtype: int, seq: int, payload: bytes, length: int | None = None,
-                  crc_xor: int = 0) -> bytes:
-        raw = struct.pack("<BBBHH", version, mtype, 0, seq,
-                          len(payload) if length is None else length) + payload
+    def raw_frame(
+        version: int, mtype: int, seq: int, payload: bytes, length: int | None = None, crc_xor: int = 0
+    ) -> bytes:
+        raw = struct.pack("<BBBHH", version, mtype, 0, seq, len(payload) if length is None else length) + payload
         raw += struct.pack("<I", zlib.crc32(raw) ^ crc_xor)
         return b"\x00" + wire.cobs_encode(raw) + b"\x00"
 

@@ -17,9 +17,7 @@ from calibration.phantom import PhantomSpec, render_phantom
 from calibration.store import write_angulation
 from guidance.errors import CalibrationError
 
-SCHEMA_FILE = (
-    Path(__file__).resolve().parents[1] / "calibration" / "schemas" / "calibration.schema.json"
-)
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "calibration" / "schemas" / "calibration.schema.json"
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +68,7 @@ def test_round_trip_keeps_every_number(calib_file, entries):
         pts = np.array([[100.0, 120.0], [200.0, 180.0]])
         assert cal.ideal_from_distorted.to_json() == entry["ideal_from_distorted"]
         # the stored inverse undoes the stored forward map
-        np.testing.assert_allclose(
-            cal.distorted_from_ideal(cal.ideal_from_distorted(pts)), pts, atol=0.05
-        )
+        np.testing.assert_allclose(cal.distorted_from_ideal(cal.ideal_from_distorted(pts)), pts, atol=0.05)
         out = cal.undistort(image)
         assert out.shape == image.shape and out.dtype == image.dtype
     # the two angulations really differ (S-distortion changes with the C-arm's rotation)
@@ -198,9 +194,7 @@ def test_writing_refuses_to_clobber_a_foreign_file(tmp_path, entries):
 
 def test_frame_of_another_size_is_refused(calib_file):
     cal = load_calibration(calib_file, "lateral")
-    with pytest.raises(
-        CalibrationError, match=r"frame is 640x480 but calibration 'lateral' was made for 320x320"
-    ):
+    with pytest.raises(CalibrationError, match=r"frame is 640x480 but calibration 'lateral' was made for 320x320"):
         cal.undistort(np.zeros((480, 640), np.uint8))
     # masks can still be asked for at another size (e.g. the model's plane): scaled
     small = cal.fov_mask((160, 160))

@@ -46,10 +46,32 @@ def archive(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("archive")
     for fmt, seed in (("png", 3), ("avi", 4), ("dcm", 5)):
         subprocess.run(
-            [sys.executable, "-m", "models.sim", str(root / "sim"), "--count", "1", "--seed",
-             str(seed), "--size", "96", "--seconds", "2", "--fps", "15", "--format", fmt,
-             "--leaks", "both", "--prefix", fmt],
-            cwd=ROOT, check=True, capture_output=True, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "models.sim",
+                str(root / "sim"),
+                "--count",
+                "1",
+                "--seed",
+                str(seed),
+                "--size",
+                "96",
+                "--seconds",
+                "2",
+                "--fps",
+                "15",
+                "--format",
+                fmt,
+                "--leaks",
+                "both",
+                "--prefix",
+                fmt,
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     # a loop without labels: the AVI's frames again, under another name
     shutil.copy(next((root / "sim").glob("avi_*.avi")), root / "sim" / "unlabelled.avi")
@@ -72,8 +94,13 @@ def test_end_to_end_archive(archive, model, tmp_path):
     assert "Traceback" not in proc.stderr
     s = read_summary(out)
     rows = {r["loop_id"]: r for r in s["loops"]}
-    assert set(rows) == {"broken/corrupt.mp4", "sim/avi_4_0000.avi", "sim/dcm_5_0000.dcm",
-                         "sim/png_3_0000", "sim/unlabelled.avi"}
+    assert set(rows) == {
+        "broken/corrupt.mp4",
+        "sim/avi_4_0000.avi",
+        "sim/dcm_5_0000.dcm",
+        "sim/png_3_0000",
+        "sim/unlabelled.avi",
+    }
     assert rows["broken/corrupt.mp4"]["status"] == "failed"
     assert "corrupt.mp4" in rows["broken/corrupt.mp4"]["reason"]
     assert rows["broken/corrupt.mp4"]["failure"] == "unreadable"
@@ -134,8 +161,7 @@ def test_scores_are_the_pipeline_alerts_scored_by_the_spec(archive, model, tmp_p
     assert proc.stdout == ""  # --quiet
     [row] = read_summary(out)["loops"]
     assert row["score"] == json.loads(json.dumps(expected))
-    assert row["raises"] == [{"kind": r.kind, "frame": r.frame}
-                             for r in raises_from_messages(messages)]
+    assert row["raises"] == [{"kind": r.kind, "frame": r.frame} for r in raises_from_messages(messages)]
     assert "video" not in row["artifacts"]
 
 
@@ -147,13 +173,18 @@ def test_executors_give_identical_summaries(archive, model, tmp_path):
     procs = tmp_path / "procs"
     dask_out = tmp_path / "dask"
     assert evaluate(sim, "--out", serial, "--model", model, "--no-video").returncode == 0
-    assert evaluate(sim, "--out", procs, "--model", model, "--no-video",
-                    "--workers", "2").returncode == 0
+    assert evaluate(sim, "--out", procs, "--model", model, "--no-video", "--workers", "2").returncode == 0
     # in-process workers, reachable over TCP loopback from the CLI's process
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp://",
-                      host="127.0.0.1", dashboard_address=None, scheduler_port=0) as cluster:
-        proc = evaluate(sim, "--out", dask_out, "--model", model, "--no-video",
-                        "--dask", cluster.scheduler_address)
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
+        dashboard_address=None,
+        scheduler_port=0,
+    ) as cluster:
+        proc = evaluate(sim, "--out", dask_out, "--model", model, "--no-video", "--dask", cluster.scheduler_address)
     assert proc.returncode == 0, proc.stderr
     a, b, c = (read_summary(p) for p in (serial, procs, dask_out))
     assert a["run"]["executor"] == "serial"
@@ -171,13 +202,11 @@ def test_fail_under_sets_the_exit_code(archive, model, tmp_path):
     fa = s["detection"]["overall"]["false_alerts_per_min"]
     dice = s["dice"]["vertebral_body"]
     met = f"false_alerts_per_min={fa},dice_vertebral_body={dice}"
-    proc = evaluate(loop, "--out", tmp_path / "b", "--model", model, "--no-video", "-q",
-                    "--fail-under", met)
+    proc = evaluate(loop, "--out", tmp_path / "b", "--model", model, "--no-video", "-q", "--fail-under", met)
     assert proc.returncode == 0, proc.stderr
     assert read_summary(tmp_path / "b")["fail_under"]["met"] is True
     unmet = f"false_alerts_per_min={fa - 0.5},dice_vertebral_body={dice + 0.01}"
-    proc = evaluate(loop, "--out", tmp_path / "c", "--model", model, "--no-video",
-                    "--fail-under", unmet)
+    proc = evaluate(loop, "--out", tmp_path / "c", "--model", model, "--no-video", "--fail-under", unmet)
     assert proc.returncode == 1
     s = read_summary(tmp_path / "c")
     assert [c["met"] for c in s["fail_under"]["results"]] == [False, False]
@@ -239,11 +268,9 @@ def test_bad_arguments_and_missing_inputs(archive, model, tmp_path, capsys, monk
     assert "--fail-under" in err and "recall=0.9" in err
     assert "--workers" in main_error(archive / "sim", "--out", tmp_path / "o", "--workers", "0")
     monkeypatch.setattr(executors, "DASK_CONNECT_TIMEOUT_S", 1.0)
-    err = main_error(archive / "sim", "--out", tmp_path / "o", "--model", model, "--dask",
-                     "tcp://127.0.0.1:9")
+    err = main_error(archive / "sim", "--out", tmp_path / "o", "--model", model, "--dask", "tcp://127.0.0.1:9")
     assert "--dask tcp://127.0.0.1:9" in err
-    assert "none.onnx" in main_error(archive / "sim", "--out", tmp_path / "o", "--model",
-                                     tmp_path / "none.onnx")
+    assert "none.onnx" in main_error(archive / "sim", "--out", tmp_path / "o", "--model", tmp_path / "none.onnx")
 
 
 def test_orphan_labels_are_a_failed_row(archive, model, tmp_path):
@@ -252,8 +279,7 @@ def test_orphan_labels_are_a_failed_row(archive, model, tmp_path):
     loop = next((archive / "sim").glob("dcm_*.dcm"))
     for f in loop.parent.glob(loop.stem + ".*"):  # the loop, its labels and masks
         shutil.copy(f, loops)
-    (loops / "lost.labels.json").write_text(
-        json.dumps({"schema": "cine-labels/1", "view": "lateral", "events": []}))
+    (loops / "lost.labels.json").write_text(json.dumps({"schema": "cine-labels/1", "view": "lateral", "events": []}))
     proc = evaluate(loops, "--out", tmp_path / "out", "--model", model, "--no-video", "-q")
     assert proc.returncode == 1
     rows = read_summary(tmp_path / "out")["loops"]
@@ -285,10 +311,10 @@ def test_a_worker_that_dies_fails_only_its_loop(archive, model):
     refs, _ = discover([archive / "sim"])
     settings = for_evaluation(load_settings(overrides={"segmentation": {"model": str(model)}}))
     good = [r for r in refs if r.labels][:2]
-    tasks = [LoopTask(ref=r, labels=load_labels(r.labels), settings=settings, out_dir="/nowhere",
-                      video=False) for r in good]
-    tasks.insert(1, LoopTask(ref=refs[-1], labels=None, settings=Bomb(), out_dir="/nowhere",
-                             video=False, slug="bomb"))
+    tasks = [
+        LoopTask(ref=r, labels=load_labels(r.labels), settings=settings, out_dir="/nowhere", video=False) for r in good
+    ]
+    tasks.insert(1, LoopTask(ref=refs[-1], labels=None, settings=Bomb(), out_dir="/nowhere", video=False, slug="bomb"))
     results = list(run_processes(tasks, workers=2, threads=1, progress=Progress(3, None, True)))
     by_id = {r["loop_id"]: r for r in results}
     assert len(results) == 3
@@ -347,9 +373,22 @@ def test_progress_bars_on_a_terminal(archive, model, tmp_path):
     reader.start()
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "guidance", "evaluate", str(archive / "sim"), "--out",
-             str(tmp_path / "out"), "--model", str(model), "--no-video"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "guidance",
+                "evaluate",
+                str(archive / "sim"),
+                "--out",
+                str(tmp_path / "out"),
+                "--model",
+                str(model),
+                "--no-video",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=120,
         )
         os.close(slave)
         reader.join(timeout=10)

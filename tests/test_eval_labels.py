@@ -57,8 +57,7 @@ def test_minimal_labels_fps_optional(tmp_path):
         ({"events": [{"kind": "arterial", "onset_frame": 3}]}, "events[0].kind"),
         ({"events": [{"kind": "venous", "onset_frame": -1}]}, "events[0].onset_frame"),
         ({"events": [{"kind": "venous", "onset_frame": 2.0}]}, "events[0].onset_frame"),
-        ({"events": [{"kind": "venous", "onset_frame": 1}, {"kind": "venous"}]},
-         "events[1].onset_frame"),
+        ({"events": [{"kind": "venous", "onset_frame": 1}, {"kind": "venous"}]}, "events[1].onset_frame"),
         ({"events": ["venous"]}, "events[0]"),
         ({"masks": 7}, "masks"),
         ({"masks": "missing.npz"}, "masks"),
@@ -134,7 +133,10 @@ def test_discovery_finds_every_form_and_pairs_labels(tmp_path):
     write(root / "sub", GOOD, name="ghost")  # labels without a loop
     refs, orphans = discover([root])
     assert [(r.loop_id, r.form) for r in refs] == [
-        ("a.dcm", "dicom"), ("b.mp4", "video"), ("sub/c.avi", "video"), ("sub/d.MKV", "video"),
+        ("a.dcm", "dicom"),
+        ("b.mp4", "video"),
+        ("sub/c.avi", "video"),
+        ("sub/d.MKV", "video"),
         ("sub/e", "png"),
     ]
     assert [r.name for r in refs] == ["a", "b", "c", "d", "e"]

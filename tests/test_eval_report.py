@@ -37,8 +37,15 @@ def thumb() -> str:
 
 def fake_result(loop_id: str, events, raises, frames=90, fps=15.0, status="scored") -> dict:
     r = base_result(LoopRef(loop_id, loop_id, f"/data/{loop_id}.mp4", "video", None))
-    r.update(status=status, frames=frames, fps=fps, fps_source="labels", size=[64, 48],
-             slug=loop_id, events=[{"kind": e.kind, "onset_frame": e.onset_frame} for e in events])
+    r.update(
+        status=status,
+        frames=frames,
+        fps=fps,
+        fps_source="labels",
+        size=[64, 48],
+        slug=loop_id,
+        events=[{"kind": e.kind, "onset_frame": e.onset_frame} for e in events],
+    )
     r["raises"] = [{"kind": a.kind, "frame": a.frame} for a in raises]
     r["series"] = {
         "frame": list(range(frames)),
@@ -109,15 +116,18 @@ def test_without_timing_drops_only_timing(results):
 
 def test_fail_under_parsing_and_bounds(results):
     assert parse_fail_under("sensitivity=0.9, false_alerts_per_min=1.0") == {
-        "sensitivity": 0.9, "false_alerts_per_min": 1.0}
+        "sensitivity": 0.9,
+        "false_alerts_per_min": 1.0,
+    }
     for bad in ("sensitivity", "sens=0.9", "sensitivity=high"):
         with pytest.raises(BadInputError, match="--fail-under"):
             parse_fail_under(bad)
     ok = [r for r in results if r["loop_id"] in ("hit", "nolabels")]
     s = build_summary(ok, {})
     assert exit_code(s) == 0
-    s["fail_under"] = check_fail_under(s, parse_fail_under(
-        "sensitivity=1.0,false_alerts_per_min=0,delay_frames_p90=1,dice_cement=0.6"))
+    s["fail_under"] = check_fail_under(
+        s, parse_fail_under("sensitivity=1.0,false_alerts_per_min=0,delay_frames_p90=1,dice_cement=0.6")
+    )
     assert s["fail_under"]["met"] and exit_code(s) == 0
     s["fail_under"] = check_fail_under(s, {"delay_ms_median": 10.0})  # 1 frame = 66.7 ms
     assert not s["fail_under"]["met"] and exit_code(s) == 1

@@ -187,8 +187,9 @@ def test_scoring_invariants(events, raises, fps):
     rows = score_events(events, raises, fps)
     assert len(rows) == len(events)
     for ev, row in zip(events, rows, strict=True):
-        in_window = [r.frame for r in raises
-                     if r.kind == ev.kind and ev.onset_frame <= r.frame <= ev.onset_frame + window]
+        in_window = [
+            r.frame for r in raises if r.kind == ev.kind and ev.onset_frame <= r.frame <= ev.onset_frame + window
+        ]
         assert row["detected"] == bool(in_window)
         if in_window:
             assert row["detect_frame"] == min(in_window)
@@ -196,8 +197,7 @@ def test_scoring_invariants(events, raises, fps):
             assert row["delay_ms"] == pytest.approx(row["delay_frames"] / fps * 1000)
     fa = false_alerts(events, raises)
     # a raise is false exactly when no event of its kind started at or before it
-    expected_false = [r for r in raises
-                      if not any(e.kind == r.kind and e.onset_frame <= r.frame for e in events)]
+    expected_false = [r for r in raises if not any(e.kind == r.kind and e.onset_frame <= r.frame for e in events)]
     assert [(a["kind"], a["frame"]) for a in fa] == [(r.kind, r.frame) for r in expected_false]
     # a raise that detects an event is never a false alert
     detecting = {(row["kind"], row["detect_frame"]) for row in rows if row["detected"]}

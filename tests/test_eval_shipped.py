@@ -19,9 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_loops_with_the_shipped_model(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "guidance", "evaluate", str(ROOT / "models" / "demo"), "--out",
-         str(out), "--no-video", "--fail-under", "dice_vertebral_body=0.0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "guidance",
+            "evaluate",
+            str(ROOT / "models" / "demo"),
+            "--out",
+            str(out),
+            "--no-video",
+            "--fail-under",
+            "dice_vertebral_body=0.0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode in (0, 1), proc.stderr
     summary = json.loads((out / "summary.json").read_text())

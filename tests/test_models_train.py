@@ -214,3 +214,33 @@ def test_frame_sets_give_each_frame_its_loops_first_frame_and_cache_whole(tmp_pa
     assert np.array_equal(again.images, built.images) and np.array_equal(again.labels, built.labels)
     assert np.array_equal(shorter.images, built.images[: 2 * per_loop]) and len(shorter) == 2 * per_loop
     assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name]  # no partial file left
+
+
+def test_training_can_register_references_as_the_service_does():
+    """--register-references: a reference crop is cut from the reference registered onto its
+    frame (the service's registration), so breathing between the two is gone; the windows and
+    the reference frames drawn are those of the plain recipe (no extra random draw)."""
+    import cv2
+    import torch
+
+    from models import dataset
+    from models.train import sample_crops
+
+    per_loop, size = dataset.FRAMES_PER_LOOP, 64
+    texture = cv2.GaussianBlur(np.random.default_rng(1).normal(0, 1, (96, 96)).astype(np.float32), (0, 0), 2)
+    # breathing: frame k of a loop shows the anatomy of its first frame k px to the right, k // 2 px down
+    images = torch.from_numpy(
+        np.stack([texture[16 - k // 2 :][:size, 16 - k :][:, :size] for _ in range(2) for k in range(per_loop)])
+    )
+    labels = torch.zeros(len(images), size, size, dtype=torch.uint8)
+    plain, y_plain = sample_crops(images, labels, 16, 32, torch.Generator().manual_seed(3), channels=2)
+    registered, y_reg = sample_crops(
+        images, labels, 16, 32, torch.Generator().manual_seed(3), channels=2, register_references=True
+    )
+    assert torch.equal(plain[:, 0], registered[:, 0]) and torch.equal(y_plain, y_reg)
+    inner = (slice(None), slice(4, -4), slice(4, -4))
+    before = (plain[:, 1] - plain[:, 0]).abs()[inner].mean(dim=(1, 2))
+    moved = before > 0.05  # the reference is another frame than the frame
+    assert moved.sum() >= 8
+    after = (registered[:, 1] - registered[:, 0]).abs()[inner].mean(dim=(1, 2))
+    assert torch.all(after[moved] < 0.3 * before[moved]), (before, after)

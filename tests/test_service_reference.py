@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 from conftest import build_stand_in, scene_frames, stand_in_metadata, validate_message, write_sums, write_video
@@ -14,7 +15,7 @@ from guidance.errors import ModelError
 from guidance.pipeline import run_replay
 from guidance.segmentation.model import Model
 from guidance.segmentation.preprocess import CEMENT, preprocess
-from guidance.segmentation.reference import ReferenceFrame, register, scene_correlation
+from guidance.segmentation.reference import ReferenceFrame, RegistrationReference, register, scene_correlation
 from guidance.settings import Settings
 
 
@@ -50,10 +51,13 @@ def test_reference_is_the_first_frame_registered_until_the_scene_or_size_changes
         used = ref.for_frame(xi, shape, i)
         assert used.shape == xi.shape and ref.frame == 0 and ref.taken == 1 and ref.correlation >= 0.85
 
-    # the table moved 12 model px: still the same scene, the reference follows it
+    # the table moved 12 model px: still the same scene, the reference follows it (on top of
+    # the breathing shift of the last frame: the simulator's truth is (-0.33, 1.67) model px)
+    breathing = ref.shift
+    assert abs(breathing[0] + 0.33) < 0.5 and abs(breathing[1] - 1.67) < 0.5, breathing
     panned = planes([np.roll(loop.frames[-1], 12 * loop.frames.shape[2] // 256, axis=1)], 256)[0]
     moved = ref.for_frame(panned, shape, 6)
-    assert ref.frame == 0 and abs(ref.shift[0] - 12) < 1.5 and abs(ref.shift[1]) < 1.5
+    assert ref.frame == 0 and abs(ref.shift[0] - breathing[0] - 12) < 1 and abs(ref.shift[1] - breathing[1]) < 1
     inner = (slice(None), slice(None), slice(20, -20), slice(20, -20))
     assert np.abs(moved - panned)[inner].mean() < np.abs(x[0] - panned)[inner].mean() / 2
 
@@ -158,3 +162,42 @@ def test_models_with_inputs_the_service_cannot_feed_are_refused(tmp_path, change
     with pytest.raises(ModelError) as err:
         Model(onnx_path)
     assert "odd.onnx" in str(err.value) and says in str(err.value)
+
+
+@pytest.mark.parametrize("fixed_border", ["circular_field", "letterbox"])
+def test_registration_follows_the_anatomy_not_the_fixed_border(fixed_border):
+    """Breathing moves the spine, not the image intensifier's circular field nor the letterbox
+    padding. Their sharp, fixed border must neither hold the shift at zero nor show up, moved
+    with the reference, inside the frame's field (the model would read it as new density)."""
+    frame = sim_loop(4243, frames=2, leaks=frozenset()).frames[0]
+    dx, dy = 6.0, -4.0
+    moved_anatomy = cv2.warpAffine(
+        frame, np.float32([[1, 0, dx], [0, 1, dy]]), frame.shape[::-1], borderMode=cv2.BORDER_REFLECT
+    )
+    field = np.zeros(frame.shape, np.uint8)  # in the 256 px model plane, where it lands
+    if fixed_border == "circular_field":
+        cv2.circle(field, (128, 128), 108, 1, -1)
+        before, after = frame * field, moved_anatomy * field
+    else:  # a wide frame: padding above and below it in the square model input
+        field[64:192] = 1
+        before, after = frame[64:192], moved_anatomy[64:192]
+    ref, x = planes([before, after], 256)
+    registered, (sx, sy) = register(ref, x)
+    assert abs(sx - dx) < 0.6 and abs(sy - dy) < 0.6, (sx, sy)
+    outside = (cv2.dilate(field, np.ones((5, 5), np.uint8)) == 0)[None, None]
+    assert np.array_equal(registered[outside], ref[outside])  # the fixed border stays put
+    inside = (cv2.erode(field, np.ones((5, 5), np.uint8)) == 1)[None, None]
+    # inside the frame's field the registered reference is anatomy: close to the frame (no cement)
+    assert np.abs(registered - x)[inside].mean() < 0.25 * np.abs(ref - x)[inside].mean()
+
+
+def test_registering_onto_many_frames_gives_what_registering_each_gives():
+    """A reference prepared once (as the service keeps it) registers each frame exactly as a
+    fresh one does, however many frames it served before (OpenCV 5.0's phaseCorrelate writes
+    into its inputs: the prepared plane must not drift)."""
+    x = planes(list(sim_loop(4244).frames), 256)
+    prepared = RegistrationReference.of(x[0])
+    for xi in x[1:] + x[1:]:
+        once, shift_once = register(x[0], xi)
+        kept, shift_kept = register(prepared, xi)
+        assert shift_kept == shift_once and np.array_equal(kept, once)
