@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from guidance.segmentation.preprocess import CLASS_NAMES, LetterboxGeometry, preprocess
-from guidance.segmentation.reference import register
+from guidance.segmentation.reference import RegistrationReference, register
 from models.dataset import loop_fps
 from models.sim.loop import LoopConfig, simulate
 
@@ -56,19 +56,36 @@ def load_session(path: Path, threads: int = 2) -> tuple[ort.InferenceSession, di
     return session, meta
 
 
-def model_input(meta: dict, frame: np.ndarray, first_frame: np.ndarray) -> tuple[np.ndarray, LetterboxGeometry]:
+def loop_reference(meta: dict, first_frame: np.ndarray) -> RegistrationReference | None:
+    """A two-channel model's reference for a loop: its first frame, preprocessed and prepared
+    for registration once, as the service keeps the first frame it saw. None for one channel."""
+    if meta["input"].get("channels", 1) != 2:
+        return None
+    plane, _ = preprocess(first_frame, meta["input"]["size"], meta["normalization"])
+    return RegistrationReference.of(plane)
+
+
+def model_input(
+    meta: dict, frame: np.ndarray, reference: RegistrationReference | None
+) -> tuple[np.ndarray, LetterboxGeometry]:
     """The frame preprocessed as the service does; a two-channel model also gets the loop's
-    first frame as its reference, as the service gives it the first frame it saw."""
+    reference (loop_reference) registered onto it, as the service registers its reference."""
     x, geometry = preprocess(frame, meta["input"]["size"], meta["normalization"])
-    if meta["input"].get("channels", 1) == 2:
-        reference, _ = preprocess(first_frame, meta["input"]["size"], meta["normalization"])
+    if reference is not None:
         x = np.concatenate([x, register(reference, x)[0]], axis=1)
     return x, geometry
 
 
 def segment(session: ort.InferenceSession, meta: dict, frame: np.ndarray, first_frame: np.ndarray) -> np.ndarray:
-    """Class map at the frame's own resolution."""
-    x, geometry = model_input(meta, frame, first_frame)
+    """Class map at the frame's own resolution (the loop's first frame as the reference)."""
+    return segment_with(session, meta, frame, loop_reference(meta, first_frame))
+
+
+def segment_with(
+    session: ort.InferenceSession, meta: dict, frame: np.ndarray, reference: RegistrationReference | None
+) -> np.ndarray:
+    """segment() with the loop's reference prepared once (loop_reference)."""
+    x, geometry = model_input(meta, frame, reference)
     logits = session.run(None, {meta["input"]["name"]: x})[0][0]
     return labels_at_frame_resolution(logits, geometry)
 
@@ -111,8 +128,9 @@ def dice_condition(session, meta, condition: dict, seeds: range, size: int) -> d
     for seed in seeds:
         rng = np.random.default_rng(seed)
         loop = simulate(rng, held_out_config(rng, condition, size))
+        reference = loop_reference(meta, loop.frames[0])
         for frame, truth in zip(loop.frames, loop.labels, strict=True):
-            pred = segment(session, meta, frame, loop.frames[0])
+            pred = segment_with(session, meta, frame, reference)
             for c in range(1, len(CLASS_NAMES)):
                 p, t = pred == c, truth == c
                 inter[c] += np.logical_and(p, t).sum()
@@ -138,8 +156,9 @@ def cement_errors(session, meta, seeds: range, size: int) -> dict:
     for seed in seeds:
         rng = np.random.default_rng(seed)
         loop = simulate(rng, held_out_config(rng, {}, size))
+        reference = loop_reference(meta, loop.frames[0])
         for frame, truth in zip(loop.frames, loop.labels, strict=True):
-            pred = segment(session, meta, frame, loop.frames[0]) == 2
+            pred = segment_with(session, meta, frame, reference) == 2
             true = truth == 2
             to_1024 = 1024 / max(truth.shape)
             if true.any():
@@ -175,15 +194,15 @@ def latency(session, meta, runs: int = 200) -> dict[str, float]:
     loop = simulate(rng, LoopConfig(height=1024, width=1024, frames=4, leaks=frozenset({"posterior"})))
     frame = loop.frames[-1]
     name = meta["input"]["name"]
-    x, _ = model_input(meta, frame, loop.frames[0])
-    channels, reference = x.shape[1], x[:, 1:]
+    reference = loop_reference(meta, loop.frames[0])
+    x, _ = model_input(meta, frame, reference)
     for _ in range(20):  # warm-up, not measured
         session.run(None, {name: x})
     model_ms, pre_ms = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
         x, _ = preprocess(frame, meta["input"]["size"], meta["normalization"])
-        if channels == 2:  # the reference is preprocessed once a run; registered to each frame
+        if reference is not None:  # prepared once a run, as the service does; registered to each frame
             x = np.concatenate([x, register(reference, x)[0]], axis=1)
         t1 = time.perf_counter()
         session.run(None, {name: x})
