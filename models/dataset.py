@@ -72,6 +72,13 @@ def render_seed(args: tuple[int, int, bool, bool]) -> tuple[np.ndarray, np.ndarr
     return np.stack(images), np.stack(labels)
 
 
+def renders_big(seed: int, big_share: float) -> bool:
+    """Whether a loop is rendered at 512-1024 px (the held-out test's sizes) rather than
+    320-768 px: a fixed share of the seeds, picked by a hash of the seed (not its random
+    stream, so every other draw of the loop stays what it was)."""
+    return (seed * 2654435761) % 1000 < round(big_share * 1000)
+
+
 def build(
     seeds: range | list[int],
     size: int = 256,
@@ -79,8 +86,10 @@ def build(
     workers: int = 2,
     progress: bool = True,
     spread: bool = False,
+    big_share: float = 0.0,
 ) -> FrameSet:
-    jobs = [(int(s), size, big, spread) for s in seeds]
+    """`big`: every loop at 512-1024 px; otherwise `big_share` of them (renders_big)."""
+    jobs = [(int(s), size, big or renders_big(int(s), big_share), spread) for s in seeds]
     results = []
     with mp.get_context("spawn").Pool(workers) as pool:
         for k, res in enumerate(pool.imap(render_seed, jobs, chunksize=4)):
@@ -93,13 +102,19 @@ def build(
 
 
 def build_cached(
-    seeds: range, size: int, workers: int, cache: Path | None, progress: bool = True, spread: bool = False
+    seeds: range,
+    size: int,
+    workers: int,
+    cache: Path | None,
+    progress: bool = True,
+    spread: bool = False,
+    big_share: float = 0.0,
 ) -> FrameSet:
-    """build(), kept in `cache` (a folder) as one .npz per seed range, size and time spread, so
-    runs that differ only in training settings render their data once."""
+    """build(), kept in `cache` (a folder) as one .npz per seed range, size, time spread and
+    share of big frames, so runs that differ only in training settings render their data once."""
     if cache is None:
-        return build(seeds, size, workers=workers, progress=progress, spread=spread)
-    kind = f"{size}_{FRAMES_PER_LOOP}" + ("_spread" if spread else "")
+        return build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share)
+    kind = f"{size}_{FRAMES_PER_LOOP}" + ("_spread" if spread else "") + (f"_big{big_share:g}" if big_share else "")
     path = cache / f"frames_{seeds.start}_{seeds.stop}_{kind}.npz"
     # the same range, or a longer one from the same first seed: its first frames are these
     for found in sorted(cache.glob(f"frames_{seeds.start}_*_{kind}.npz")):
@@ -107,7 +122,7 @@ def build_cached(
             n = len(seeds) * FRAMES_PER_LOOP
             with np.load(found) as data:
                 return FrameSet(data["images"][:n], data["labels"][:n], [int(s) for s in seeds])
-    frames = build(seeds, size, workers=workers, progress=progress, spread=spread)
+    frames = build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
     np.savez(partial, images=frames.images, labels=frames.labels)

@@ -306,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--reference-shift", type=int, default=0, help="move each reference crop up to this many pixels")
     p.add_argument(
+        "--big-frames",
+        type=float,
+        default=0.0,
+        help="share of loops rendered at 512-1024 px, the held-out sizes (default 0: all 320-768 px)",
+    )
+    p.add_argument(
         "--register-references",
         action="store_true",
         help="register each reference onto its frame before cropping, as the service does",
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, default=None, help="write the training log (JSON lines) here")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (a .pt written by a run)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.big_frames <= 1.0:
+        p.error("--big-frames must be a share within 0..1")
     if args.steps < 1 or args.train_loops < 1 or args.val_loops < 1 or args.size % 16 or args.crop % 16:
         p.error("--steps, --train-loops and --val-loops must be >= 1 and --size a multiple of 16")
 
@@ -329,9 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     train_seeds = range(TRAIN_SEED_BASE + args.seed * 100_000, TRAIN_SEED_BASE + args.seed * 100_000 + args.train_loops)
     val_seeds = range(VAL_SEED_BASE, VAL_SEED_BASE + args.val_loops)
     print(f"rendering {args.train_loops} training loops and {args.val_loops} validation loops ...", flush=True)
-    train = dataset.build_cached(train_seeds, args.size, args.workers, args.data_cache, spread=args.spread_frames)
+    train = dataset.build_cached(
+        train_seeds, args.size, args.workers, args.data_cache, spread=args.spread_frames, big_share=args.big_frames
+    )
     val = dataset.build_cached(
-        val_seeds, args.size, args.workers, args.data_cache, progress=False, spread=args.spread_frames
+        val_seeds,
+        args.size,
+        args.workers,
+        args.data_cache,
+        progress=False,
+        spread=args.spread_frames,
+        big_share=args.big_frames,
     )
     t_data = time.monotonic() - t0
     print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
@@ -412,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "spread_frames": args.spread_frames,
             "reference_shift": args.reference_shift,
             "register_references": args.register_references,
+            "big_frames": args.big_frames,
             "batch": args.batch,
             "crop": args.crop,
             "lr": args.lr,

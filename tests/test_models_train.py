@@ -244,3 +244,20 @@ def test_training_can_register_references_as_the_service_does():
     assert moved.sum() >= 8
     after = (registered[:, 1] - registered[:, 0]).abs()[inner].mean(dim=(1, 2))
     assert torch.all(after[moved] < 0.3 * before[moved]), (before, after)
+
+
+def test_a_share_of_training_loops_renders_at_the_held_out_sizes():
+    """--big-frames S: that share of the training seeds is rendered at 512-1024 px (the
+    held-out test's sizes), the rest at 320-768 px; which seeds is fixed by the seed alone, and
+    each loop's own random draws are unchanged by it."""
+    from models.dataset import _loop_config, renders_big
+
+    seeds = range(1_000_000, 1_000_800)
+    assert sum(renders_big(s, 0.0) for s in seeds) == 0
+    assert sum(renders_big(s, 1.0) for s in seeds) == len(seeds)
+    assert 0.45 < sum(renders_big(s, 0.5) for s in seeds) / len(seeds) < 0.55
+    for s in seeds[:40]:
+        small = _loop_config(np.random.default_rng(s), False, False)
+        big = _loop_config(np.random.default_rng(s), True, False)
+        assert 320 <= small.height <= 768 and big.height in (512, 768, 1024)
+        assert (big.view, big.leaks, big.bit_depth, big.jpeg) == (small.view, small.leaks, small.bit_depth, small.jpeg)
