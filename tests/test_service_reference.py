@@ -201,3 +201,13 @@ def test_registering_onto_many_frames_gives_what_registering_each_gives():
         once, shift_once = register(x[0], xi)
         kept, shift_kept = register(prepared, xi)
         assert shift_kept == shift_once and np.array_equal(kept, once)
+
+
+def test_a_blank_plane_registers_without_moving():
+    """A blank frame or reference (X-ray off, a black first frame) has no position: the
+    reference is returned where it is, not moved by the noise of a correlation of nothing."""
+    blank = np.full((1, 1, 256, 256), -2.0, np.float32)
+    scene = planes(list(sim_loop(4245, frames=2).frames), 256)[0]
+    for reference, frame in ((blank, blank), (blank, scene), (scene, blank)):
+        moved, shift = register(reference, frame)
+        assert shift == (0.0, 0.0) and np.array_equal(moved, reference)

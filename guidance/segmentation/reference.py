@@ -108,9 +108,12 @@ def register(reference: np.ndarray | RegistrationReference, x: np.ndarray) -> tu
     if window is None:
         window = _windows[side] = cv2.createHanningWindow((side, side), cv2.CV_32F)
     small_x = _without_flat_floor(cv2.resize(x2d, (side, side), interpolation=cv2.INTER_AREA))
-    # a copy: OpenCV 5.0's phaseCorrelate writes into its inputs (the cached plane would drift)
-    (dx, dy), _response = cv2.phaseCorrelate(ref.small.copy(), small_x, window)
-    dx, dy = dx * w / side, dy * h / side
+    if float(np.ptp(ref.small)) < 1e-6 or float(np.ptp(small_x)) < 1e-6:
+        dx = dy = 0.0  # a blank plane has no position: phase correlation would return noise
+    else:
+        # a copy: OpenCV 5.0's phaseCorrelate writes into its inputs (the cached plane would drift)
+        (dx, dy), _response = cv2.phaseCorrelate(ref.small.copy(), small_x, window)
+        dx, dy = dx * w / side, dy * h / side
     shift = np.float32([[1, 0, dx], [0, 1, dy]])
     moved = cv2.warpAffine(ref.plane, shift, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     if ref.fixed.any():
