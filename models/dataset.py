@@ -82,14 +82,13 @@ def renders_big(seed: int, big_share: float) -> bool:
 def build(
     seeds: range | list[int],
     size: int = 256,
-    big: bool = False,
     workers: int = 2,
     progress: bool = True,
     spread: bool = False,
     big_share: float = 0.0,
 ) -> FrameSet:
-    """`big`: every loop at 512-1024 px; otherwise `big_share` of them (renders_big)."""
-    jobs = [(int(s), size, big or renders_big(int(s), big_share), spread) for s in seeds]
+    """`big_share` of the loops at 512-1024 px (renders_big; 1.0: all), the rest 320-768 px."""
+    jobs = [(int(s), size, renders_big(int(s), big_share), spread) for s in seeds]
     results = []
     with mp.get_context("spawn").Pool(workers) as pool:
         for k, res in enumerate(pool.imap(render_seed, jobs, chunksize=4)):

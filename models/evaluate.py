@@ -201,9 +201,7 @@ def latency(session, meta, runs: int = 200) -> dict[str, float]:
     model_ms, pre_ms = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
-        x, _ = preprocess(frame, meta["input"]["size"], meta["normalization"])
-        if reference is not None:  # prepared once a run, as the service does; registered to each frame
-            x = np.concatenate([x, register(reference, x)[0]], axis=1)
+        x, _ = model_input(meta, frame, reference)  # the reference prepared once, as the service does
         t1 = time.perf_counter()
         session.run(None, {name: x})
         t2 = time.perf_counter()
