@@ -167,3 +167,54 @@ def test_argmax_classes_matches_numpy():
         x = rng.normal(size=shape).astype(np.float32)
         x[:, :3, :3] = 0.25  # ties: the first class wins, as with np.argmax
         assert np.array_equal(argmax_classes(x), np.argmax(x, axis=0).astype(np.uint8))
+
+
+def _edge_in_model_px(plane: np.ndarray, cls: int) -> float:
+    """Where a vertical class boundary sits along x in a label plane (mean first column of cls)."""
+    return float(np.mean([np.flatnonzero(row == cls)[0] for row in plane]))
+
+
+@pytest.mark.parametrize("frame_side", [1024, 768, 512])
+def test_training_labels_keep_boundaries_where_the_image_has_them(frame_side):
+    """A boundary at frame x = X lies at model x = (X + 0.5) / f - 0.5 in the area-averaged image;
+    the labels put it there (within half a model pixel), not (f - 1) / 2 frame px away as the
+    top-left sample of cv2.INTER_NEAREST did."""
+    from guidance.segmentation.preprocess import LetterboxGeometry, letterbox_labels
+
+    g = LetterboxGeometry.fit(frame_side, frame_side, 256)
+    f = frame_side / 256
+    errors = []
+    for edge in range(300, 300 + 4 * int(f)):  # every phase of the boundary within a block
+        labels = np.zeros((frame_side, frame_side), np.uint8)
+        labels[:, edge:] = VERTEBRAL_BODY
+        small = letterbox_labels(labels, g)
+        # the model pixel whose block is mostly body is the first one labelled body: the edge
+        # falls within its first half
+        first = _edge_in_model_px(small, VERTEBRAL_BODY)
+        errors.append(first - edge / f)  # how far the block's start is from the true edge
+    errors = np.asarray(errors)
+    assert np.all(errors > -0.5 - 1e-9) and np.all(errors <= 0.5 + 1e-9), errors
+    # no systematic shift beyond ties (a boundary exactly mid-block goes to the class met first):
+    # half a frame pixel at most; the top-left sample's shift was (f - 1) / 2 frame px
+    assert abs(errors.mean()) * f <= 0.5 + 1e-9, errors
+
+
+def test_training_labels_break_ties_for_thin_structures_and_pad_with_background():
+    """Half a block each way (a boundary mid-block) goes to the needle, then bone, then cement,
+    then background: a vein or a cannula half a block wide stays in the labels, and so does a
+    cortical rim half a block thick between cement and the world outside."""
+    from guidance.segmentation.preprocess import BACKGROUND, LetterboxGeometry, letterbox_labels
+
+    g = LetterboxGeometry.fit(768, 1024, 256)  # letterboxed: 32 padding rows above and below
+    labels = np.zeros((768, 1024), np.uint8)
+    labels[:, 402:404] = CEMENT  # a vein two frame px wide, outside the bone: half a 4 px block
+    labels[100:102, :] = NEEDLE  # a cannula two px high
+    labels[400:404, 600:800] = VERTEBRAL_BODY
+    labels[402:404, 600:800] = CEMENT  # cement up to a rim of bone two px thick
+    small = letterbox_labels(labels, g)
+    assert g.pad_y == 32 and not small[: g.pad_y].any() and not small[g.pad_y + 192 :].any()
+    inner = g.crop(small)
+    assert np.all(inner[30:, 100] == CEMENT)  # the vein
+    assert np.all(inner[25, :] == NEEDLE)  # the cannula, across the vein too
+    assert np.all(inner[100, 150:200] == VERTEBRAL_BODY)  # the rim, not cement
+    assert np.all(inner[99, 150:200] == BACKGROUND) and np.all(inner[101, 150:200] == BACKGROUND)

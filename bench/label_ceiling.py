@@ -1,0 +1,71 @@
+"""What the training labels' downsampling costs before any model is trained (a measurement,
+not a test): held-out simulated class maps are taken down to the model plane by a rule,
+brought back to frame resolution as the evaluation brings a model's output back (each class
+plane resized bilinearly, argmax), and compared with the frame-resolution truth. The Dice
+printed is that of a perfect model of those labels: the ceiling the rule puts on a trained one.
+
+    python bench/label_ceiling.py [--loops 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guidance.segmentation.preprocess import CLASS_NAMES, LetterboxGeometry, letterbox_labels  # noqa: E402
+from models.evaluate import TEST_SEED_BASE, held_out_config  # noqa: E402
+from models.sim import simulate  # noqa: E402
+
+
+def nearest(labels: np.ndarray, g: LetterboxGeometry) -> np.ndarray:
+    """The rule the models up to 0.3.0 were trained with: cv2.INTER_NEAREST (top-left sample)."""
+    h, w = g.inner_shape
+    return cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def area_majority(labels: np.ndarray, g: LetterboxGeometry) -> np.ndarray:
+    """Today's rule (letterbox_labels), cropped to the frame area."""
+    return g.crop(letterbox_labels(labels, g))
+
+
+def back_to_frame(small: np.ndarray, g: LetterboxGeometry) -> np.ndarray:
+    planes = [
+        cv2.resize((small == c).astype(np.float32), (g.frame_width, g.frame_height), interpolation=cv2.INTER_LINEAR)
+        for c in range(len(CLASS_NAMES))
+    ]
+    return np.argmax(np.stack(planes), axis=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--loops", type=int, default=16, help="held-out loops (the seeds models.evaluate uses)")
+    p.add_argument("--size", type=int, default=256, help="model plane side")
+    args = p.parse_args(argv)
+    rules = {"INTER_NEAREST (to 0.3.0)": nearest, "area majority (letterbox_labels)": area_majority}
+    inter = {r: np.zeros(len(CLASS_NAMES)) for r in rules}
+    total = {r: np.zeros(len(CLASS_NAMES)) for r in rules}
+    for seed in range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops):
+        rng = np.random.default_rng(seed)
+        loop = simulate(rng, held_out_config(rng, {}, 0))
+        for truth in loop.labels:
+            g = LetterboxGeometry.fit(truth.shape[0], truth.shape[1], args.size)
+            for name, rule in rules.items():
+                pred = back_to_frame(rule(truth, g), g)
+                for c in range(1, len(CLASS_NAMES)):
+                    inter[name][c] += np.count_nonzero((pred == c) & (truth == c))
+                    total[name][c] += np.count_nonzero(pred == c) + np.count_nonzero(truth == c)
+    print(f"Dice of a perfect model of the labels, {args.loops} held-out loops, frames 512-1024 px:")
+    for name in rules:
+        dice = {CLASS_NAMES[c]: round(float(2 * inter[name][c] / total[name][c]), 4) for c in range(1, len(CLASS_NAMES))}
+        print(f"  {name:34s} {dice}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
