@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                     total[name][c] += np.count_nonzero(pred == c) + np.count_nonzero(truth == c)
     print(f"Dice of a perfect model of the labels, {args.loops} held-out loops, frames 512-1024 px:")
     for name in rules:
-        dice = {CLASS_NAMES[c]: round(float(2 * inter[name][c] / total[name][c]), 4) for c in range(1, len(CLASS_NAMES))}
+        dice = {
+            CLASS_NAMES[c]: round(float(2 * inter[name][c] / total[name][c]), 4) for c in range(1, len(CLASS_NAMES))
+        }
         print(f"  {name:34s} {dice}")
     return 0
 

@@ -114,7 +114,11 @@ def build_cached(
     if cache is None:
         return build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share)
     # "arealabels": labels by area majority (letterbox_labels); older caches sampled nearest
-    kind = f"{size}_{FRAMES_PER_LOOP}_arealabels" + ("_spread" if spread else "") + (f"_big{big_share:g}" if big_share else "")
+    kind = (
+        f"{size}_{FRAMES_PER_LOOP}_arealabels"
+        + ("_spread" if spread else "")
+        + (f"_big{big_share:g}" if big_share else "")
+    )
     path = cache / f"frames_{seeds.start}_{seeds.stop}_{kind}.npz"
     # the same range, or a longer one from the same first seed: its first frames are these
     for found in sorted(cache.glob(f"frames_{seeds.start}_*_{kind}.npz")):
