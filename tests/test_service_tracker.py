@@ -102,6 +102,33 @@ def test_venous_leak_is_extravertebral_cement_elsewhere():
     assert statuses[1].areas["venous"] == pytest.approx(9.0)
 
 
+def _filled_to_a_thin_rim(breach: bool) -> np.ndarray:
+    """Cement filling the body's anterior-superior corner up to a cortical rim one pixel thick
+    (a thin rim the tracker's opening takes away with the bridges it is meant for), the rim
+    broken or not."""
+    labels = scene()
+    y0, y1, x0, x1 = BODY
+    labels[y0 - 1 : y0 + 6, x0 - 1 : x0 + 10] = VERTEBRAL_BODY  # the corner bulges 1 px out
+    labels[y0 : y0 + 6, x0 : x0 + 9] = CEMENT  # filled up to that rim
+    labels[y0 + 6 : 28, x0 + 4 : x0 + 9] = CEMENT  # joined to the cement from the needle
+    labels[y0 + 6 : 28, x0 + 9 : 24] = CEMENT
+    if breach:  # the rim breaks and cement leaves the bone: 4 mm out through the top
+        labels[y0 - 5 : y0, x0 + 2 : x0 + 5] = CEMENT
+    return labels
+
+
+def test_cement_that_fills_the_body_up_to_its_rim_is_not_a_leak():
+    """The hull is made from the bone opened by 3x3: a rim one pixel thick goes, and the cement
+    under it would lie outside the hull. Bone of the treated vertebra that still closes it off
+    from soft tissue says it is inside; once it borders soft tissue it is a leak."""
+    quiet = run([_filled_to_a_thin_rim(breach=False)] * 4)
+    assert not any(s.venous or s.posterior or s.events for s in quiet)
+    assert quiet[-1].areas["venous"] == 0
+    leak = run([_filled_to_a_thin_rim(breach=False)] * 2 + [_filled_to_a_thin_rim(breach=True)] * 3)
+    assert [s.venous for s in leak] == [False, False, False, True, True]
+    assert leak[-1].areas["venous"] >= 15.0  # the breach and the cement under the rim beside it
+
+
 def test_cement_along_the_needle_is_not_venous():
     labels = scene()
     labels[38:40, 48:60] = CEMENT  # backflow along the cannula outside the body

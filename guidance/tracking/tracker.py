@@ -7,7 +7,8 @@ Lateral view. Posterior spread = extravertebral cement behind the line of the po
 vertebral wall (a robust line fit to the body's posterior boundary); venous spread =
 extravertebral cement elsewhere, except on or around the needle. "Extravertebral" = outside
 the body's convex hull grown by a tolerance (~1 mm) so the wall's own edge pixels are not
-called a leak. Temporal logic: a kind is raised after `raise_frames` consecutive frames over
+called a leak, and bordering soft tissue somewhere (cement the vertebra's own thin cortical rim
+still closes off is inside it). Temporal logic: a kind is raised after `raise_frames` consecutive frames over
 the area threshold whose leak masks overlap (so one noisy frame, or noise that jumps around,
 raises nothing) and cleared after `clear_frames` consecutive frames without it.
 """
@@ -137,6 +138,7 @@ class TrackStatus:
 
 
 _OPEN_KERNEL = np.ones((3, 3), np.uint8)
+_CROSS_KERNEL = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 _BRIDGE_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))  # spans a cannula's width
 
 
@@ -241,6 +243,27 @@ def _infer_side(needle: np.ndarray, body_centroid_x: float, hull: np.ndarray) ->
         return None
     xs, _ = _points(outside)
     return "right" if xs.mean() > body_centroid_x else "left"
+
+
+def _open_to_outside(
+    extra: np.ndarray, blobs: np.ndarray, count: int, labels: np.ndarray, cement: np.ndarray, region: np.ndarray
+) -> np.ndarray:
+    """`extra` without the blobs that the treated vertebra's own bone (as labelled, before the
+    opening), cement and needle close off from everything else: cement that has filled the
+    body up to a cortical rim one or two pixels thick. The opening takes such a rim away with
+    the bridges it is meant for, and the hull then leaves the cement under it outside; a leak
+    has left the bone and borders soft tissue somewhere."""
+    bone = (labels == VERTEBRAL_BODY).view(np.uint8)
+    parts, comp = cv2.connectedComponents(bone, connectivity=8)
+    own = np.zeros(parts, bool)
+    own[comp[region & bone.view(bool)]] = True
+    own[0] = False
+    inside = own[comp] | cement | (labels == NEEDLE)
+    # touching through an edge: a rim that steps diagonally (8-connected) still closes it off
+    borders_outside = cv2.dilate((~inside).view(np.uint8), _CROSS_KERNEL).view(bool) & extra
+    keep = np.zeros(count, bool)
+    keep[blobs[borders_outside]] = True
+    return extra & keep[blobs]
 
 
 def _wall_line(filled: np.ndarray, side: str):
@@ -424,6 +447,8 @@ def _track(
             np.minimum.at(gap, blobs[extra], away[extra])
             max_gap = cfg.max_leak_gap_mm * px_per_unit_len if geo.mm_per_frame_px else 8.0
             extra &= ((reach >= min_depth) & (gap <= max_gap))[blobs]
+            if extra.any():
+                extra = _open_to_outside(extra, blobs, blob_count, labels, cement, region)
         if side in ("left", "right"):
             wall = _wall_line(filled, side)
         if wall is not None and extra.any():
