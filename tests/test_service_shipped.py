@@ -38,7 +38,6 @@ def shipped_model() -> Model:
 KNOWN_MODEL_SHORTFALLS = {
     "posterior_leak": "model 0.3.0 raises the posterior leak 21 frames after its onset (window: 15) and a "
     "false venous leak at frame 89",
-    "clean": "model 0.3.0 raises a false venous leak at frame 72 of the clean demo",
 }
 
 
