@@ -58,6 +58,12 @@ def _loop_config(rng: np.random.Generator, big: bool, spread: bool) -> LoopConfi
     )
 
 
+# How frame-resolution class maps become the model plane's labels (written into the model's
+# metadata): each model pixel takes the class covering most of its block of frame pixels.
+# Models up to 0.3.0 were trained on cv2.INTER_NEAREST's top-left sample instead.
+LABEL_RULE = "area_majority"
+
+
 def render_seed(args: tuple[int, int, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
     """One simulated loop -> its frames preprocessed to the model plane, and its labels.
     `spread`: its frames span 0.7-10 s (loop_fps); otherwise 15 fps (0.7 s)."""

@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seeds": [train_seeds.start, train_seeds.stop],
             "val_seeds": [val_seeds.start, val_seeds.stop],
             "frames_per_loop": dataset.FRAMES_PER_LOOP,
+            "labels": dataset.LABEL_RULE,
             "steps": args.steps,
             "channels": args.channels,
             "spread_frames": args.spread_frames,

@@ -112,21 +112,35 @@ def _filled_to_a_thin_rim(breach: bool) -> np.ndarray:
     labels[y0 : y0 + 6, x0 : x0 + 9] = CEMENT  # filled up to that rim
     labels[y0 + 6 : 28, x0 + 4 : x0 + 9] = CEMENT  # joined to the cement from the needle
     labels[y0 + 6 : 28, x0 + 9 : 24] = CEMENT
-    if breach:  # the rim breaks and cement leaves the bone: 4 mm out through the top
+    if breach:  # the rim breaks and cement leaves the bone through the top
         labels[y0 - 5 : y0, x0 + 2 : x0 + 5] = CEMENT
     return labels
+
+
+HALF_MM = TrackGeometry(frame_per_px=2.0, mm_per_frame_px=0.25)  # 1 class-map pixel = 0.5 mm
 
 
 def test_cement_that_fills_the_body_up_to_its_rim_is_not_a_leak():
     """The hull is made from the bone opened by 3x3: a rim one pixel thick goes, and the cement
     under it would lie outside the hull. Bone of the treated vertebra that still closes it off
     from soft tissue says it is inside; once it borders soft tissue it is a leak."""
-    quiet = run([_filled_to_a_thin_rim(breach=False)] * 4)
+    quiet = run([_filled_to_a_thin_rim(breach=False)] * 4, geo=HALF_MM)
     assert not any(s.venous or s.posterior or s.events for s in quiet)
     assert quiet[-1].areas["venous"] == 0
-    leak = run([_filled_to_a_thin_rim(breach=False)] * 2 + [_filled_to_a_thin_rim(breach=True)] * 3)
+    frames = [_filled_to_a_thin_rim(breach=False)] * 2 + [_filled_to_a_thin_rim(breach=True)] * 3
+    leak = run(frames, geo=HALF_MM)
     assert [s.venous for s in leak] == [False, False, False, True, True]
-    assert leak[-1].areas["venous"] >= 15.0  # the breach and the cement under the rim beside it
+    assert leak[-1].areas["venous"] >= 6.0  # the breach (15 px) and the cement under the rim beside it
+
+
+def test_enclosed_cement_deeper_than_a_rim_is_still_a_leak():
+    """Fail-safe: the same picture at 1 mm per pixel puts the enclosed cement more than
+    `rim_reach_mm` (3 mm) outside the hull; that is no cortical rim, whatever is labelled bone
+    around it, and it is raised."""
+    statuses = run([_filled_to_a_thin_rim(breach=False)] * 3, geo=MM)
+    assert [s.venous for s in statuses] == [False, True, True]
+    relaxed = run([_filled_to_a_thin_rim(breach=False)] * 3, geo=MM, cfg=TrackerConfig(rim_reach_mm=10.0))
+    assert not any(s.venous for s in relaxed)
 
 
 def test_cement_along_the_needle_is_not_venous():

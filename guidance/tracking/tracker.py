@@ -7,10 +7,11 @@ Lateral view. Posterior spread = extravertebral cement behind the line of the po
 vertebral wall (a robust line fit to the body's posterior boundary); venous spread =
 extravertebral cement elsewhere, except on or around the needle. "Extravertebral" = outside
 the body's convex hull grown by a tolerance (~1 mm) so the wall's own edge pixels are not
-called a leak, and bordering soft tissue somewhere (cement the vertebra's own thin cortical rim
-still closes off is inside it). Temporal logic: a kind is raised after `raise_frames` consecutive frames over
-the area threshold whose leak masks overlap (so one noisy frame, or noise that jumps around,
-raises nothing) and cleared after `clear_frames` consecutive frames without it.
+called a leak; venous candidates must also border soft tissue somewhere (cement the vertebra's
+own thin cortical rim still closes off is inside it). Temporal logic: a kind is raised after
+`raise_frames` consecutive frames over the area threshold whose leak masks overlap (so one
+noisy frame, or noise that jumps around, raises nothing) and cleared after `clear_frames`
+consecutive frames without it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class TrackerConfig:
     breathing_mm: float = 4.0  # the treated body moves this much at most (breathing)
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
     core_radius_mm: float = 1.5  # cement thinner than 2x this (veins, thin leaks) is not core
+    rim_reach_mm: float = 3.0  # cement under a thin cortical rim lies at most this far outside the hull
 
 
 @dataclass(frozen=True)
@@ -246,13 +248,19 @@ def _infer_side(needle: np.ndarray, body_centroid_x: float, hull: np.ndarray) ->
 
 
 def _open_to_outside(
-    extra: np.ndarray, blobs: np.ndarray, count: int, labels: np.ndarray, cement: np.ndarray, region: np.ndarray
+    extra: np.ndarray,
+    blobs: np.ndarray,
+    shallow: np.ndarray,
+    labels: np.ndarray,
+    cement: np.ndarray,
+    region: np.ndarray,
 ) -> np.ndarray:
-    """`extra` without the blobs that the treated vertebra's own bone (as labelled, before the
-    opening), cement and needle close off from everything else: cement that has filled the
-    body up to a cortical rim one or two pixels thick. The opening takes such a rim away with
-    the bridges it is meant for, and the hull then leaves the cement under it outside; a leak
-    has left the bone and borders soft tissue somewhere."""
+    """`extra` (venous candidates) without the shallow blobs (`shallow`, per blob id) that the
+    treated vertebra's own bone (as labelled, before the opening), cement and needle close off
+    from everything else: cement that has filled the body up to a cortical rim one or two
+    pixels thick. The opening takes such a rim away with the bridges it is meant for, and the
+    hull then leaves the cement under it outside; a leak has left the bone and borders soft
+    tissue somewhere. A deeper blob is kept whatever bone is labelled around it (fail-safe)."""
     bone = (labels == VERTEBRAL_BODY).view(np.uint8)
     parts, comp = cv2.connectedComponents(bone, connectivity=8)
     own = np.zeros(parts, bool)
@@ -261,7 +269,7 @@ def _open_to_outside(
     inside = own[comp] | cement | (labels == NEEDLE)
     # touching through an edge: a rim that steps diagonally (8-connected) still closes it off
     borders_outside = cv2.dilate((~inside).view(np.uint8), _CROSS_KERNEL).view(bool) & extra
-    keep = np.zeros(count, bool)
+    keep = ~shallow
     keep[blobs[borders_outside]] = True
     return extra & keep[blobs]
 
@@ -447,8 +455,6 @@ def _track(
             np.minimum.at(gap, blobs[extra], away[extra])
             max_gap = cfg.max_leak_gap_mm * px_per_unit_len if geo.mm_per_frame_px else 8.0
             extra &= ((reach >= min_depth) & (gap <= max_gap))[blobs]
-            if extra.any():
-                extra = _open_to_outside(extra, blobs, blob_count, labels, cement, region)
         if side in ("left", "right"):
             wall = _wall_line(filled, side)
         if wall is not None and extra.any():
@@ -473,6 +479,10 @@ def _track(
         if venous_mask.any():
             min_venous = cfg.min_venous_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 3.0
             venous_mask &= (reach >= min_venous)[blobs]
+            # posterior candidates are never quieted this way: behind the wall, bone labelled
+            # around the cement (pedicles read as body) must not hide a leak into the canal
+            rim = cfg.rim_reach_mm * px_per_unit_len if geo.mm_per_frame_px else 5.0
+            venous_mask = _open_to_outside(venous_mask, blobs, reach <= rim, labels, cement, region)
         if needle.any():
             venous_mask &= ~_dilate(needle, margin)
 
