@@ -261,6 +261,8 @@ def _open_to_outside(
     pixels thick. The opening takes such a rim away with the bridges it is meant for, and the
     hull then leaves the cement under it outside; a leak has left the bone and borders soft
     tissue somewhere. A deeper blob is kept whatever bone is labelled around it (fail-safe)."""
+    if not shallow[blobs[extra]].any():
+        return extra  # nothing shallow enough to lie under a rim (most frames): no labelling
     bone = (labels == VERTEBRAL_BODY).view(np.uint8)
     parts, comp = cv2.connectedComponents(bone, connectivity=8)
     own = np.zeros(parts, bool)
