@@ -7,11 +7,11 @@ Lateral view. Posterior spread = extravertebral cement behind the line of the po
 vertebral wall (a robust line fit to the body's posterior boundary); venous spread =
 extravertebral cement elsewhere, except on or around the needle. "Extravertebral" = outside
 the body's convex hull grown by a tolerance (~1 mm) so the wall's own edge pixels are not
-called a leak; venous candidates must also border soft tissue somewhere (cement the vertebra's
-own thin cortical rim still closes off is inside it). Temporal logic: a kind is raised after
-`raise_frames` consecutive frames over the area threshold whose leak masks overlap (so one
-noisy frame, or noise that jumps around, raises nothing) and cleared after `clear_frames`
-consecutive frames without it.
+called a leak; a venous candidate within `rim_reach_mm` of the hull must also border soft
+tissue somewhere (cement the vertebra's own thin cortical rim still closes off is inside it).
+Temporal logic: a kind is raised after `raise_frames` consecutive frames over the area
+threshold whose leak masks overlap (so one noisy frame, or noise that jumps around, raises
+nothing) and cleared after `clear_frames` consecutive frames without it.
 """
 
 from __future__ import annotations
