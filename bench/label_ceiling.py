@@ -19,27 +19,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guidance.segmentation.preprocess import CLASS_NAMES, LetterboxGeometry, letterbox_labels  # noqa: E402
-from models.evaluate import TEST_SEED_BASE, held_out_config  # noqa: E402
+from models.evaluate import TEST_SEED_BASE, held_out_config, labels_at_frame_resolution  # noqa: E402
 from models.sim import simulate  # noqa: E402
 
 
 def nearest(labels: np.ndarray, g: LetterboxGeometry) -> np.ndarray:
-    """The rule the models up to 0.3.0 were trained with: cv2.INTER_NEAREST (top-left sample)."""
+    """The rule the models up to 0.3.0 were trained with: cv2.INTER_NEAREST (top-left sample),
+    padded into the model plane as letterbox_labels pads."""
     h, w = g.inner_shape
-    return cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+    out = np.zeros((g.size, g.size), labels.dtype)
+    out[g.pad_y : g.pad_y + h, g.pad_x : g.pad_x + w] = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
+    return out
 
 
-def area_majority(labels: np.ndarray, g: LetterboxGeometry) -> np.ndarray:
-    """Today's rule (letterbox_labels), cropped to the frame area."""
-    return g.crop(letterbox_labels(labels, g))
-
-
-def back_to_frame(small: np.ndarray, g: LetterboxGeometry) -> np.ndarray:
-    planes = [
-        cv2.resize((small == c).astype(np.float32), (g.frame_width, g.frame_height), interpolation=cv2.INTER_LINEAR)
-        for c in range(len(CLASS_NAMES))
-    ]
-    return np.argmax(np.stack(planes), axis=0)
+def back_to_frame(plane: np.ndarray, g: LetterboxGeometry) -> np.ndarray:
+    """A model-plane class map read as a perfect model's logits (one-hot), brought back to the
+    frame by the evaluation's own code."""
+    one_hot = (np.arange(len(CLASS_NAMES))[:, None, None] == plane).astype(np.float32)
+    return labels_at_frame_resolution(one_hot, g)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loops", type=int, default=16, help="held-out loops (the seeds models.evaluate uses)")
     p.add_argument("--size", type=int, default=256, help="model plane side")
     args = p.parse_args(argv)
-    rules = {"INTER_NEAREST (to 0.3.0)": nearest, "area majority (letterbox_labels)": area_majority}
+    rules = {"INTER_NEAREST (to 0.3.0)": nearest, "area majority (letterbox_labels)": letterbox_labels}
     inter = {r: np.zeros(len(CLASS_NAMES)) for r in rules}
     total = {r: np.zeros(len(CLASS_NAMES)) for r in rules}
     for seed in range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops):
