@@ -3,6 +3,8 @@ not a test): held-out simulated class maps are taken down to the model plane by 
 brought back to frame resolution as the evaluation brings a model's output back (each class
 plane resized bilinearly, argmax), and compared with the frame-resolution truth. The Dice
 printed is that of a perfect model of those labels: the ceiling the rule puts on a trained one.
+Hard rules give one class per model pixel (one-hot planes); soft targets give each class's
+share of the pixel (letterbox_shares), which a perfect model outputs as its class planes.
 
     python bench/label_ceiling.py [--loops 16]
 """
@@ -18,7 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guidance.segmentation.preprocess import CLASS_NAMES, LetterboxGeometry, letterbox_labels  # noqa: E402
+from guidance.segmentation.preprocess import (  # noqa: E402
+    CLASS_NAMES,
+    LetterboxGeometry,
+    letterbox_labels,
+    letterbox_shares,
+)
 from models.evaluate import TEST_SEED_BASE, held_out_config, labels_at_frame_resolution  # noqa: E402
 from models.sim import simulate  # noqa: E402
 
@@ -44,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loops", type=int, default=16, help="held-out loops (the seeds models.evaluate uses)")
     p.add_argument("--size", type=int, default=256, help="model plane side")
     args = p.parse_args(argv)
-    rules = {"INTER_NEAREST (to 0.3.0)": nearest, "area majority (letterbox_labels)": letterbox_labels}
+    rules = {
+        "INTER_NEAREST (to 0.3.0)": lambda t, g: back_to_frame(nearest(t, g), g),
+        "area majority (letterbox_labels)": lambda t, g: back_to_frame(letterbox_labels(t, g), g),
+        # stored as training stores them (255ths); their log as logits changes nothing here
+        "area shares (soft targets)": lambda t, g: labels_at_frame_resolution(
+            np.rint(letterbox_shares(t, g) * 255).astype(np.float32), g
+        ),
+    }
     inter = {r: np.zeros(len(CLASS_NAMES)) for r in rules}
     total = {r: np.zeros(len(CLASS_NAMES)) for r in rules}
     for seed in range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops):
@@ -53,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for truth in loop.labels:
             g = LetterboxGeometry.fit(truth.shape[0], truth.shape[1], args.size)
             for name, rule in rules.items():
-                pred = back_to_frame(rule(truth, g), g)
+                pred = rule(truth, g)
                 for c in range(1, len(CLASS_NAMES)):
                     inter[name][c] += np.count_nonzero((pred == c) & (truth == c))
                     total[name][c] += np.count_nonzero(pred == c) + np.count_nonzero(truth == c)

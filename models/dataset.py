@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, letterbox_labels, preprocess
+from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, letterbox_labels, letterbox_shares, preprocess
 from models.sim.loop import LEAK_KINDS, LoopConfig, simulate
 
 FRAMES_PER_LOOP = 10
@@ -24,6 +24,9 @@ class FrameSet:
     images: np.ndarray  # [n, size, size] float16, normalised model input
     labels: np.ndarray  # [n, size, size] uint8 at model resolution
     seeds: list[int]
+    # [n, classes, size, size] uint8: each class's share of the pixel (letterbox_shares) in
+    # 255ths, the soft training targets; None when built without them
+    shares: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -59,23 +62,27 @@ def _loop_config(rng: np.random.Generator, big: bool, spread: bool) -> LoopConfi
 
 
 # How frame-resolution class maps become the model plane's labels (written into the model's
-# metadata): each model pixel takes the class covering most of its block of frame pixels.
-# Models up to 0.3.0 were trained on cv2.INTER_NEAREST's top-left sample instead.
+# metadata): each model pixel takes the class covering most of its block of frame pixels;
+# soft targets are those shares themselves. Models up to 0.3.0 were trained on
+# cv2.INTER_NEAREST's top-left sample instead.
 LABEL_RULE = "area_majority"
+SOFT_LABEL_RULE = "area_shares"
 
 
-def render_seed(args: tuple[int, int, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
-    """One simulated loop -> its frames preprocessed to the model plane, and its labels.
-    `spread`: its frames span 0.7-10 s (loop_fps); otherwise 15 fps (0.7 s)."""
+def render_seed(args: tuple[int, int, bool, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One simulated loop -> its frames preprocessed to the model plane, their labels and
+    their class shares (uint8, 255ths). `spread`: its frames span 0.7-10 s (loop_fps);
+    otherwise 15 fps (0.7 s)."""
     seed, size, big, spread = args
     rng = np.random.default_rng(seed)
     loop = simulate(rng, _loop_config(rng, big, spread))
-    images, labels = [], []
+    images, labels, shares = [], [], []
     for frame, lab in zip(loop.frames, loop.labels, strict=True):
         x, geometry = preprocess(frame, size, DEFAULT_NORMALIZATION)
         images.append(x[0, 0].astype(np.float16))
         labels.append(letterbox_labels(lab, geometry))
-    return np.stack(images), np.stack(labels)
+        shares.append(np.rint(letterbox_shares(lab, geometry) * 255).astype(np.uint8))
+    return np.stack(images), np.stack(labels), np.stack(shares)
 
 
 def renders_big(seed: int, big_share: float) -> bool:
@@ -103,7 +110,8 @@ def build(
                 print(f"  rendered {k + 1}/{len(jobs)} loops", flush=True)
     images = np.concatenate([r[0] for r in results])
     labels = np.concatenate([r[1] for r in results])
-    return FrameSet(images, labels, [int(s) for s in seeds])
+    shares = np.concatenate([r[2] for r in results])
+    return FrameSet(images, labels, [int(s) for s in seeds], shares)
 
 
 def build_cached(
@@ -119,9 +127,10 @@ def build_cached(
     share of big frames, so runs that differ only in training settings render their data once."""
     if cache is None:
         return build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share)
-    # "arealabels": labels by area majority (letterbox_labels); older caches sampled nearest
+    # "areashares": labels by area majority (letterbox_labels) and the shares themselves;
+    # older caches sampled nearest ("_"), then held the labels alone ("arealabels")
     kind = (
-        f"{size}_{FRAMES_PER_LOOP}_arealabels"
+        f"{size}_{FRAMES_PER_LOOP}_areashares"
         + ("_spread" if spread else "")
         + (f"_big{big_share:g}" if big_share else "")
     )
@@ -131,11 +140,11 @@ def build_cached(
         if int(found.name.split("_")[2]) >= seeds.stop:
             n = len(seeds) * FRAMES_PER_LOOP
             with np.load(found) as data:
-                return FrameSet(data["images"][:n], data["labels"][:n], [int(s) for s in seeds])
+                return FrameSet(data["images"][:n], data["labels"][:n], [int(s) for s in seeds], data["shares"][:n])
     frames = build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, images=frames.images, labels=frames.labels)
+    np.savez(partial, images=frames.images, labels=frames.labels, shares=frames.shares)
     partial.replace(path)  # whole or absent: a killed run leaves no half file behind
     return frames
 

@@ -27,7 +27,7 @@ from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from guidance.segmentation.reference import register
 from models import dataset
 
-MODEL_VERSION = "0.4.0"
+MODEL_VERSION = "0.5.0"
 OPSET = 17
 TRAIN_SEED_BASE = 1_000_000
 VAL_SEED_BASE = 9_000_000
@@ -174,6 +174,7 @@ def sample_crops(
     channels: int = 1,
     reference_shift: int = 0,
     register_references: bool = False,
+    shares: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random crops (crop_windows) of images [n, S, S] and their labels; with two
     channels the same crop of each frame's reference (reference_index) is the second: as it
@@ -188,6 +189,9 @@ def sample_crops(
             xs.append(torch.stack([images[i, r, c], plane[_moved(r, c, size, reference_shift, gen)]]))
     else:
         xs = [images[i, r, c][None] for i, r, c in windows]
+    if shares is not None:  # soft targets: [batch, classes, crop, crop], shares in 0..1
+        soft = torch.stack([shares[i, :, rows, cols] for i, rows, cols in windows])
+        return torch.stack(xs).float(), soft.float() / 255.0
     ys = [labels[i, rows, cols] for i, rows, cols in windows]
     return torch.stack(xs).float(), torch.stack(ys)
 
@@ -205,9 +209,25 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[tor
     return x * gain + offset + noise, y
 
 
+def _as_shares(target: torch.Tensor, classes: int) -> torch.Tensor:
+    """Class ids [B, H, W] -> one-hot [B, C, H, W]; shares [B, C, H, W] as they are."""
+    if target.dim() == 4:
+        return target
+    return F.one_hot(target.long(), classes).permute(0, 3, 1, 2).float()
+
+
+def cross_entropy_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Class-weighted cross-entropy against class ids or soft shares (--targets soft); on
+    one-hot shares it is F.cross_entropy(weight=weights) exactly (weighted mean)."""
+    if target.dim() == 3:
+        return F.cross_entropy(logits, target.long(), weight=weights)
+    weighted = target * weights[None, :, None, None]
+    return -(weighted * logits.log_softmax(1)).sum() / weighted.sum()
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(1)[:, 1:]
-    onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    onehot = _as_shares(target, logits.shape[1])[:, 1:]
     inter = (probs * onehot).sum((0, 2, 3))
     denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     return 1 - ((2 * inter + 1) / (denom + 1)).mean()
@@ -312,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         help="share of loops rendered at 512-1024 px, the held-out sizes (default 0: all 320-768 px)",
     )
     p.add_argument(
+        "--targets",
+        choices=("hard", "soft"),
+        default="hard",
+        help="hard: each model pixel's majority class; soft: each class's share of the pixel",
+    )
+    p.add_argument(
         "--register-references",
         action="store_true",
         help="register each reference onto its frame before cropping, as the service does",
@@ -369,18 +395,27 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.from_numpy(train.images)
     labels = torch.from_numpy(train.labels)
+    shares = torch.from_numpy(train.shares) if args.targets == "soft" else None
     log = args.log.open("w") if args.log else None
     t_train = time.monotonic()
     model.train()
     for step in range(1, args.steps + 1):
         crops = sample_crops(
-            images, labels, args.batch, args.crop, gen, args.channels, args.reference_shift, args.register_references
+            images,
+            labels,
+            args.batch,
+            args.crop,
+            gen,
+            args.channels,
+            args.reference_shift,
+            args.register_references,
+            shares,
         )
         x, y = augment(*crops, gen)
         x = x.to(device).contiguous(memory_format=torch.channels_last)
-        y = y.to(device).long()
+        y = y.to(device)
         logits = model(x)
-        loss = F.cross_entropy(logits, y, weight=weights) + dice_loss(logits, y)
+        loss = cross_entropy_loss(logits, y, weights) + dice_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -423,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seeds": [train_seeds.start, train_seeds.stop],
             "val_seeds": [val_seeds.start, val_seeds.stop],
             "frames_per_loop": dataset.FRAMES_PER_LOOP,
-            "labels": dataset.LABEL_RULE,
+            "labels": dataset.SOFT_LABEL_RULE if args.targets == "soft" else dataset.LABEL_RULE,
             "steps": args.steps,
             "channels": args.channels,
             "spread_frames": args.spread_frames,

@@ -213,6 +213,11 @@ def test_frame_sets_give_each_frame_its_loops_first_frame_and_cache_whole(tmp_pa
     shorter = dataset.build_cached(range(5, 7), 32, 1, tmp_path, progress=False)
     assert np.array_equal(again.images, built.images) and np.array_equal(again.labels, built.labels)
     assert np.array_equal(shorter.images, built.images[: 2 * per_loop]) and len(shorter) == 2 * per_loop
+    # the soft targets travel with them: shares of 255 per pixel, whose majority is the label
+    assert built.shares.shape == (len(built), len(CLASS_NAMES), 32, 32)
+    assert np.array_equal(again.shares, built.shares) and np.array_equal(shorter.shares, built.shares[: 2 * per_loop])
+    assert np.abs(built.shares.sum(1, dtype=np.int32) - 255).max() <= 2
+    assert np.mean(built.shares.argmax(1) == built.labels) > 0.99
     assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name]  # no partial file left
 
 
@@ -261,3 +266,47 @@ def test_a_share_of_training_loops_renders_at_the_held_out_sizes():
         big = _loop_config(np.random.default_rng(s), True, False)
         assert 320 <= small.height <= 768 and big.height in (512, 768, 1024)
         assert (big.view, big.leaks, big.bit_depth, big.jpeg) == (small.view, small.leaks, small.bit_depth, small.jpeg)
+
+
+def test_soft_targets_crop_with_their_frames_and_train_the_same_loss_when_one_hot():
+    """--targets soft: the crops carry each class's share of the window's pixels (the same
+    windows and frames as the hard labels), and the loss on one-hot shares is the hard loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.train import cross_entropy_loss, dice_loss, sample_crops
+
+    n, size, classes = 4, 32, len(CLASS_NAMES)
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, classes, (n, size, size), generator=gen, dtype=torch.uint8)
+    one_hot = F.one_hot(labels.long(), classes).permute(0, 3, 1, 2)
+    # frame i's shares: one-hot, except class 0's share carries the frame index (where it is 0)
+    shares = (one_hot * 255).to(torch.uint8)
+    shares[:, 0] += (torch.arange(n, dtype=torch.uint8)[:, None, None] * 10) * (labels != 0)
+    images = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, size, size).contiguous()
+    x, hard = sample_crops(images, labels, 8, 16, torch.Generator().manual_seed(0))
+    x2, soft = sample_crops(images, labels, 8, 16, torch.Generator().manual_seed(0), shares=shares)
+    assert soft.shape == (8, classes, 16, 16) and soft.dtype == torch.float32 and float(soft.max()) <= 1.0
+    assert torch.equal(x, x2)  # same windows of the same frames
+    fg = hard != 0
+    assert torch.equal((soft[:, 1:].argmax(1) + 1)[fg], hard.long()[fg])  # same pixels of the same windows
+    frame_of_crop = x[:, 0, 0, 0].long()
+    offset = soft[:, 0] * 255 - 255 * (hard == 0)  # what was added to class 0 outside it
+    assert torch.allclose(offset.amax((1, 2)), (frame_of_crop * 10).float() * (hard != 0).any((1, 2)), atol=1e-3)
+
+    logits = torch.randn(8, classes, 16, 16, generator=gen)
+    weights = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    exact = F.one_hot(hard.long(), classes).permute(0, 3, 1, 2).float()
+    assert torch.allclose(
+        cross_entropy_loss(logits, exact, weights), F.cross_entropy(logits, hard.long(), weight=weights)
+    )
+    assert torch.allclose(dice_loss(logits, exact), dice_loss(logits, hard))
+    # a target between classes costs less with logits between them than with a confident wrong one
+    half = exact.clone()
+    half[:, :2] = 0.5
+    half[:, 2:] = 0.0
+    between = torch.zeros(8, classes, 16, 16)
+    between[:, :2] = 5.0
+    wrong = torch.zeros(8, classes, 16, 16)
+    wrong[:, 0] = 10.0
+    assert cross_entropy_loss(between, half, weights) < cross_entropy_loss(wrong, half, weights)

@@ -218,3 +218,33 @@ def test_training_labels_break_ties_for_thin_structures_and_pad_with_background(
     assert np.all(inner[25, :] == NEEDLE)  # the cannula, across the vein too
     assert np.all(inner[100, 150:200] == VERTEBRAL_BODY)  # the rim, not cement
     assert np.all(inner[99, 150:200] == BACKGROUND) and np.all(inner[101, 150:200] == BACKGROUND)
+
+
+def test_soft_training_targets_are_class_shares_that_place_a_boundary_inside_a_pixel():
+    """letterbox_shares: each model pixel's share of each class (sums to 1, padding all
+    background), whose majority is letterbox_labels (ties aside); brought back to the frame as the service
+    brings class planes back (bilinear, argmax), a boundary inside a model pixel comes back
+    within a frame pixel of where it was, at every phase of the block."""
+    from guidance.segmentation.preprocess import LetterboxGeometry, letterbox_labels, letterbox_shares
+    from models.evaluate import labels_at_frame_resolution
+
+    g = LetterboxGeometry.fit(768, 1024, 256)  # letterboxed: 32 padding rows above and below
+    for edge in range(600, 604):  # every phase within a 4 px block
+        labels = np.zeros((768, 1024), np.uint8)
+        labels[:, edge:] = VERTEBRAL_BODY
+        labels[300:310, edge + 40 : edge + 49] = CEMENT
+        shares = letterbox_shares(labels, g)
+        assert shares.shape == (4, 256, 256) and shares.dtype == np.float32
+        np.testing.assert_allclose(shares.sum(0), 1.0, atol=1e-5)
+        assert (shares[0, : g.pad_y] == 1).all() and (shares[1:, : g.pad_y] == 0).all()
+        top_two = np.sort(shares, 0)[-2:]
+        untied = top_two[1] > top_two[0]  # exact ties go by TIE_PRIORITY in letterbox_labels
+        np.testing.assert_array_equal(np.argmax(shares, 0)[untied], letterbox_labels(labels, g)[untied])
+        # the block holding the edge is split in proportion: (edge % 4) of 4 columns background
+        column = (edge // 4) * 4 // 4
+        assert shares[1, 100, column] == pytest.approx(1 - (edge % 4) / 4)
+        back = labels_at_frame_resolution(shares, g)
+        found = int(np.argmax(back[400] == VERTEBRAL_BODY))
+        assert abs(found - edge) <= 1, (edge, found)
+        cement_back = back[300:310] == CEMENT
+        assert abs(int(cement_back.sum()) - 90) <= 30  # a 10 x 9 px deposit stays that size
