@@ -342,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="register each reference onto its frame before cropping, as the service does",
     )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="export an exponential moving average of the weights with this decay (e.g. 0.999; 0: the last weights)",
+    )
     p.add_argument("--data-cache", type=Path, default=None, help="keep rendered frames here, reuse them next time")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--log", type=Path, default=None, help="write the training log (JSON lines) here")
@@ -349,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0.0 <= args.big_frames <= 1.0:
         p.error("--big-frames must be a share within 0..1")
+    if not 0.0 <= args.ema < 1.0:
+        p.error("--ema must be a decay within [0, 1)")
     if args.steps < 1 or args.train_loops < 1 or args.val_loops < 1 or args.size % 16 or args.crop % 16:
         p.error("--steps, --train-loops and --val-loops must be >= 1 and --size a multiple of 16")
 
@@ -397,6 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.from_numpy(train.labels)
     shares = torch.from_numpy(train.shares) if args.targets == "soft" else None
     log = args.log.open("w") if args.log else None
+    # the weights' moving average (BatchNorm statistics averaged alike) smooths the last
+    # steps' noise out of the exported model
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema), use_buffers=True
+        )
+        if args.ema
+        else None
+    )
     t_train = time.monotonic()
     model.train()
     for step in range(1, args.steps + 1):
@@ -420,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         if step % 100 == 0 or step == args.steps:
             elapsed = time.monotonic() - t_train
             line = {
@@ -430,11 +449,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             if step % 500 == 0 or step == args.steps:
                 line["val_dice"] = evaluate_torch(model, val, device)
+                if ema is not None:
+                    line["val_dice_ema"] = evaluate_torch(ema.module, val, device)
             print(json.dumps(line), flush=True)
             if log:
                 log.write(json.dumps(line) + "\n")
                 log.flush()
     train_s = time.monotonic() - t_train
+    last_val_dice = evaluate_torch(model, val, device)
+    if ema is not None:
+        model = ema.module  # what is exported
     val_dice = evaluate_torch(model, val, device)
     meta = {
         "name": "segmenter",
@@ -474,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
             "data_seconds": round(t_data),
             "train_seconds": round(train_s),
             "val_dice_model_resolution": {k: round(v, 4) for k, v in val_dice.items()},
+            **(
+                {"ema": args.ema, "val_dice_last_weights": {k: round(v, 4) for k, v in last_val_dice.items()}}
+                if ema is not None
+                else {}
+            ),
             "data": "simulated only (models.sim)",
         },
     }
