@@ -27,7 +27,7 @@ from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from guidance.segmentation.reference import register
 from models import dataset
 
-MODEL_VERSION = "0.5.0"
+MODEL_VERSION = "0.4.0"
 OPSET = 17
 TRAIN_SEED_BASE = 1_000_000
 VAL_SEED_BASE = 9_000_000

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from guidance.segmentation.preprocess import CLASS_NAMES
 from models.evaluate import load_session, segment
@@ -20,7 +21,8 @@ SHIPPED = REPO / "models" / "segmenter.onnx"
 REQUIRED_META = {"name", "version", "input", "resize", "normalization", "classes", "output", "training", "opset"}
 
 
-def test_tiny_training_run_exports_a_working_onnx(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--targets", "soft", "--ema", "0.5"]], ids=["shipped", "soft-ema"])
+def test_tiny_training_run_exports_a_working_onnx(tmp_path, options):
     out = tmp_path / "m.onnx"
     res = subprocess.run(
         [
@@ -45,6 +47,7 @@ def test_tiny_training_run_exports_a_working_onnx(tmp_path):
             str(out),
             "--log",
             str(tmp_path / "log.jsonl"),
+            *options,
         ],
         cwd=REPO,
         capture_output=True,
@@ -66,6 +69,12 @@ def test_tiny_training_run_exports_a_working_onnx(tmp_path):
     assert logits.shape == (1, 4, 64, 64)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 3 and "val_dice" in log[-1]
+    # what the run trained on and exported is in the file
+    if options:
+        assert meta["training"]["labels"] == "area_shares" and meta["training"]["ema"] == 0.5
+        assert "val_dice_ema" in log[-1] and set(meta["training"]["val_dice_last_weights"]) == set(CLASS_NAMES[1:])
+    else:
+        assert meta["training"]["labels"] == "area_majority" and "ema" not in meta["training"]
 
 
 def test_bad_training_arguments_are_refused():
