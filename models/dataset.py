@@ -25,7 +25,7 @@ class FrameSet:
     labels: np.ndarray  # [n, size, size] uint8 at model resolution
     seeds: list[int]
     # [n, classes, size, size] uint8: each class's share of the pixel (letterbox_shares) in
-    # 255ths, the soft training targets; None when built without them
+    # 255ths, the soft training targets; None unless asked for (4x the labels' memory)
     shares: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -69,11 +69,11 @@ LABEL_RULE = "area_majority"
 SOFT_LABEL_RULE = "area_shares"
 
 
-def render_seed(args: tuple[int, int, bool, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One simulated loop -> its frames preprocessed to the model plane, their labels and
-    their class shares (uint8, 255ths). `spread`: its frames span 0.7-10 s (loop_fps);
-    otherwise 15 fps (0.7 s)."""
-    seed, size, big, spread = args
+def render_seed(args: tuple[int, int, bool, bool, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One simulated loop -> its frames preprocessed to the model plane, their labels and,
+    with `with_shares`, their class shares (uint8, 255ths). `spread`: its frames span
+    0.7-10 s (loop_fps); otherwise 15 fps (0.7 s)."""
+    seed, size, big, spread, with_shares = args
     rng = np.random.default_rng(seed)
     loop = simulate(rng, _loop_config(rng, big, spread))
     images, labels, shares = [], [], []
@@ -81,8 +81,9 @@ def render_seed(args: tuple[int, int, bool, bool]) -> tuple[np.ndarray, np.ndarr
         x, geometry = preprocess(frame, size, DEFAULT_NORMALIZATION)
         images.append(x[0, 0].astype(np.float16))
         labels.append(letterbox_labels(lab, geometry))
-        shares.append(np.rint(letterbox_shares(lab, geometry) * 255).astype(np.uint8))
-    return np.stack(images), np.stack(labels), np.stack(shares)
+        if with_shares:
+            shares.append(np.rint(letterbox_shares(lab, geometry) * 255).astype(np.uint8))
+    return np.stack(images), np.stack(labels), np.stack(shares) if with_shares else None
 
 
 def renders_big(seed: int, big_share: float) -> bool:
@@ -99,9 +100,11 @@ def build(
     progress: bool = True,
     spread: bool = False,
     big_share: float = 0.0,
+    shares: bool = False,
 ) -> FrameSet:
-    """`big_share` of the loops at 512-1024 px (renders_big; 1.0: all), the rest 320-768 px."""
-    jobs = [(int(s), size, renders_big(int(s), big_share), spread) for s in seeds]
+    """`big_share` of the loops at 512-1024 px (renders_big; 1.0: all), the rest 320-768 px;
+    `shares`: keep the class shares too (soft targets)."""
+    jobs = [(int(s), size, renders_big(int(s), big_share), spread, shares) for s in seeds]
     results = []
     with mp.get_context("spawn").Pool(workers) as pool:
         for k, res in enumerate(pool.imap(render_seed, jobs, chunksize=4)):
@@ -110,8 +113,8 @@ def build(
                 print(f"  rendered {k + 1}/{len(jobs)} loops", flush=True)
     images = np.concatenate([r[0] for r in results])
     labels = np.concatenate([r[1] for r in results])
-    shares = np.concatenate([r[2] for r in results])
-    return FrameSet(images, labels, [int(s) for s in seeds], shares)
+    kept = np.concatenate([r[2] for r in results]) if shares else None
+    return FrameSet(images, labels, [int(s) for s in seeds], kept)
 
 
 def build_cached(
@@ -122,15 +125,17 @@ def build_cached(
     progress: bool = True,
     spread: bool = False,
     big_share: float = 0.0,
+    shares: bool = False,
 ) -> FrameSet:
     """build(), kept in `cache` (a folder) as one .npz per seed range, size, time spread and
     share of big frames, so runs that differ only in training settings render their data once."""
     if cache is None:
-        return build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share)
-    # "areashares": labels by area majority (letterbox_labels) and the shares themselves;
-    # older caches sampled nearest ("_"), then held the labels alone ("arealabels")
+        return build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share, shares=shares)
+    # "arealabels": labels by area majority (letterbox_labels), older caches sampled nearest;
+    # "_shares": the class shares too
     kind = (
-        f"{size}_{FRAMES_PER_LOOP}_areashares"
+        f"{size}_{FRAMES_PER_LOOP}_arealabels"
+        + ("_shares" if shares else "")
         + ("_spread" if spread else "")
         + (f"_big{big_share:g}" if big_share else "")
     )
@@ -140,11 +145,15 @@ def build_cached(
         if int(found.name.split("_")[2]) >= seeds.stop:
             n = len(seeds) * FRAMES_PER_LOOP
             with np.load(found) as data:
-                return FrameSet(data["images"][:n], data["labels"][:n], [int(s) for s in seeds], data["shares"][:n])
-    frames = build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share)
+                kept = data["shares"][:n] if shares else None
+                return FrameSet(data["images"][:n], data["labels"][:n], [int(s) for s in seeds], kept)
+    frames = build(seeds, size, workers=workers, progress=progress, spread=spread, big_share=big_share, shares=shares)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, images=frames.images, labels=frames.labels, shares=frames.shares)
+    arrays = {"images": frames.images, "labels": frames.labels}
+    if shares:
+        arrays["shares"] = frames.shares
+    np.savez(partial, **arrays)
     partial.replace(path)  # whole or absent: a killed run leaves no half file behind
     return frames
 

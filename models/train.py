@@ -372,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     val_seeds = range(VAL_SEED_BASE, VAL_SEED_BASE + args.val_loops)
     print(f"rendering {args.train_loops} training loops and {args.val_loops} validation loops ...", flush=True)
     train = dataset.build_cached(
-        train_seeds, args.size, args.workers, args.data_cache, spread=args.spread_frames, big_share=args.big_frames
+        train_seeds,
+        args.size,
+        args.workers,
+        args.data_cache,
+        spread=args.spread_frames,
+        big_share=args.big_frames,
+        shares=args.targets == "soft",
     )
     val = dataset.build_cached(
         val_seeds,
