@@ -3,7 +3,8 @@
 Calibrates a rendered 1024x1024 bead phantom (known pincushion + S-distortion), then times
 `Calibration.undistort` (float32 maps, what the service runs) against cv2.remap with the
 the same maps in fixed-point form (cv2.convertMaps) and with the textbook -1 for "outside",
-side by side (interleaved frame by frame), for 8-bit, 12-bit-in-16 and float frames.
+side by side (interleaved frame by frame, the order rotating so that no variant always reads a
+new frame first), for 8-bit, 12-bit-in-16 and float frames.
 
     python bench/undistort.py [--frames 300] [--threads 1]
 
@@ -107,10 +108,13 @@ def main() -> int:
         for f in frames[:5]:
             for fn in fns.values():
                 fn(f)
-        for f in frames:
-            for k, fn in fns.items():
+        order = list(fns)
+        for i, f in enumerate(frames):
+            # the first variant to read a new frame pays for bringing it into the cache:
+            # rotate which one that is, frame by frame, so none always pays it
+            for k in order[i % len(order) :] + order[: i % len(order)]:
                 t0 = time.perf_counter_ns()
-                fn(f)
+                fns[k](f)
                 times[k].append((time.perf_counter_ns() - t0) / 1e6)
         ref = np.median(times["Calibration.undistort"])
         for k, ms in times.items():
