@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION, letterbox_labels, letterbox_shares, preprocess
+from guidance.segmentation.preprocess import (
+    DEFAULT_NORMALIZATION,
+    letterbox_labels,
+    letterbox_shares,
+    majority_labels,
+    preprocess,
+)
 from models.sim.loop import LEAK_KINDS, LoopConfig, simulate
 
 FRAMES_PER_LOOP = 10
@@ -80,9 +86,12 @@ def render_seed(args: tuple[int, int, bool, bool, bool]) -> tuple[np.ndarray, np
     for frame, lab in zip(loop.frames, loop.labels, strict=True):
         x, geometry = preprocess(frame, size, DEFAULT_NORMALIZATION)
         images.append(x[0, 0].astype(np.float16))
-        labels.append(letterbox_labels(lab, geometry))
-        if with_shares:
-            shares.append(np.rint(letterbox_shares(lab, geometry) * 255).astype(np.uint8))
+        if with_shares:  # the labels are the shares' majority: take both from one pass
+            share = letterbox_shares(lab, geometry)
+            labels.append(majority_labels(share, lab.dtype))
+            shares.append(np.rint(share * 255).astype(np.uint8))
+        else:
+            labels.append(letterbox_labels(lab, geometry))
     return np.stack(images), np.stack(labels), np.stack(shares) if with_shares else None
 
 

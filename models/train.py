@@ -463,9 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
     train_s = time.monotonic() - t_train
     last_val_dice = evaluate_torch(model, val, device)
+    val_dice = last_val_dice
     if ema is not None:
         model = ema.module  # what is exported
-    val_dice = evaluate_torch(model, val, device)
+        val_dice = evaluate_torch(model, val, device)
     meta = {
         "name": "segmenter",
         "version": MODEL_VERSION,
