@@ -189,3 +189,28 @@ def test_report_is_self_contained_and_has_every_part(results):
     # false alert drawn hollow, true raise filled
     assert "(false alert)" in page
     json.dumps(s)  # summary stays JSON-able
+
+
+@pytest.mark.parametrize(
+    ("labels_shape", "size"), [((64, 64), (128, 128)), ((60, 80), (96, 128)), ((50, 50), (50, 50))]
+)
+def test_overlay_colours_each_class_over_the_grey_frame(labels_shape, size):
+    # a horizontal ramp, the class map in four vertical bands (background, body, cement, needle)
+    from guidance.evaluation import overlay
+
+    h, w = size
+    frame = np.tile(np.linspace(0, 255, 4 * w).astype(np.uint8), (4 * h, 1))
+    labels = np.zeros(labels_shape, np.uint8)
+    for c in range(4):
+        labels[:, c * labels_shape[1] // 4 : (c + 1) * labels_shape[1] // 4] = c
+    out = overlay.render(frame, labels, size, {}, [])
+    assert out.shape == (h, w, 3) and out.dtype == np.uint8
+    grey = cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32)
+    rows = slice(h // 2, h)  # below any text
+    for c in range(4):
+        # the middle of each band, away from where nearest scaling puts its edges
+        col = slice(c * w // 4 + w // 16, (c + 1) * w // 4 - w // 16)
+        expected = grey[rows, col, None] * (1 - overlay.ALPHA) + overlay.CLASS_COLOURS[c] * overlay.ALPHA
+        if c == 0:
+            expected = np.repeat(grey[rows, col, None], 3, axis=2)  # no class: the frame as it is
+        assert np.abs(out[rows, col].astype(np.float32) - expected).max() <= 1.0, c

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -170,6 +171,31 @@ def test_model_resolution_map_is_compared_at_mask_resolution():
     assert set(np.unique(big)) <= {0, 1, 2, 3}
     assert math.isclose(float((big == 2).mean()), 0.25)
 
+
+
+@pytest.mark.parametrize(
+    ("small", "big"),
+    [
+        ((256, 256), (1024, 1024)),
+        ((128, 96), (256, 192)),
+        ((64, 64), (512, 512)),
+        ((90, 120), (270, 360)),
+        ((70, 70), (100, 100)),
+    ],
+)
+def test_mask_resolution_fast_paths_match_opencv_nearest(small, big):
+    # factors 2, 4, 8 take the word-repeat path; 3 and non-integer ones cv2.resize: the same
+    # pixels either way, and add_model_plane pools the same counts as add() on the upscaled map
+    rng = np.random.default_rng(sum(small))
+    labels = rng.integers(0, 4, small, dtype=np.uint8)
+    truth = rng.integers(0, 4, big, dtype=np.uint8)
+    up = labels_at_mask_resolution(labels, *big)
+    assert np.array_equal(up, cv2.resize(labels, big[::-1], interpolation=cv2.INTER_NEAREST))
+    plain, fast = DiceCounter(), DiceCounter()
+    plain.add(up, truth)
+    fast.add_model_plane(labels, truth)
+    assert plain.counts() == fast.counts()
+    assert fast.counts()["frames"] == 1 and sum(fast.counts()["truth"]) == truth.size
 
 # ---- properties over random alert lists -----------------------------------------------
 

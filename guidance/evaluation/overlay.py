@@ -8,6 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from guidance.evaluation.scoring import labels_at_mask_resolution
+
 # BGR, per class id: vertebral body green, cement yellow, needle cyan
 CLASS_COLOURS = np.array([[0, 0, 0], [80, 200, 60], [0, 220, 255], [255, 200, 0]], dtype=np.float32)
 ALPHA = 0.40
@@ -48,9 +50,12 @@ def render(
     grey = cv2.resize(display_grey(image), (w, h), interpolation=cv2.INTER_AREA)
     out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     if labels is not None:
-        lab = cv2.resize(labels, (w, h), interpolation=cv2.INTER_NEAREST)
-        # colour by table lookup and blend in C: this runs on every frame of every loop
-        colour = cv2.LUT(cv2.merge([lab, lab, lab]), _COLOUR_LUT)
+        lab = labels_at_mask_resolution(labels.astype(np.uint8, copy=False), h, w)
+        # colour by table lookup and blend in C: this runs on every frame of every loop. The
+        # lookup is done on the class map before it is scaled up (the same pixels: a lookup
+        # commutes with nearest-neighbour scaling), a quarter of the work at 256 -> 512
+        small = labels if labels.dtype == np.uint8 else labels.astype(np.uint8)
+        colour = _nearest(cv2.LUT(cv2.merge([small, small, small]), _COLOUR_LUT), h, w)
         blended = cv2.addWeighted(out, 1.0 - ALPHA, colour, ALPHA, 0.0)
         cv2.copyTo(blended, lab, out)  # only where a class is (mask: lab != 0)
     scale = max(0.35, h / 900)
@@ -70,6 +75,12 @@ def render(
         cv2.putText(out, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick)
         y += int(20 * scale / 0.5)
     return out
+
+
+def _nearest(plane: np.ndarray, h: int, w: int) -> np.ndarray:
+    if plane.shape[:2] == (h, w):
+        return plane
+    return cv2.resize(plane, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
 def skipped_frame(size: tuple[int, int], index: int) -> np.ndarray:

@@ -21,7 +21,6 @@ from guidance.evaluation.labels import Labels, LabelsError, MaskStream
 from guidance.evaluation.scoring import (
     DiceCounter,
     detection_window_frames,
-    labels_at_mask_resolution,
     raises_from_messages,
     score_loop,
 )
@@ -145,8 +144,7 @@ class _Collector:
                     f"{self.size[1]}x{self.size[0]}"
                 )
             else:
-                pred = labels_at_mask_resolution(np.asarray(fr.labels), *truth.shape)
-                self.dice.add(pred, truth)
+                self.dice.add_model_plane(np.asarray(fr.labels), truth)
 
         raised = [a for a in alerts if a.get("state") == "raised"]
         for a in alerts:

@@ -129,12 +129,27 @@ def score_loop(events: Sequence[Event], raises: Sequence[AlertRaise], fps: float
 # ---- segmentation ----------------------------------------------------------------------
 
 
+# an integer factor of 2, 4 or 8 -> the unsigned type that holds that many uint8 pixels
+_REPEAT_WORD = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
 def labels_at_mask_resolution(labels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Model-resolution class map (already cropped to the frame area of the letterbox)
-    -> mask resolution, nearest neighbour (class ids must not be blended)."""
-    if labels.shape == (height, width):
+    -> mask resolution, nearest neighbour (class ids must not be blended).
+
+    For the usual case (1024 -> 256 -> 1024: both sides a factor 2, 4 or 8) each class id is
+    repeated by a multiply into one machine word of f copies, and rows by np.repeat: the same
+    pixels as cv2.resize(INTER_NEAREST), ~10x faster, which matters once per scored frame."""
+    h, w = labels.shape
+    if (h, w) == (height, width):
         return labels
-    return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+    f = height // h
+    word = _REPEAT_WORD.get(f)
+    if word is None or (height, width) != (h * f, w * f) or labels.dtype != np.uint8:
+        return cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+    ones = int.from_bytes(b"\x01" * f, "little")  # 0x0101...: f copies of a byte
+    wide = (labels.astype(word) * word(ones)).view(np.uint8).reshape(h, 1, w * f)
+    return np.repeat(wide, f, axis=1).reshape(height, width)
 
 
 class DiceCounter:
@@ -152,7 +167,16 @@ class DiceCounter:
         # one 4x4 confusion matrix per frame (a 16-bin histogram of pred*4+truth): one pass
         # over the pixels, which matters at 1024x1024 and 45 frames/s
         # (classes are 0..3: masks are validated, predictions come from a 4-class argmax)
-        code = (pred.astype(np.uint8, copy=False) << 2) | truth.astype(np.uint8, copy=False)
+        code = cv2.add(pred.astype(np.uint8, copy=False) << 2, truth.astype(np.uint8, copy=False))
+        self._count(code)
+
+    def add_model_plane(self, labels: np.ndarray, truth: np.ndarray) -> None:
+        """add() for a model-resolution class map scored at the mask's resolution: the shift
+        by 2 is done on the small plane, before the nearest-neighbour upscale."""
+        shifted = labels.astype(np.uint8, copy=False) << 2
+        self._count(cv2.add(labels_at_mask_resolution(shifted, *truth.shape), truth.astype(np.uint8, copy=False)))
+
+    def _count(self, code: np.ndarray) -> None:
         hist = cv2.calcHist([code], [0], None, [16], [0, 16]).ravel().astype(np.int64)
         confusion = hist.reshape(4, 4)  # [pred, truth]
         self.pred += confusion.sum(axis=1)
