@@ -117,7 +117,7 @@ def _reference_preprocess(frame, size, norm):
 
 
 @pytest.mark.parametrize(
-    "shape", [(1024, 1024), (512, 512), (1024, 2048), (768, 1024), (480, 640), (97, 131), (40, 30)]
+    "shape", [(1024, 1024), (512, 512), (1024, 2048), (2048, 4096), (768, 1024), (480, 640), (97, 131), (40, 30)]
 )
 def test_fast_preprocess_is_bit_identical(shape):
     """Power-of-two shrinks of 8-bit frames take the block-sum/lookup path, the rest the float

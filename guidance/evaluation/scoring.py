@@ -164,24 +164,43 @@ class DiceCounter:
     def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
         if pred.shape != truth.shape:
             raise ValueError(f"prediction {pred.shape} and mask {truth.shape} differ")
-        # one 4x4 confusion matrix per frame (a 16-bin histogram of pred*4+truth): one pass
-        # over the pixels, which matters at 1024x1024 and 45 frames/s
-        # (classes are 0..3: masks are validated, predictions come from a 4-class argmax)
-        code = cv2.add(pred.astype(np.uint8, copy=False) << 2, truth.astype(np.uint8, copy=False))
-        self._count(code)
+        self._count(pred.astype(np.uint8, copy=False) << 2, truth.astype(np.uint8, copy=False))
 
     def add_model_plane(self, labels: np.ndarray, truth: np.ndarray) -> None:
         """add() for a model-resolution class map scored at the mask's resolution: the shift
-        by 2 is done on the small plane, before the nearest-neighbour upscale."""
-        shifted = labels.astype(np.uint8, copy=False) << 2
-        self._count(cv2.add(labels_at_mask_resolution(shifted, *truth.shape), truth.astype(np.uint8, copy=False)))
+        by 2 is done on the small plane, before the nearest-neighbour upscale, and when the
+        upscale is by a whole factor each model pixel's count is simply f * f mask pixels."""
+        small = labels.astype(np.uint8, copy=False)
+        h, w = small.shape
+        f = truth.shape[0] // h if h else 0
+        pred_counts = None
+        if f and truth.shape == (h * f, w * f):
+            pred_counts = np.bincount(small.ravel(), minlength=4)[:4].astype(np.int64) * f * f
+        pred4 = labels_at_mask_resolution(small << 2, *truth.shape)
+        self._count(pred4, truth.astype(np.uint8, copy=False), pred_counts)
 
-    def _count(self, code: np.ndarray) -> None:
-        hist = cv2.calcHist([code], [0], None, [16], [0, 16]).ravel().astype(np.int64)
-        confusion = hist.reshape(4, 4)  # [pred, truth]
-        self.pred += confusion.sum(axis=1)
-        self.truth += confusion.sum(axis=0)
-        self.inter += np.diagonal(confusion)
+    def _count(self, pred4: np.ndarray, truth: np.ndarray, pred_counts: np.ndarray | None = None) -> None:
+        """One frame's intersection and sizes per class, from pred * 4 and the mask (classes
+        0..3: masks are validated, predictions come from a 4-class argmax).
+
+        Counted by comparisons (vectorised) rather than a 16-bin histogram of pred * 4 + truth:
+        a histogram of a frame that is mostly one value increments one counter a million times
+        in a row, and that dependency made cv2.calcHist take ~3 ms at 1024x1024 on real masks
+        (0.4 ms on noise). Class 0's counts are what the others leave."""
+        total = truth.size
+        code = cv2.add(pred4, truth)  # pred * 4 + truth: 5c where both say class c
+
+        def count(plane: np.ndarray, value: int) -> int:
+            return cv2.countNonZero(cv2.compare(plane, value, cv2.CMP_EQ))
+
+        inter = [total - cv2.countNonZero(code)] + [count(code, 5 * c) for c in (1, 2, 3)]
+        truth_n = [count(truth, c) for c in (1, 2, 3)]
+        if pred_counts is None:
+            pred_n = [count(pred4, 4 * c) for c in (1, 2, 3)]
+            pred_counts = np.array([total - sum(pred_n), *pred_n], np.int64)
+        self.inter += np.array(inter, np.int64)
+        self.pred += pred_counts
+        self.truth += np.array([total - sum(truth_n), *truth_n], np.int64)
         self.frames += 1
 
     def add_counts(self, counts: Mapping) -> None:

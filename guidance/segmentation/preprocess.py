@@ -217,9 +217,14 @@ def _block_sums(frame: np.ndarray, geometry: LetterboxGeometry) -> tuple[np.ndar
     f = frame.shape[0] // h
     if frame.shape != (h * f, w * f) or f not in _POW2_FACTORS:
         return None
-    # area-averaging area * v gives sum(v) exactly (an integer: no rounding to do)
-    scaled = np.left_shift(frame, _POW2_FACTORS[f], dtype=np.uint16)
-    return cv2.resize(scaled, (w, h), interpolation=cv2.INTER_AREA), f * f
+    # area-averaging area * v gives sum(v) exactly (an integer: no rounding to do). Done as
+    # halvings: OpenCV's 2x2 area path is vectorised, its general one is not (0.2 against
+    # 0.9 ms at 1024 -> 256 here). Still exact: before each halving every value is a multiple
+    # of 4 (the shift put 4 ** halvings into each), so the mean of 4 drops no remainder.
+    blocks = np.left_shift(frame, _POW2_FACTORS[f], dtype=np.uint16)
+    while blocks.shape[0] > h:
+        blocks = cv2.resize(blocks, (blocks.shape[1] // 2, blocks.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return blocks, f * f
 
 
 def preprocess(
@@ -242,7 +247,7 @@ def preprocess(
         sums, area = blocks
         lo, hi = percentile_window(sums, normalization["low"], normalization["high"], area)
         levels = np.arange(255 * area + 1, dtype=np.float32) / np.float32(area)
-        x[inner_slice] = _standardise(levels, lo, hi, normalization)[sums]
+        x[inner_slice] = np.take(_standardise(levels, lo, hi, normalization), sums)
         return x[None, None], geometry
     plane = letterbox(to_float_grey(frame), geometry)
     x[inner_slice] = normalize(plane[inner_slice], None, normalization)
