@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ from guidance.segmentation.model import REFERENCE_FIRST_FRAME
 from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from guidance.segmentation.reference import register
 from models import dataset
+from models.graph import BLOCK, REWRITE_NAME, blocked_layout_graph, compare_models, conv_macs
 
-MODEL_VERSION = "0.4.0"
+MODEL_VERSION = "0.4.1"
 OPSET = 17
 TRAIN_SEED_BASE = 1_000_000
 VAL_SEED_BASE = 9_000_000
@@ -281,7 +283,10 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
         dynamo=False,
         dynamic_axes=None,
     )
-    proto = onnx.load(str(path))
+    # the same function as a graph onnxruntime runs in its blocked layout throughout (models.graph)
+    exported = onnx.load(str(path))
+    proto = blocked_layout_graph(exported)
+    meta = {**meta, "graph": {"rewrite": REWRITE_NAME, "block": BLOCK, "macs_as_run": conv_macs(proto)}}
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = "guidance", json.dumps(meta, sort_keys=True)
@@ -289,6 +294,13 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
     proto.model_version = int(MODEL_VERSION.replace(".", ""))
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "exported.onnx"
+        onnx.save(exported, str(plain))
+        worst, flips = compare_models(plain, path)
+    if worst > 1e-4 or flips:
+        why = f"logits by {worst:.1e}, {flips} px"
+        raise RuntimeError(f"{path}: the blocked-layout graph differs from the export ({why})")
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 

@@ -1,0 +1,113 @@
+"""models.graph: the blocked-layout rewrite gives the same function as the exported graph, with
+no channel Concat left and every inner convolution's output in whole blocks; the shipped model
+is such a graph."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.graph import BLOCK, REWRITE_NAME, blocked_layout_graph, channel_counts, compare_models  # noqa: E402
+from models.train import LeakUNet  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def channel_concats(model: onnx.ModelProto) -> list[str]:
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Concat" and any(a.name == "axis" and a.i == 1 for a in n.attribute)
+    ]
+
+
+def export(net: torch.nn.Module, path: Path, size: int) -> onnx.ModelProto:
+    net.eval()
+    torch.onnx.export(
+        net,
+        (torch.zeros(1, net.channels, size, size),),
+        str(path),
+        input_names=["image"],
+        output_names=["logits"],
+        opset_version=17,
+        dynamo=False,
+    )
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("width", [16, 8, 12])
+def test_rewrite_keeps_the_function_and_leaves_whole_blocks(tmp_path, width):
+    torch.manual_seed(width)
+    net = LeakUNet(width=width, channels=2)
+    with torch.no_grad():  # batch-norm statistics away from the identity, as after training
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    exported = export(net, tmp_path / "plain.onnx", 64)
+    assert len(channel_concats(exported)) == 4  # the U-Net's skip connections
+    rewritten = blocked_layout_graph(exported)
+    onnx.save(rewritten, str(tmp_path / "blocked.onnx"))
+    worst, flips = compare_models(tmp_path / "plain.onnx", tmp_path / "blocked.onnx", runs=4)
+    assert worst < 1e-4 and flips == 0
+    assert channel_concats(rewritten) == []
+    widths = channel_counts(rewritten)
+    inner = [n for n in rewritten.graph.node if n.op_type == "Conv" and n.output[0] != "logits"]
+    assert all(widths[n.output[0]] % BLOCK == 0 for n in inner), {n.name: widths[n.output[0]] for n in inner}
+    assert widths["logits"] == 4  # the output is what it was
+
+
+def test_cli_rewrites_and_stamps_the_version(tmp_path):
+    from models.train import export_onnx
+
+    net = LeakUNet(width=8, channels=2)
+    src = tmp_path / "m.onnx"
+    export_onnx(net, src, 64, {"name": "segmenter", "version": "9.9.0"})
+    # export_onnx already rewrites: so does the CLI, again, and keeps the function
+    out = tmp_path / "again.onnx"
+    res = subprocess.run(
+        [sys.executable, "-m", "models.graph", str(src), "-o", str(out), "--version", "9.9.1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "classes identical" in res.stdout
+    meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["guidance"])
+    assert meta["version"] == "9.9.1" and meta["graph"]["rewrite"] == REWRITE_NAME
+    assert meta["history"] == ["9.9.0 -> 9.9.1: graph rewritten for the blocked layout, same weights"]
+    first = json.loads({p.key: p.value for p in onnx.load(str(src)).metadata_props}["guidance"])
+    assert first["graph"]["macs_as_run"] > 0
+
+
+def test_cli_refuses_a_file_that_is_not_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    res = subprocess.run(
+        [sys.executable, "-m", "models.graph", str(bad), "-o", str(tmp_path / "o.onnx")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "bad.onnx" in res.stderr and "not an ONNX model" in res.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_shipped_model_is_the_blocked_layout_graph():
+    shipped = onnx.load(str(REPO / "models" / "segmenter.onnx"))
+    meta = json.loads({p.key: p.value for p in shipped.metadata_props}["guidance"])
+    assert meta["graph"]["rewrite"] == REWRITE_NAME and meta["graph"]["block"] == BLOCK
+    assert channel_concats(shipped) == []
+    # the zero channels cost multiply-accumulates of their own, in exchange for the layout
+    assert meta["macs"] < meta["graph"]["macs_as_run"] < 1.5 * meta["macs"]
