@@ -46,6 +46,33 @@ def test_video_files_replay_every_frame_in_order(tmp_path, suffix):
     assert np.abs(grey.astype(int) - frames[3].astype(int)).mean() < 6
 
 
+
+@pytest.mark.parametrize("kind", ["mp4", "png", "dicom"])
+def test_inline_replay_gives_the_threaded_replays_frames_without_a_thread(tmp_path, kind):
+    """Offline evaluation with one thread per loop decodes in read(): the same frames, errors
+    included, in order, then `ended`; no reader thread is started."""
+    frames = scene_frames(5, size=(40, 48))
+    if kind == "mp4":
+        path = write_video(tmp_path / "loop.mp4", frames, fps=10.0)
+    elif kind == "png":
+        path = write_pngs(tmp_path / "loop", frames)
+        (path / "000002.png").write_bytes(b"not a png")
+    else:
+        path = write_dicom(tmp_path / "cine.dcm", frames, "MONOCHROME2", 8, "explicit")
+    threaded = drain(open_source(str(path), pace=False, fps=10))
+    source = open_source(str(path), pace=False, fps=10, inline=True)
+    inline = drain(source)
+    assert source._thread is None and source.ended and source.read(0.01) is None
+    assert [f.index for f in inline] == [f.index for f in threaded] == list(range(5))
+    for a, b in zip(inline, threaded, strict=True):
+        assert (a.image is None) == (b.image is None) and a.error == b.error
+        if a.image is not None:
+            assert np.array_equal(a.image, b.image)
+    if kind == "png":
+        assert inline[2].image is None and "000002.png" in inline[2].error
+    with pytest.raises(ValueError, match="lossless"):
+        open_source(str(path), pace=True, inline=True)
+
 def test_sidecar_labels_give_fps_spacing_and_side(tmp_path):
     path = write_video(tmp_path / "loop.mp4", scene_frames(3, size=(48, 64)), fps=25.0)
     write_labels(tmp_path / "loop", fps=15.0, pixel_spacing_mm=0.2, posterior_side="left")

@@ -36,6 +36,7 @@ def make_source(
     pace: bool = True,
     fps: float | None = None,
     reconnect_s: float = 0.5,
+    inline: bool = False,
 ) -> Source:
     """Build (not connect) the source a spec names.
 
@@ -43,6 +44,7 @@ def make_source(
     (`rtsp://...`), a DICOM file, an MP4/AVI/MKV file or a folder of PNG frames.
     kind: `auto` (from the spec), `live` (e.g. a video file read as if it were a grabber),
     `replay` or `simulated`.
+    inline: a recorded loop replayed lossless decodes on the caller's thread (ReplaySource).
     """
     if kind not in KINDS:
         raise BadInputError(f"capture kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -60,11 +62,11 @@ def make_source(
     if kind == "live":
         return LiveSource(spec, reconnect_s, fps)
     if path.is_dir():
-        return PngFolderSource(spec, pace, fps)
+        return PngFolderSource(spec, pace, fps, inline)
     if _is_dicom(path):
-        return DicomSource(spec, pace, fps)
+        return DicomSource(spec, pace, fps, inline)
     if path.suffix.lower() in VIDEO_SUFFIXES:
-        return VideoFileSource(spec, pace, fps)
+        return VideoFileSource(spec, pace, fps, inline)
     raise BadInputError(f"{spec}: unknown file type {path.suffix or '(none)'} (expected {EXPECTED})")
 
 
@@ -74,9 +76,10 @@ def open_source(
     pace: bool = True,
     fps: float | None = None,
     reconnect_s: float = 0.5,
+    inline: bool = False,
 ) -> Source:
     """make_source() and connect(): BadInputError naming the source when it is unusable."""
-    source = make_source(spec, kind, pace, fps, reconnect_s)
+    source = make_source(spec, kind, pace, fps, reconnect_s, inline)
     try:
         source.connect()
     except BadInputError:

@@ -254,7 +254,9 @@ def evaluate_loop(task: LoopTask) -> dict:
     collector = None
     try:
         model = shared_model(settings)
-        source = open_source(task.ref.source, kind="replay", pace=False, fps=settings.capture.fps)
+        # one thread per loop (the default, scaled by loops): decode on it, not beside it
+        inline = settings.segmentation.threads == 1
+        source = open_source(task.ref.source, kind="replay", pace=False, fps=settings.capture.fps, inline=inline)
         video_fps = source.info.fps
         fps = labels.fps if labels and labels.fps else video_fps
         result["fps"] = fps
