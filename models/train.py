@@ -56,11 +56,11 @@ class ConvBNReLU(nn.Sequential):
 class LeakUNet(nn.Module):
     """A small U-Net: full-resolution stem for thin needles and veins, separable convs below."""
 
-    def __init__(self, classes: int = len(CLASS_NAMES), width: int = 16, channels: int = 1):
+    def __init__(self, classes: int = len(CLASS_NAMES), width: int = 16, channels: int = 1, full_width: int = 8):
         super().__init__()
-        w = width
+        w, f = width, full_width
         self.channels = channels  # 2: the frame and the run's reference frame (REFERENCE_FIRST_FRAME)
-        self.full = ConvBNReLU(channels, 8)  # 256
+        self.full = ConvBNReLU(channels, f)  # 256
         self.stem = nn.Sequential(ConvBNReLU(channels, w, stride=2), SeparableConv(w, w))  # 128
         self.down2 = nn.Sequential(SeparableConv(w, 2 * w, 2), SeparableConv(2 * w, 2 * w))  # 64
         self.down3 = nn.Sequential(SeparableConv(2 * w, 4 * w, 2), SeparableConv(4 * w, 4 * w))  # 32
@@ -72,8 +72,8 @@ class LeakUNet(nn.Module):
         self.up3 = SeparableConv(6 * w + 4 * w, 4 * w)
         self.up2 = SeparableConv(4 * w + 2 * w, 2 * w)
         self.up1 = nn.Sequential(SeparableConv(2 * w + w, w), SeparableConv(w, w))
-        self.up0 = SeparableConv(w + 8, 8)
-        self.head = nn.Conv2d(8, classes, 1)
+        self.up0 = SeparableConv(w + f, f)
+        self.head = nn.Conv2d(f, classes, 1)
 
     @staticmethod
     def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -321,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("models/segmenter.onnx"))
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--width", type=int, default=16)
+    p.add_argument(
+        "--full-width",
+        type=int,
+        default=8,
+        help="channels of the full-resolution path (the exported graph pads it to 16 anyway: models.graph)",
+    )
     p.add_argument("--channels", type=int, choices=(1, 2), default=2, help="2: the frame and the run's reference frame")
     p.add_argument("--train-loops", type=int, default=700)
     p.add_argument("--val-loops", type=int, default=60)
@@ -404,12 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.monotonic() - t0
     print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
 
-    model = LeakUNet(width=args.width, channels=args.channels)
+    model = LeakUNet(width=args.width, channels=args.channels, full_width=args.full_width)
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     model = model.to(device).to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(LeakUNet(width=args.width, channels=args.channels), args.size)
+    macs = count_macs(LeakUNet(width=args.width, channels=args.channels, full_width=args.full_width), args.size)
     print(f"model: {params} parameters, {macs / 1e6:.1f} M MACs per frame", flush=True)
 
     # class balance: rare classes (cement, needle) weigh more
@@ -508,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             "reference_shift": args.reference_shift,
             "register_references": args.register_references,
             "big_frames": args.big_frames,
+            "width": args.width,
+            "full_width": args.full_width,
             "batch": args.batch,
             "crop": args.crop,
             "lr": args.lr,
