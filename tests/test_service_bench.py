@@ -50,3 +50,26 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     assert {"capture", "calibrate", "segment", "track", "publish"} <= set(r["stage_median_ms"])
     assert report["rss_mb"]["peak"] > 0 and "CPU" in report["machine"]
     assert "overhead ratio" in proc.stdout
+
+
+def test_inference_benchmark_compares_models_side_by_side(tmp_path, stand_in):
+    onnx_path, _ = stand_in
+    shipped = ROOT / "models" / "segmenter.onnx"
+    proc = subprocess.run(
+        [sys.executable, "bench/inference.py", str(shipped), str(onnx_path), "--threads", "1", "--runs", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if "p50" in ln]
+    assert len(lines) == 2 and lines[0].endswith("ratio 1.00") and str(onnx_path) in lines[1]
+    missing = subprocess.run(
+        [sys.executable, "bench/inference.py", str(tmp_path / "none.onnx")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "none.onnx" in missing.stderr
