@@ -50,11 +50,11 @@ def render(
     grey = cv2.resize(display_grey(image), (w, h), interpolation=cv2.INTER_AREA)
     out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     if labels is not None:
-        lab = labels_at_mask_resolution(labels.astype(np.uint8, copy=False), h, w)
+        small = labels.astype(np.uint8, copy=False)
+        lab = labels_at_mask_resolution(small, h, w)
         # colour by table lookup and blend in C: this runs on every frame of every loop. The
         # lookup is done on the class map before it is scaled up (the same pixels: a lookup
         # commutes with nearest-neighbour scaling), a quarter of the work at 256 -> 512
-        small = labels if labels.dtype == np.uint8 else labels.astype(np.uint8)
         colour = _nearest(cv2.LUT(cv2.merge([small, small, small]), _COLOUR_LUT), h, w)
         blended = cv2.addWeighted(out, 1.0 - ALPHA, colour, ALPHA, 0.0)
         cv2.copyTo(blended, lab, out)  # only where a class is (mask: lab != 0)
