@@ -73,3 +73,27 @@ def test_inference_benchmark_compares_models_side_by_side(tmp_path, stand_in):
         timeout=60,
     )
     assert missing.returncode == 2 and "none.onnx" in missing.stderr
+
+
+def test_frame_cost_benchmark_times_every_part_of_an_evaluated_frame():
+    proc = subprocess.run(
+        [sys.executable, "bench/frame_cost.py", "--seconds", "0.5", "--size", "256"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    parts = [ln.split(" p50")[0].strip() for ln in proc.stdout.splitlines() if " p50 " in ln]
+    assert parts == [
+        "decode",
+        "preprocess",
+        "reference registration",
+        "inference (1 thread)",
+        "tracker",
+        "mask read",
+        "Dice",
+        "overlay render",
+        "overlay encode",
+    ]
+    assert "x real time at 15 fps" in proc.stdout
