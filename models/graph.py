@@ -63,7 +63,9 @@ def _is_depthwise(node, weights: dict[str, np.ndarray]) -> bool:
 def _is_pointwise(node, weights: dict[str, np.ndarray]) -> bool:
     if node.op_type != "Conv" or node.input[1] not in weights:
         return False
-    return weights[node.input[1]].shape[2:] == (1, 1) and _attrs(node).get("group", 1) == 1
+    attrs = _attrs(node)
+    plain = all(v == 1 for v in attrs.get("strides", [1])) and not any(attrs.get("pads", [0]))
+    return weights[node.input[1]].shape[2:] == (1, 1) and attrs.get("group", 1) == 1 and plain
 
 
 def _sizes_its_own_resize(shape_node, consumers: dict[str, list]) -> bool:
@@ -137,7 +139,9 @@ def blocked_layout_graph(model, block: int = BLOCK):
         ):
             depthwise = only[0]
             pointwise = consumers[depthwise.output[0]][0]
+            dw_name, pw_name = depthwise.name or depthwise.output[0], pointwise.name or pointwise.output[0]
             dw, pw = weights[depthwise.input[1]], weights[pointwise.input[1]]
+            dw_bias = weights[depthwise.input[2]] if len(depthwise.input) > 2 else None
             bias = weights[pointwise.input[2]] if len(pointwise.input) > 2 else np.zeros(pw.shape[0], np.float32)
             if any(i in padded for i in pointwise.input[1:]) or pointwise.output[0] in outputs:
                 raise GraphRewriteError(f"{pointwise.name}: unexpected inputs or a graph output")
@@ -153,32 +157,37 @@ def blocked_layout_graph(model, block: int = BLOCK):
                 pw_part = np.zeros((cout_padded, wide_c, 1, 1), np.float32)
                 pw_part[:cout, :true_c] = pw[:, start : start + true_c]
                 start += true_c
+                dw_inputs = [part, weight(f"{dw_name}_part{k}.weight", dw_part)]
+                if dw_bias is not None:
+                    dw_part_bias = np.zeros(wide_c, np.float32)
+                    dw_part_bias[:true_c] = dw_bias[start - true_c : start]
+                    dw_inputs.append(weight(f"{dw_name}_part{k}.bias", dw_part_bias))
                 dw_out = f"{depthwise.output[0]}_part{k}"
                 nodes.append(
                     helper.make_node(
                         "Conv",
-                        [part, weight(f"{depthwise.name}_part{k}.weight", dw_part)],
+                        dw_inputs,
                         [dw_out],
-                        name=f"{depthwise.name}_part{k}",
+                        name=f"{dw_name}_part{k}",
                         group=wide_c,
                         **dw_attrs,
                     )
                 )
-                pw_inputs = [dw_out, weight(f"{pointwise.name}_part{k}.weight", pw_part)]
+                pw_inputs = [dw_out, weight(f"{pw_name}_part{k}.weight", pw_part)]
                 if k == 0:
                     padded_bias = np.zeros(cout_padded, np.float32)
                     padded_bias[:cout] = bias
-                    pw_inputs.append(weight(f"{pointwise.name}_part{k}.bias", padded_bias))
+                    pw_inputs.append(weight(f"{pw_name}_part{k}.bias", padded_bias))
                 partial_sums.append(f"{pointwise.output[0]}_part{k}")
                 nodes.append(
-                    helper.make_node("Conv", pw_inputs, [partial_sums[-1]], name=f"{pointwise.name}_part{k}")
+                    helper.make_node("Conv", pw_inputs, [partial_sums[-1]], name=f"{pw_name}_part{k}")
                 )
             if start != dw.shape[0]:
                 raise GraphRewriteError(f"{node.name}: parts have {start} channels, {depthwise.name} {dw.shape[0]}")
             total = partial_sums[0]
             for k, term in enumerate(partial_sums[1:], 1):
                 name = pointwise.output[0] if k == len(partial_sums) - 1 else f"{pointwise.output[0]}_sum{k}"
-                nodes.append(helper.make_node("Add", [total, term], [name], name=f"{pointwise.name}_sum{k}"))
+                nodes.append(helper.make_node("Add", [total, term], [name], name=f"{pw_name}_sum{k}"))
                 total = name
             if cout_padded != cout:
                 padded[pointwise.output[0]] = cout_padded
@@ -194,11 +203,11 @@ def blocked_layout_graph(model, block: int = BLOCK):
                 cout_padded = cout if final else _round_up(cout, block)
                 wide = np.zeros((cout_padded, width(source), *w.shape[2:]), np.float32)
                 wide[:cout, : w.shape[1]] = w
-                inputs = [source, weight(f"{node.name}.weight_blocked", wide)]
+                inputs = [source, weight(f"{node.name or node.output[0]}.weight_blocked", wide)]
                 if len(node.input) > 2:
                     b = np.zeros(cout_padded, np.float32)
                     b[:cout] = weights[node.input[2]]
-                    inputs.append(weight(f"{node.name}.bias_blocked", b))
+                    inputs.append(weight(f"{node.name or node.output[0]}.bias_blocked", b))
                 nodes.append(helper.make_node("Conv", inputs, list(node.output), name=node.name, **_attrs(node)))
                 if cout_padded != cout:
                     padded[node.output[0]] = cout_padded
@@ -209,11 +218,11 @@ def blocked_layout_graph(model, block: int = BLOCK):
                 # depthwise: one filter per channel, zero filters for the zero channels
                 wide = np.zeros((width(source), *w.shape[1:]), np.float32)
                 wide[: w.shape[0]] = w
-                inputs = [source, weight(f"{node.name}.weight_blocked", wide)]
+                inputs = [source, weight(f"{node.name or node.output[0]}.weight_blocked", wide)]
                 if len(node.input) > 2:
                     b = np.zeros(width(source), np.float32)
                     b[: w.shape[0]] = weights[node.input[2]]
-                    inputs.append(weight(f"{node.name}.bias_blocked", b))
+                    inputs.append(weight(f"{node.name or node.output[0]}.bias_blocked", b))
                 attrs = {**_attrs(node), "group": width(source)}
                 nodes.append(helper.make_node("Conv", inputs, list(node.output), name=node.name, **attrs))
                 padded[node.output[0]] = width(source)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -111,3 +112,43 @@ def test_shipped_model_is_the_blocked_layout_graph():
     assert channel_concats(shipped) == []
     # the zero channels cost multiply-accumulates of their own, in exchange for the layout
     assert meta["macs"] < meta["graph"]["macs_as_run"] < 1.5 * meta["macs"]
+
+
+def test_rewrite_splits_a_depthwise_bias_and_keeps_a_hand_made_graph(tmp_path):
+    """A Concat -> depthwise (with bias) -> 1x1 -> ReLU graph written by hand, one part straight
+    from the input (8 channels, not padded) and one from a 12-channel convolution (padded)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def w(name, *shape):
+        return numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "c.w", "c.b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["a"]),
+        helper.make_node("Concat", ["a", "x"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "dw.w", "dw.b"], ["dw"], group=20, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["dw", "pw.w", "pw.b"], ["pw"], kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["pw"], ["r"]),
+        helper.make_node("Conv", ["r", "head.w"], ["y"], kernel_shape=[1, 1]),
+    ]
+    inits = [w("c.w", 12, 8, 3, 3), w("c.b", 12), w("dw.w", 20, 1, 3, 3), w("dw.b", 20), w("pw.w", 10, 20, 1, 1)]
+    inits += [w("pw.b", 10), w("head.w", 3, 10, 1, 1)]
+    graph = helper.make_graph(
+        nodes,
+        "hand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "hand.onnx"))
+    rewritten = blocked_layout_graph(model)
+    onnx.save(rewritten, str(tmp_path / "blocked.onnx"))
+    worst, flips = compare_models(tmp_path / "hand.onnx", tmp_path / "blocked.onnx")
+    assert worst < 1e-4 and flips == 0
+    assert channel_concats(rewritten) == []
+    widths = channel_counts(rewritten)
+    assert widths["c"] == 16 and widths["pw"] == 16 and widths["y"] == 3
