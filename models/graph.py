@@ -179,9 +179,7 @@ def blocked_layout_graph(model, block: int = BLOCK):
                     padded_bias[:cout] = bias
                     pw_inputs.append(weight(f"{pw_name}_part{k}.bias", padded_bias))
                 partial_sums.append(f"{pointwise.output[0]}_part{k}")
-                nodes.append(
-                    helper.make_node("Conv", pw_inputs, [partial_sums[-1]], name=f"{pw_name}_part{k}")
-                )
+                nodes.append(helper.make_node("Conv", pw_inputs, [partial_sums[-1]], name=f"{pw_name}_part{k}"))
             if start != dw.shape[0]:
                 raise GraphRewriteError(f"{node.name}: parts have {start} channels, {depthwise.name} {dw.shape[0]}")
             total = partial_sums[0]
