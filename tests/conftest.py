@@ -19,15 +19,21 @@ from guidance.segmentation.preprocess import DEFAULT_NORMALIZATION
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_guidance(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m guidance ARGS` as a user runs it, from the repo root, output captured."""
+def run_python(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python ARGS` (a module with -m, or a script such as bench/latency.py) as a user runs
+    it, from the repo root, output captured."""
     return subprocess.run(
-        [sys.executable, "-m", "guidance", *map(str, args)],
+        [sys.executable, *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_guidance(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m guidance ARGS` as a user runs it, from the repo root, output captured."""
+    return run_python("-m", "guidance", *args, timeout=timeout)
 
 
 # grey level (after the percentile window, 0..1) each class of the stand-in sits at

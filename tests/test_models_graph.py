@@ -5,13 +5,12 @@ is such a graph."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import run_python
 
 torch = pytest.importorskip("torch")
 
@@ -75,13 +74,7 @@ def test_cli_rewrites_and_stamps_the_version(tmp_path):
     export_onnx(net, src, 64, {"name": "segmenter", "version": "9.9.0"})
     # export_onnx already rewrites: so does the CLI, again, and keeps the function
     out = tmp_path / "again.onnx"
-    res = subprocess.run(
-        [sys.executable, "-m", "models.graph", str(src), "-o", str(out), "--version", "9.9.1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = run_python("-m", "models.graph", src, "-o", out, "--version", "9.9.1")
     assert res.returncode == 0, res.stderr
     assert "classes identical" in res.stdout
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["guidance"])
@@ -94,13 +87,7 @@ def test_cli_rewrites_and_stamps_the_version(tmp_path):
 def test_cli_refuses_a_file_that_is_not_onnx(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
-    res = subprocess.run(
-        [sys.executable, "-m", "models.graph", str(bad), "-o", str(tmp_path / "o.onnx")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = run_python("-m", "models.graph", bad, "-o", tmp_path / "o.onnx", timeout=60)
     assert res.returncode == 2 and "bad.onnx" in res.stderr and "not an ONNX model" in res.stderr
     assert not (tmp_path / "o.onnx").exists()
 

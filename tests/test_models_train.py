@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import run_python
 
 from guidance.segmentation.preprocess import CLASS_NAMES
 from models.evaluate import load_session, segment
@@ -121,13 +122,7 @@ def test_shipped_model_segments_the_bundled_demo():
 
 
 def test_evaluate_refuses_a_missing_model(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "models.evaluate", "--model", str(tmp_path / "none.onnx")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    res = run_python("-m", "models.evaluate", "--model", tmp_path / "none.onnx", timeout=60)
     assert res.returncode == 2 and "none.onnx" in res.stderr
 
 

@@ -4,9 +4,9 @@ number the README quotes. It measures nothing here: speed is the benchmark's job
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,31 +14,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     onnx_path, sums = stand_in
     out = tmp_path / "lat.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "bench/latency.py",
-            "--model",
-            str(onnx_path),
-            "--sha256sums",
-            str(sums),
-            "--size",
-            "128",
-            "--seconds",
-            "1",
-            "--rates",
-            "15",
-            "--rounds",
-            "1",
-            "--bare-runs",
-            "5",
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_python(
+        "bench/latency.py",
+        *("--model", onnx_path, "--sha256sums", sums, "--size", 128, "--seconds", 1, "--rates", 15),
+        *("--rounds", 1, "--bare-runs", 5, "--json", out),
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -55,34 +34,16 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
 def test_inference_benchmark_compares_models_side_by_side(tmp_path, stand_in):
     onnx_path, _ = stand_in
     shipped = ROOT / "models" / "segmenter.onnx"
-    proc = subprocess.run(
-        [sys.executable, "bench/inference.py", str(shipped), str(onnx_path), "--threads", "1", "--runs", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python("bench/inference.py", shipped, onnx_path, "--threads", 1, "--runs", 3)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if "p50" in ln]
     assert len(lines) == 2 and lines[0].endswith("ratio 1.00") and str(onnx_path) in lines[1]
-    missing = subprocess.run(
-        [sys.executable, "bench/inference.py", str(tmp_path / "none.onnx")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = run_python("bench/inference.py", tmp_path / "none.onnx", timeout=60)
     assert missing.returncode == 2 and "none.onnx" in missing.stderr
 
 
 def test_frame_cost_benchmark_times_every_part_of_an_evaluated_frame():
-    proc = subprocess.run(
-        [sys.executable, "bench/frame_cost.py", "--seconds", "0.5", "--size", "256"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python("bench/frame_cost.py", "--seconds", 0.5, "--size", 256, timeout=300)
     assert proc.returncode == 0, proc.stderr
     parts = [ln.split(" p50")[0].strip() for ln in proc.stdout.splitlines() if " p50 " in ln]
     assert parts == [
