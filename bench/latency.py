@@ -7,6 +7,11 @@ bare model inference time (session.run alone, same session, measured right befor
 after the pipeline run: side by side) and the overhead ratio = pipeline p50 / bare p50;
 then the process's peak resident memory.
 
+Host control, side by side: before each round a fixed single-thread job (numpy arithmetic on a
+1024x1024 plane, about as long as the pipeline's median frame) runs at the loop's frame period. Its
+p99/p50 is what the machine alone does to a constant job's timing (a shared VM preempts); the
+pipeline's own p99/p50 is printed beside it.
+
     taskset -c 0,1 python3 bench/latency.py                    # shipped model
     taskset -c 0,1 python3 bench/latency.py --model M.onnx --sha256sums SUMS --seconds 10
 """
@@ -59,6 +64,31 @@ def bare_inference(model: Model, frame: np.ndarray, runs: int) -> np.ndarray:
     return np.asarray(times)
 
 
+def host_jitter(seconds: float, period_s: float, work_ms: float) -> tuple[np.ndarray, float]:
+    """A constant job, timed: numpy arithmetic on a 1024x1024 float plane (one thread),
+    repeated to about `work_ms`, started every `period_s` for `seconds`. Returns the times (ms)
+    and the job's calibrated size (ms). Nothing in it varies but the machine."""
+    plane = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
+    out = np.empty_like(plane)
+
+    def job(reps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            np.multiply(plane, 1.5, out=out)
+            np.add(out, plane, out=out)
+        return (time.perf_counter() - t0) * 1e3
+
+    one = float(np.median([job(1) for _ in range(9)]))
+    reps = max(1, round(work_ms / max(one, 1e-3)))
+    times = []
+    start = next_start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        times.append(job(reps))
+        next_start += period_s
+        time.sleep(max(0.0, next_start - time.perf_counter()))
+    return np.asarray(times), one * reps
+
+
 def rss_mb() -> tuple[float, float]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     now = 0.0
@@ -81,9 +111,11 @@ def machine() -> str:
     return f"{name}; {len(cpus)} CPU(s) usable {cpus}; load avg {os.getloadavg()[0]:.2f} at start"
 
 
-def run_rate(model: Model, loop: Path, fps: float, bare_runs: int, frame: np.ndarray, rounds: int) -> dict:
-    """`rounds` x (bare inference block, whole paced loop through the pipeline), so both see
-    the same machine load: side by side, not hours apart."""
+def run_rate(
+    model: Model, loop: Path, fps: float, bare_runs: int, frame: np.ndarray, rounds: int, jitter_s: float = 2.0
+) -> dict:
+    """`rounds` x (bare inference block, host control job, whole paced loop through the
+    pipeline), so all three see the same machine load: side by side, not hours apart."""
     settings = Settings().replace(
         alerts={"address": "tcp://127.0.0.1:*"},
         capture={"pace": True, "fps": fps},
@@ -108,8 +140,14 @@ def run_rate(model: Model, loop: Path, fps: float, bare_runs: int, frame: np.nda
     frames_read = processed = dropped = 0
     wall = 0.0
     alerts = []
+    control: list[np.ndarray] = []
+    control_ms = work_ms = 0.0
     for _ in range(rounds):
         bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
+        if jitter_s > 0:  # one size for every round: the pipeline's median frame is ~2.5 bare runs
+            work_ms = work_ms or 2.5 * float(np.median(bare_blocks[0]))
+            times, control_ms = host_jitter(jitter_s, 1.0 / fps, work_ms)
+            control.append(times)
         source = open_source(str(loop), pace=True, fps=fps)
         publisher = EventPublisher("tcp://127.0.0.1:*").open()
         publisher.start_heartbeat()
@@ -155,7 +193,23 @@ def run_rate(model: Model, loop: Path, fps: float, bare_runs: int, frame: np.nda
             "samples": len(paired),
         },
         "overhead_ratio_paired": round(p50 / float(np.median(paired)), 3) if paired else None,
+        "host_control_ms": _control_summary(control, control_ms),
         "alerts": alerts,
+    }
+
+
+def _control_summary(blocks: list[np.ndarray], job_ms: float) -> dict | None:
+    if not blocks:
+        return None
+    t = np.concatenate(blocks)
+    p50 = float(np.percentile(t, 50))
+    return {
+        "job_ms": round(job_ms, 2),
+        "runs": int(t.size),
+        "p50": round(p50, 2),
+        "p99": round(float(np.percentile(t, 99)), 2),
+        "max": round(float(t.max()), 2),
+        "p99_over_p50": round(float(np.percentile(t, 99)) / p50, 2),
     }
 
 
@@ -173,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=3, help="alternate bare-inference blocks and pipeline runs this many times"
     )
     p.add_argument("--loop", type=Path, default=None, help="use this loop instead of a synthetic one")
+    p.add_argument(
+        "--control-seconds",
+        type=float,
+        default=2.0,
+        help="host control job per round (0: none): a constant job's timing on this machine",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -191,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             cap.release()
             assert ok, f"cannot read {loop}"
             frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            r = run_rate(model, loop, fps, args.bare_runs, frame, args.rounds)
+            r = run_rate(model, loop, fps, args.bare_runs, frame, args.rounds, args.control_seconds)
             r["frame_size"] = list(frame.shape)
             results.append(r)
             lat, bare = r["capture_to_publish_ms"], r["bare_inference_ms"]
@@ -210,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"  bare inference paired with frames (loop idle time, same load): p50 {pb['p50']} ms "
                 f"over {pb['samples']} frames -> overhead ratio {r['overhead_ratio_paired']}"
             )
+            hc = r["host_control_ms"]
+            if hc:
+                print(
+                    f"  host control (a constant {hc['job_ms']:.1f} ms job at the frame period, same rounds): "
+                    f"p50 {hc['p50']:.1f} p99 {hc['p99']:.1f} max {hc['max']:.1f} ms, p99/p50 "
+                    f"{hc['p99_over_p50']:.2f}; pipeline p99/p50 {lat['p99'] / lat['p50']:.2f}"
+                )
             print(
                 f"  overhead ratio {r['overhead_ratio']:.2f}  stages (median ms) "
                 + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_median_ms"].items())

@@ -17,7 +17,7 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     proc = run_python(
         "bench/latency.py",
         *("--model", onnx_path, "--sha256sums", sums, "--size", 128, "--seconds", 1, "--rates", 15),
-        *("--rounds", 1, "--bare-runs", 5, "--json", out),
+        *("--rounds", 1, "--bare-runs", 5, "--control-seconds", 0.5, "--json", out),
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -28,7 +28,9 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     assert r["paired_bare_inference_ms"]["samples"] == r["frames_processed"]
     assert {"capture", "calibrate", "segment", "track", "publish"} <= set(r["stage_median_ms"])
     assert report["rss_mb"]["peak"] > 0 and "CPU" in report["machine"]
-    assert "overhead ratio" in proc.stdout
+    control = r["host_control_ms"]
+    assert control["runs"] >= 5 and control["p99"] >= control["p50"] > 0 and control["job_ms"] > 0
+    assert "overhead ratio" in proc.stdout and "host control" in proc.stdout
 
 
 def test_inference_benchmark_compares_models_side_by_side(tmp_path, stand_in):
