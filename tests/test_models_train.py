@@ -126,6 +126,25 @@ def test_evaluate_refuses_a_missing_model(tmp_path):
     assert res.returncode == 2 and "none.onnx" in res.stderr
 
 
+def test_held_out_dice_is_pooled_over_loops_with_a_bootstrap_interval_over_loops():
+    """models.evaluate's numbers: Dice pooled over every frame of every loop, and a 95 %
+    interval from resampling whole loops (same counts, same interval; no spread, no width)."""
+    from models.evaluate import dice_ci95, pooled_dice
+
+    # columns: background (unused), body, cement, needle; rows: loops
+    inter = np.array([[0, 90, 40, 0], [0, 80, 10, 0], [0, 70, 45, 0], [0, 60, 20, 0]], float)
+    total = np.array([[0, 200, 100, 0], [0, 180, 100, 0], [0, 150, 100, 0], [0, 130, 100, 0]], float)
+    dice = pooled_dice(inter, total)
+    assert dice["vertebral_body"] == round(2 * 300 / 660, 4)
+    assert dice["cement"] == round(2 * 115 / 400, 4) and dice["needle"] is None
+    ci = dice_ci95(inter, total)
+    assert ci == dice_ci95(inter, total) and ci["needle"] is None
+    low, high = ci["cement"]
+    assert 2 * 10 / 100 <= low < dice["cement"] < high <= 2 * 45 / 100  # within the loops' own range
+    same = dice_ci95(np.repeat(inter[:1], 4, axis=0), np.repeat(total[:1], 4, axis=0))
+    assert same["cement"] == [0.8, 0.8] and same["vertebral_body"] == [0.9, 0.9]
+
+
 def test_cement_error_breakdown_accounts_for_every_pixel():
     """The card's error analysis (`models.evaluate --errors`) adds up: true positives plus
     misses are the true cement, plus false cement the predicted cement, each share sums to 1."""
