@@ -142,6 +142,7 @@ def run_rate(
     alerts = []
     control: list[np.ndarray] = []
     control_ms = work_ms = 0.0
+    slowest: list[dict[str, float]] = []  # every frame's stages, trimmed to the slowest below
     for _ in range(rounds):
         bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
         if jitter_s > 0:  # one size for every round: the pipeline's median frame is ~2.5 bare runs
@@ -156,7 +157,10 @@ def run_rate(
             summary = runner.run()
         finally:
             publisher.close()
-        latency += summary.latency_ms["capture_to_publish"]
+        per_frame = summary.latency_ms["capture_to_publish"]
+        aligned = {k: v for k, v in summary.latency_ms.items() if len(v) == len(per_frame)}
+        slowest += [{k: round(float(v[i]), 2) for k, v in aligned.items()} for i in range(len(per_frame))]
+        latency += per_frame
         for k, v in summary.latency_ms.items():
             stages.setdefault(k, []).extend(v)
         frames_read += summary.frames_read
@@ -194,6 +198,7 @@ def run_rate(
         },
         "overhead_ratio_paired": round(p50 / float(np.median(paired)), 3) if paired else None,
         "host_control_ms": _control_summary(control, control_ms),
+        "slowest_frames_ms": sorted(slowest, key=lambda f: -f["capture_to_publish"])[:3],
         "alerts": alerts,
     }
 
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"p50 {hc['p50']:.1f} p99 {hc['p99']:.1f} max {hc['max']:.1f} ms, p99/p50 "
                     f"{hc['p99_over_p50']:.2f}; pipeline p99/p50 {lat['p99'] / lat['p50']:.2f}"
                 )
+            for f in r["slowest_frames_ms"]:
+                print("  a slowest frame (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in f.items()))
             print(
                 f"  overhead ratio {r['overhead_ratio']:.2f}  stages (median ms) "
                 + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_median_ms"].items())

@@ -30,6 +30,10 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     assert report["rss_mb"]["peak"] > 0 and "CPU" in report["machine"]
     control = r["host_control_ms"]
     assert control["runs"] >= 5 and control["p99"] >= control["p50"] > 0 and control["job_ms"] > 0
+    slowest = r["slowest_frames_ms"]
+    assert len(slowest) == 3 and {"capture", "segment", "track"} <= set(slowest[0])
+    worst = [f["capture_to_publish"] for f in slowest]
+    assert worst == sorted(worst, reverse=True) and worst[0] == r["capture_to_publish_ms"]["max"]
     assert "overhead ratio" in proc.stdout and "host control" in proc.stdout
 
 
