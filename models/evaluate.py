@@ -2,6 +2,7 @@
 
     python -m models.evaluate                       # models/segmenter.onnx, writes models/metrics.json
     python -m models.evaluate --loops 6 --quick     # a fast look
+    python -m models.evaluate --model NEW.onnx --baseline models/segmenter.onnx --loops 48 --out NEW.json
 
 Dice is computed at each held-out frame's own resolution (512-1024 px; the logits are
 letterbox-cropped and resized back, as the service does), over all frames of a condition:
@@ -9,7 +10,8 @@ as drawn (random polarity, text, field of view), and with each hard condition fo
 bone-dark (inverted) and bone-bright polarity, burned-in text, a circular field of view.
 Held-out loops come from a seed range that neither training nor validation used. Each
 condition's Dice comes with a 95 % bootstrap interval over loops (`dice_ci95`): 16 loops
-move cement Dice by about +-0.01.
+move cement Dice by about +-0.02. `--baseline OTHER.onnx` runs a second model on the same
+loops and reports the paired difference with its interval (how two recipes are compared).
 Latency: onnxruntime on the CPU with 2 intra-op threads, 1024 x 1024 input frames.
 """
 
@@ -148,18 +150,52 @@ def pooled_dice(inter: np.ndarray, total: np.ndarray) -> dict[str, float | None]
     return {CLASS_NAMES[c]: round(float(2 * i[c] / t[c]), 4) if t[c] else None for c in range(1, len(CLASS_NAMES))}
 
 
+def _loop_resamples(loops: int, draws: int, seed: int) -> np.ndarray:
+    """draws x loops indices: whole loops drawn with replacement (a loop's frames are not
+    independent of each other). Fixed seed, so the same counts give the same interval."""
+    return np.random.default_rng(seed).integers(0, loops, size=(draws, loops))
+
+
+def _resampled_dice(inter: np.ndarray, total: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """draws x classes pooled Dice of each resample (nan where a class has no pixel)."""
+    i, t = inter[picks].sum(axis=1), total[picks].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(t > 0, 2 * i / np.maximum(t, 1), np.nan)
+
+
+def _interval(values: np.ndarray) -> list[float] | None:
+    values = values[~np.isnan(values)]
+    return [round(float(q), 4) for q in np.percentile(values, [2.5, 97.5])] if values.size else None
+
+
 def dice_ci95(inter: np.ndarray, total: np.ndarray, draws: int = 2000, seed: int = 0) -> dict[str, list | None]:
-    """95 % percentile-bootstrap interval of the pooled Dice, resampling whole loops (a loop's
-    frames are not independent of each other): how far a set of this many loops can move the
-    number. Fixed seed, so the same counts give the same interval."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(inter), size=(draws, len(inter)))
-    i, t = inter[picks].sum(axis=1), total[picks].sum(axis=1)  # draws x classes
-    out: dict[str, list | None] = {}
+    """95 % percentile-bootstrap interval of the pooled Dice, resampling whole loops: how far
+    a set of this many loops can move the number."""
+    d = _resampled_dice(inter, total, _loop_resamples(len(inter), draws, seed))
+    return {CLASS_NAMES[c]: _interval(d[:, c]) for c in range(1, len(CLASS_NAMES))}
+
+
+def paired_difference(
+    model: tuple[np.ndarray, np.ndarray], baseline: tuple[np.ndarray, np.ndarray], draws: int = 2000, seed: int = 0
+) -> dict[str, dict | None]:
+    """Model minus baseline, both run on the same loops: the pooled Dice difference per class
+    and its 95 % interval from resampling the same loops for both (each loop is the same scene
+    for the two models, so their difference varies far less than either Dice)."""
+    picks = _loop_resamples(len(model[0]), draws, seed)
+    diff = _resampled_dice(*model, picks) - _resampled_dice(*baseline, picks)
+    a, b = pooled_dice(*model), pooled_dice(*baseline)
+    out: dict[str, dict | None] = {}
     for c in range(1, len(CLASS_NAMES)):
-        ok = t[:, c] > 0
-        d = 2 * i[ok, c] / t[ok, c]
-        out[CLASS_NAMES[c]] = [round(float(q), 4) for q in np.percentile(d, [2.5, 97.5])] if d.size else None
+        name = CLASS_NAMES[c]
+        if a[name] is None or b[name] is None:
+            out[name] = None
+            continue
+        out[name] = {
+            "model": a[name],
+            "baseline": b[name],
+            "difference": round(a[name] - b[name], 4),
+            "ci95": _interval(diff[:, c]),
+        }
     return out
 
 
@@ -253,11 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--latency-only", action="store_true", help="re-measure latency only, into the existing metrics file"
     )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another model run on the same loops: paired Dice differences with 95 %% intervals",
+    )
     args = p.parse_args(argv)
     if not args.model.is_file():
         print(f"models.evaluate: error: model file {args.model} not found", file=sys.stderr)
         return 2
+    if args.baseline is not None and not args.baseline.is_file():
+        print(f"models.evaluate: error: baseline model file {args.baseline} not found", file=sys.stderr)
+        return 2
     session, meta = load_session(args.model, args.threads)
+    baseline = load_session(args.baseline, args.threads) if args.baseline else None
     results: dict = {
         "model": args.model.name,
         "version": meta.get("version"),
@@ -277,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     conditions = {} if args.latency_only else {"as_drawn": CONDITIONS["as_drawn"]} if args.quick else CONDITIONS
     for name, condition in conditions.items():
         t0 = time.monotonic()
-        counts = dice_counts(session, meta, condition, range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops), args.size)
+        seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops)
+        counts = dice_counts(session, meta, condition, seeds, args.size)
         results["dice"][name] = pooled_dice(*counts)
         results.setdefault("dice_ci95", {})[name] = dice_ci95(*counts)
         print(
@@ -285,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{json.dumps(results['dice_ci95'][name])}  ({time.monotonic() - t0:.0f} s)",
             flush=True,
         )
+        if baseline is not None:
+            paired = paired_difference(counts, dice_counts(*baseline, condition, seeds, args.size))
+            results.setdefault("paired_with_baseline", {"baseline": args.baseline.name})[name] = paired
+            print(
+                f"{'':>13}  minus {args.baseline.name}: "
+                + ", ".join(f"{k} {v['difference']:+.4f} {v['ci95']}" for k, v in paired.items() if v is not None),
+                flush=True,
+            )
     if args.errors:
         t0 = time.monotonic()
         seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops)

@@ -145,6 +145,47 @@ def test_held_out_dice_is_pooled_over_loops_with_a_bootstrap_interval_over_loops
     assert same["cement"] == [0.8, 0.8] and same["vertebral_body"] == [0.9, 0.9]
 
 
+def test_paired_difference_resamples_the_same_loops_for_both_models():
+    from models.evaluate import paired_difference
+
+    inter = np.array([[0, 90, 40, 0], [0, 80, 10, 0], [0, 70, 45, 0], [0, 60, 20, 0]], float)
+    total = np.array([[0, 200, 100, 0], [0, 180, 100, 0], [0, 150, 100, 0], [0, 130, 100, 0]], float)
+    same = paired_difference((inter, total), (inter, total))
+    assert same["cement"]["difference"] == 0.0 and same["cement"]["ci95"] == [0.0, 0.0]
+    assert same["needle"] is None  # no needle pixel in either
+    # the model finds 2 more cement pixels in every loop: a small gain, but in every scene,
+    # so the paired interval lies above 0 although each model's own interval is far wider
+    better = inter.copy()
+    better[:, 2] += 2
+    gain = paired_difference((better, total), (inter, total))["cement"]
+    assert gain["difference"] == round(2 * 123 / 400 - 2 * 115 / 400, 4)
+    assert 0 < gain["ci95"][0] <= gain["difference"] <= gain["ci95"][1]
+    worse = paired_difference((inter, total), (better, total))["cement"]
+    assert worse["ci95"][1] < 0
+
+
+def test_evaluate_compares_with_a_baseline_on_the_same_loops(tmp_path, stand_in):
+    baseline, _ = stand_in  # intensity bins, not a trained model: far worse on every loop
+    out = tmp_path / "m.json"
+    res = run_python(
+        *("-m", "models.evaluate", "--quick", "--loops", 2, "--size", 512),
+        *("--baseline", baseline, "--out", out),
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    paired = report["paired_with_baseline"]["as_drawn"]
+    for name, row in paired.items():
+        assert row["model"] == report["dice"]["as_drawn"][name]  # the shipped model's own Dice
+        assert row["difference"] == round(row["model"] - row["baseline"], 4)
+    cement = paired["cement"]
+    assert cement["baseline"] < cement["model"] - 0.2 and 0 < cement["ci95"][0] <= cement["difference"]
+    low, high = report["dice_ci95"]["as_drawn"]["cement"]
+    assert low <= report["dice"]["as_drawn"]["cement"] <= high
+    missing = run_python("-m", "models.evaluate", "--baseline", tmp_path / "none.onnx", timeout=60)
+    assert missing.returncode == 2 and "none.onnx" in missing.stderr
+
+
 def test_cement_error_breakdown_accounts_for_every_pixel():
     """The card's error analysis (`models.evaluate --errors`) adds up: true positives plus
     misses are the true cement, plus false cement the predicted cement, each share sums to 1."""
