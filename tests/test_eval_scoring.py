@@ -172,7 +172,6 @@ def test_model_resolution_map_is_compared_at_mask_resolution():
     assert math.isclose(float((big == 2).mean()), 0.25)
 
 
-
 @pytest.mark.parametrize(
     ("small", "big"),
     [
@@ -203,6 +202,7 @@ def test_mask_resolution_fast_paths_match_opencv_nearest(small, big):
         "truth": [int(np.count_nonzero(truth == c)) for c in range(4)],
     }
     assert fast.counts() == expected
+
 
 # ---- properties over random alert lists -----------------------------------------------
 
@@ -247,3 +247,17 @@ def test_wilson_interval():
     assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
     lo, hi = wilson_interval(0, 4)
     assert lo == 0.0 and hi == pytest.approx(0.4899, abs=1e-3)
+
+
+def test_false_alert_rate_interval_is_the_exact_poisson_one():
+    """Garwood's exact 95 % limits for a Poisson count, as tabulated (e.g. Ulm 1990): 0 -> [0,
+    3.689], 1 -> [0.0253, 5.572], 3 -> [0.619, 8.767], 10 -> [4.795, 18.390]; per minute here."""
+    from guidance.evaluation.scoring import poisson_rate_interval
+
+    assert poisson_rate_interval(2, 0.0) is None
+    assert poisson_rate_interval(0, 1.0) == [0.0, pytest.approx(3.689, abs=1e-3)]
+    assert poisson_rate_interval(1, 1.0) == [pytest.approx(0.0253, abs=1e-4), pytest.approx(5.572, abs=1e-3)]
+    assert poisson_rate_interval(3, 10.0) == [pytest.approx(0.0619, abs=1e-4), pytest.approx(0.8767, abs=1e-4)]
+    assert poisson_rate_interval(10, 2.0) == [pytest.approx(4.795 / 2, abs=1e-3), pytest.approx(18.390 / 2, abs=1e-3)]
+    low, high = poisson_rate_interval(400, 100.0)  # many events: about rate +- 1.96 sqrt(rate / minutes)
+    assert low == pytest.approx(4 - 1.96 * 0.2, abs=0.02) and high == pytest.approx(4 + 1.96 * 0.2, abs=0.03)

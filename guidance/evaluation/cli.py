@@ -259,13 +259,17 @@ def _print_summary(summary: dict, out: Path) -> None:
         f"{c['loops']} loops: {c['scored']} scored, {c['unscored']} unscored, {c['failed']} failed; "
         f"{c['frames']} frames\n"
     )
+
+    def interval(ci: list[float] | None) -> str:
+        return f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else ""
+
     for kind, m in det["per_kind"].items():
         sens = "n/a" if m["sensitivity"] is None else f"{m['sensitivity']:.3f}"
         fa = "n/a" if m["false_alerts_per_min"] is None else f"{m['false_alerts_per_min']:.2f}"
         delay = "n/a" if m["delay_ms_median"] is None else f"{m['delay_ms_median']:.0f} ms"
         w(
-            f"  {kind:9s} sensitivity {sens} ({m['detected']}/{m['events']}), median delay {delay}, "
-            f"false alerts/min {fa}\n"
+            f"  {kind:9s} sensitivity {sens}{interval(m['sensitivity_ci95'])} ({m['detected']}/{m['events']}), "
+            f"median delay {delay}, false alerts/min {fa}{interval(m['false_alerts_per_min_ci95'])}\n"
         )
     dice = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in summary["dice"].items() if k != "frames")
     w(f"  Dice: {dice}\n")

@@ -194,12 +194,13 @@ def _metrics_table(summary: dict) -> str:
             f"<td class=num>{_f(m['sensitivity'], 3)}{_ci(m.get('sensitivity_ci95'))}</td>"
             f"<td class=num>{_f(m['delay_frames_median'], 1)} / {_f(m['delay_frames_p90'], 1)}</td>"
             f"<td class=num>{_f(m['delay_ms_median'], 0)} / {_f(m['delay_ms_p90'], 0)}</td>"
-            f"<td class=num>{m['false_alerts']}</td><td class=num>{_f(m['false_alerts_per_min'], 2)}</td></tr>"
+            f"<td class=num>{m['false_alerts']}</td><td class=num>{_f(m['false_alerts_per_min'], 2)}"
+            f"{_ci(m.get('false_alerts_per_min_ci95'))}</td></tr>"
         )
     return (
         "<table id=detection><tr><th>kind</th><th>detected</th><th>sensitivity [95 % CI]</th>"
         "<th>delay frames median / p90</th><th>delay ms median / p90</th><th>false alerts</th>"
-        "<th>false alerts / min</th></tr>" + "".join(rows) + "</table>"
+        "<th>false alerts / min [95 % CI]</th></tr>" + "".join(rows) + "</table>"
     )
 
 

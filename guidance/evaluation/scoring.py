@@ -247,6 +247,36 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> list[fl
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
+def _poisson_cdf(k: int, mean: float) -> float:
+    """P(X <= k) for X ~ Poisson(mean), summed in log space (no overflow for large k)."""
+    if mean <= 0:
+        return 1.0
+    logs = [-mean + i * math.log(mean) - math.lgamma(i + 1) for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def poisson_rate_interval(count: int, n_minutes: float, alpha: float = 0.05) -> list[float] | None:
+    """Exact (Garwood) 95 % interval of an event rate per minute from `count` events seen in
+    `n_minutes`: 3 false alerts in 10 minutes is a rate between 0.06 and 0.88 per minute."""
+    if n_minutes <= 0:
+        return None
+
+    def solve(target: float, k: int) -> float:
+        # the mean at which P(X <= k) == target (the CDF falls as the mean grows)
+        lo, hi = 0.0, max(10.0, 4.0 * (k + 1))
+        while _poisson_cdf(k, hi) > target:
+            hi *= 2
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _poisson_cdf(k, mid) > target else (lo, mid)
+        return (lo + hi) / 2
+
+    lower = 0.0 if count == 0 else solve(1 - alpha / 2, count - 1)
+    upper = solve(alpha / 2, count)
+    return [lower / n_minutes, upper / n_minutes]
+
+
 def aggregate_detection(loop_scores: Sequence[dict]) -> dict:
     """Per kind over scored loops: sensitivity, delays, false alerts per minute; and overall."""
     total_minutes = sum(s["minutes"] for s in loop_scores)
@@ -267,6 +297,7 @@ def aggregate_detection(loop_scores: Sequence[dict]) -> dict:
             "delay_ms_p90": percentile([e["delay_ms"] for e in hits], 90),
             "false_alerts": fa,
             "false_alerts_per_min": rate_per_minute(fa, total_minutes),
+            "false_alerts_per_min_ci95": poisson_rate_interval(fa, total_minutes),
         }
         if kind is None:
             out["overall"] = row
