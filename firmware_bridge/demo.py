@@ -34,7 +34,7 @@ import zmq
 from firmware_bridge.harness import BridgeTap, BridgeThread, GuidancePublisher, send_ack
 from firmware_bridge.link import SerialInjectorLink
 from firmware_bridge.simulator import FirmwareSimulator
-from firmware_bridge.wire import HoldReason, MsgType
+from firmware_bridge.wire import HoldReason, InjectorState, MsgType
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED_LOG = Path(__file__).parent / "demo_data" / "guidance_alert_log.jsonl"
@@ -324,8 +324,24 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             later.append(text)
         last = tap.of("telemetry")[-1]
         clock.say(f"{HOLD_SHOWN_S:.0f} s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
-                  f"still {last['injector_state']}, delivered {last['delivered_volume_ml']:.3f} "
-                  f"mL: no release without an operator ack")
+                  f"{last['injector_state']}, delivered {last['delivered_volume_ml']:.3f} mL")
+        # checked, not asserted by the narration: before any ack no RELEASE reached the
+        # firmware, its plunger is still held, the bridge still latches and no cement moved
+        broken = []
+        if released := sim.commands(MsgType.RELEASE):
+            broken.append(f"RELEASE seq {released[0].frame.seq} reached the firmware")
+        if sim.state is not InjectorState.HELD:
+            broken.append(f"firmware state {sim.state.name}")
+        if last["injector_state"] != "held" or not last["hold_latched"]:
+            broken.append(f"telemetry {last['injector_state']}, hold_latched {last['hold_latched']}")
+        if last["delivered_volume_ml"] != held["delivered_volume_ml"]:
+            broken.append(f"delivered {held['delivered_volume_ml']:.3f} -> "
+                          f"{last['delivered_volume_ml']:.3f} mL while held")
+        if broken:
+            clock.say(f"HOLD NOT KEPT before any operator ack: {'; '.join(broken)}")
+            return 1
+        clock.say("checked before the ack: no RELEASE sent, firmware still HELD, hold latched, "
+                  "delivered volume unchanged")
 
         # 4. the operator acknowledges: RELEASE
         mark = len(tap.messages)

@@ -134,7 +134,8 @@ def test_simulator_module_prints_a_port_pyserial_can_open(tmp_path: Path) -> Non
 DEMO_STEPS = (
     "HOLD on the wire",
     "INJECTOR: state held",
-    "no release without an operator ack",
+    # verified by the demo (it exits 1 with "HOLD NOT KEPT" otherwise), not just narrated
+    "checked before the ack: no RELEASE sent, firmware still HELD, hold latched, delivered volume unchanged",
     "OPERATOR ACK (demo-operator, all holds): accepted True",
     "RELEASE on the wire",
     "INJECTOR: state injecting",
@@ -144,9 +145,11 @@ DEMO_STEPS = (
 def check_demo_output(out: str) -> None:
     for needle in DEMO_STEPS:
         assert needle in out, (needle, out)
+    assert "HOLD NOT KEPT" not in out
     assert (
         out.index("GUIDANCE ALERT")
         < out.index("HOLD on the wire")
+        < out.index("checked before the ack")
         < out.index("OPERATOR ACK")
         < out.index("RELEASE on the wire")
     )

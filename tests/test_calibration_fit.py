@@ -135,9 +135,14 @@ def test_rms_residual_after_correction_against_truth(calibrated):
     raw = np.hypot(*(raw_rigid(mm_true) - pts * cal.pixel_spacing_mm).T) / cal.pixel_spacing_mm
     if truth.spec.k1 > 0.01:
         assert float(np.sqrt(np.mean(raw**2))) > 5 * 0.3
-    # the file reports what the beads say, and it is honest about it
-    assert cal.residual_rms_px <= 0.3
-    assert cal.residual_max_px >= cal.residual_rms_px
+    # the file reports what the beads say (the fit's per-bead residuals, through the file)...
+    beads = np.hypot(*report.residual_xy.T)
+    assert cal.residual_rms_px == pytest.approx(float(np.sqrt(np.mean(beads**2))))
+    assert cal.residual_max_px == pytest.approx(float(beads.max()))
+    assert cal.residual_rms_px <= 0.3 and cal.residual_max_px <= 1.0
+    # ...and it is honest about it: it never claims better than the truth shows across the
+    # field (bead localisation noise makes it conservative: about 2-6x the true RMS here)
+    assert cal.residual_rms_px >= rms and cal.residual_max_px >= float(err_px.max())
 
 
 def test_beads_found_indexed_and_missing_ones_skipped(calibrated):

@@ -21,7 +21,9 @@ def test_model_knows_its_file_metadata_and_runs(stand_in):
     assert model.sha256 == read_sha256sums(sums)["segmenter.onnx"]
     assert model.provider == "CPUExecutionProvider"
     assert "stand-in" in model.describe()
-    assert model.warm_up(2) >= 0 and model.warm
+    assert not model.warm
+    # real inference on the stand-in: takes measurable time, and not seconds
+    assert 0 < model.warm_up(2) < 5000 and model.warm
     frame = scene_frames(12, size=(96, 128))[-1]
     labels, geometry = model.segment(frame)
     # letterboxed 128 wide -> 64: the frame area is 48 x 64 at model resolution

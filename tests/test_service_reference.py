@@ -102,7 +102,9 @@ def test_model_stacks_the_reference_as_the_second_channel(reference_model):
     assert fed.shape == (1, 2, 64, 64) and np.all(fed[:, 0] == 0) and np.all(fed[:, 1] == 1)
     alone = reference_model.feed(r)  # no reference: the frame judges itself
     assert np.all(alone[:, 0] == alone[:, 1])
-    assert reference_model.warm_up(2) >= 0
+    # warm-up feeds the 2-channel graph (frame + reference) through real onnxruntime
+    assert not reference_model.warm
+    assert 0 < reference_model.warm_up(2) < 5000 and reference_model.warm
 
 
 def test_reference_model_calls_cement_only_what_is_new(reference_model, stand_in):

@@ -1,5 +1,5 @@
 """End to end with the shipped model (models/segmenter.onnx) on the bundled demo loops, and
-the no-argument `guidance run`. Skipped in a checkout that does not ship the model yet."""
+the no-argument `guidance run`."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ from conftest import validate_message
 
 from guidance.pipeline import run_replay
 from guidance.segmentation.model import Model
-from guidance.settings import Settings, default_model, default_source
+from guidance.settings import Settings, default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
-
-pytestmark = pytest.mark.skipif(
-    not (Path(default_model()).exists() and Path(default_source()).exists()),
-    reason="shipped model or demo loops not in this checkout",
-)
 
 
 @pytest.fixture(scope="module")
