@@ -135,6 +135,18 @@ def test_fail_under_parsing_and_bounds(results):
     # a threshold on a metric that was not measured cannot pass
     s["fail_under"] = check_fail_under(s, {"sensitivity_venous": 0.0})
     assert s["fail_under"]["results"][0]["value"] is None and exit_code(s) == 1
+    # the intervals' pessimistic ends: a perfect score on a handful of events is not a pass
+    overall = s["detection"]["overall"]
+    gate = parse_fail_under("sensitivity_lower95=0.9,false_alerts_per_min_upper95=100")
+    s["fail_under"] = check_fail_under(s, gate)
+    low, fa_high = s["fail_under"]["results"]
+    assert overall["sensitivity"] == 1.0 and low["value"] == overall["sensitivity_ci95"][0] < 0.9
+    assert low["op"] == ">=" and not low["met"] and exit_code(s) == 1
+    assert fa_high["op"] == "<=" and fa_high["met"]
+    assert fa_high["value"] == overall["false_alerts_per_min_ci95"][1] > overall["false_alerts_per_min"]
+    posterior = check_fail_under(s, {"sensitivity_lower95_posterior": 0.1})["results"][0]
+    assert posterior["value"] == s["detection"]["per_kind"]["posterior"]["sensitivity_ci95"][0]
+    assert check_fail_under(s, {"sensitivity_lower95_venous": 0.0})["results"][0]["value"] is None
 
 
 def test_labels_failure_found_while_running_is_exit_2(results):

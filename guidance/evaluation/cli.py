@@ -27,8 +27,10 @@ if TYPE_CHECKING:
 # The dispatcher imports every subcommand module to build its parser: what evaluation needs
 # (OpenCV, onnxruntime, the pipeline) is imported in run(), so `guidance bridge` never pays.
 METRICS_HELP = (
-    "sensitivity, dice (lowest class), dice_vertebral_body|cement|needle (lower bounds); "
-    "false_alerts_per_min, delay_ms_median, delay_ms_p90, delay_frames_median, delay_frames_p90, "
+    "sensitivity, sensitivity_lower95 (its 95 % interval's low end), dice (lowest class), "
+    "dice_vertebral_body|cement|needle (lower bounds); false_alerts_per_min, "
+    "false_alerts_per_min_upper95 (its interval's high end), delay_ms_median, delay_ms_p90, "
+    "delay_frames_median, delay_frames_p90, "
     "latency_ms_p50, latency_ms_p99 (upper bounds); the detection metrics also per kind with "
     "_posterior or _venous"
 )

@@ -106,13 +106,20 @@ def without_timing(summary: dict) -> dict:
 # sensitivity* and dice* are lower bounds (value >= bound); every other metric (false alerts,
 # delays, latency) is an upper bound (value <= bound)
 LOWER_BOUND_PREFIXES = ("sensitivity", "dice")
+# the pessimistic ends of the 95 % intervals: gate on what the archive shows for sure
+INTERVAL_ENDS = {
+    "sensitivity_lower95": ("sensitivity_ci95", 0),
+    "false_alerts_per_min_upper95": ("false_alerts_per_min_ci95", 1),
+}
 
 
 def metric_names() -> list[str]:
     names = []
     for base in (
         "sensitivity",
+        "sensitivity_lower95",
         "false_alerts_per_min",
+        "false_alerts_per_min_upper95",
         "delay_ms_median",
         "delay_ms_p90",
         "delay_frames_median",
@@ -156,8 +163,16 @@ def metric_value(summary: dict, metric: str) -> float | None:
         return summary["latency_ms"][metric.removeprefix("latency_ms_")]
     for kind in EVENT_KINDS:
         if metric.endswith(f"_{kind}"):
-            return det["per_kind"][kind][metric.removesuffix(f"_{kind}")]
-    return det["overall"][metric]
+            return _detection_metric(det["per_kind"][kind], metric.removesuffix(f"_{kind}"))
+    return _detection_metric(det["overall"], metric)
+
+
+def _detection_metric(row: dict, name: str) -> float | None:
+    if name in INTERVAL_ENDS:
+        field, end = INTERVAL_ENDS[name]
+        interval = row[field]
+        return None if interval is None else interval[end]
+    return row[name]
 
 
 def check_fail_under(summary: dict, thresholds: dict[str, float]) -> dict | None:
