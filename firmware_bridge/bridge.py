@@ -54,9 +54,15 @@ class BridgeConfig:
     linger_ms: int = 500
 
     def validate(self) -> None:
-        for name in ("guidance_timeout_s", "injector_timeout_s", "heartbeat_period_s",
-                     "link_heartbeat_period_s", "ack_timeout_s", "reconnect_period_s",
-                     "reassert_period_s"):
+        for name in (
+            "guidance_timeout_s",
+            "injector_timeout_s",
+            "heartbeat_period_s",
+            "link_heartbeat_period_s",
+            "ack_timeout_s",
+            "reconnect_period_s",
+            "reassert_period_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.guidance_startup_s is not None and not self.guidance_startup_s > 0:
@@ -92,8 +98,7 @@ class Counters:
 
 
 class Bridge:
-    def __init__(self, config: BridgeConfig, link: InjectorLink,
-                 context: zmq.Context | None = None) -> None:
+    def __init__(self, config: BridgeConfig, link: InjectorLink, context: zmq.Context | None = None) -> None:
         config.validate()
         self.config = config
         self.link = link
@@ -221,8 +226,7 @@ class Bridge:
             deadlines.append(self._last_rx_ns + int(c.injector_timeout_s * 1e9) + 1)
         if self.link.connected:
             deadlines.append(self._next_link_heartbeat_ns)
-            if (self.latch.latched and not self.hold_confirmed
-                    and not self.channel.has_pending(MsgType.HOLD)):
+            if self.latch.latched and not self.hold_confirmed and not self.channel.has_pending(MsgType.HOLD):
                 deadlines.append(self._last_hold_sent_ns + int(c.reassert_period_s * 1e9))
         else:
             deadlines.append(self._next_reconnect_ns)
@@ -238,14 +242,17 @@ class Bridge:
         if now - self._last_g_heartbeat_ns > limit_ns and "guidance_lost" not in self.active:
             silent_ms = (now - self._last_g_heartbeat_ns) / MS
             never = " since the bridge started" if self.g_state is None else ""
-            self._guidance_lost(f"No guidance heartbeat for {silent_ms:.0f} ms{never} (limit "
-                                f"{limit_ns / MS:.0f} ms): injector held.", now)
+            self._guidance_lost(
+                f"No guidance heartbeat for {silent_ms:.0f} ms{never} (limit {limit_ns / MS:.0f} ms): injector held.",
+                now,
+            )
         # firmware watchdog
-        if (now - self._last_rx_ns > c.injector_timeout_s * 1e9
-                and "injector_silent" not in self.active):
+        if now - self._last_rx_ns > c.injector_timeout_s * 1e9 and "injector_silent" not in self.active:
             why = f" ({self._connect_error})" if self._connect_error else ""
-            self._raise("injector_silent", f"Injector firmware silent for "
-                        f"{(now - self._last_rx_ns) / MS:.0f} ms on {self.link.name}{why}.")
+            self._raise(
+                "injector_silent",
+                f"Injector firmware silent for {(now - self._last_rx_ns) / MS:.0f} ms on {self.link.name}{why}.",
+            )
         # command retransmission / failure
         resend, failed = self.channel.poll(now)
         for data in resend:
@@ -256,12 +263,14 @@ class Bridge:
             if now >= self._next_link_heartbeat_ns:
                 self._next_link_heartbeat_ns = now + int(c.link_heartbeat_period_s * 1e9)
                 if not self.channel.has_pending(MsgType.HEARTBEAT):
-                    self._write(self.channel.command(MsgType.HEARTBEAT, now,
-                                                     hold_latched=self.latch.latched), now)
+                    self._write(self.channel.command(MsgType.HEARTBEAT, now, hold_latched=self.latch.latched), now)
             # a latched hold the firmware has not confirmed: keep asserting it
-            if (self.latch.latched and not self.hold_confirmed
-                    and not self.channel.has_pending(MsgType.HOLD)
-                    and now - self._last_hold_sent_ns >= c.reassert_period_s * 1e9):
+            if (
+                self.latch.latched
+                and not self.hold_confirmed
+                and not self.channel.has_pending(MsgType.HOLD)
+                and now - self._last_hold_sent_ns >= c.reassert_period_s * 1e9
+            ):
                 self._send_hold(HoldReason.REASSERT, now)
         elif now >= self._next_reconnect_ns:
             self._try_connect(now)
@@ -293,16 +302,14 @@ class Bridge:
             return
         if msg.session != self.g_session:
             if self.g_session is not None:
-                log.warning("guidance session changed %s -> %s (guidance restarted)",
-                            self.g_session, msg.session)
+                log.warning("guidance session changed %s -> %s (guidance restarted)", self.g_session, msg.session)
                 self.g_retired.add(self.g_session)
             else:
                 log.info("guidance session %s", msg.session)
             self.g_session, self.g_seq = msg.session, None
         if self.g_seq is not None:
             if msg.seq <= self.g_seq:
-                self._reject_guidance(f"seq {msg.seq} not after {self.g_seq} "
-                                      f"(duplicate or reordered)")
+                self._reject_guidance(f"seq {msg.seq} not after {self.g_seq} (duplicate or reordered)")
                 return
             if msg.seq > self.g_seq + 1:
                 self.counters.guidance_lost_messages += msg.seq - self.g_seq - 1
@@ -327,14 +334,19 @@ class Bridge:
             # every new leak raise goes to the wire, even when a hold is already latched
             self._send_hold(HoldReason.CLINICAL_ALERT, now)
             lat_ms = (now - alert.publish_mono_ns) / MS
-            log.warning("HOLD: %s %s (%s) frame %s; alert->hold %.1f ms", alert.kind,
-                        alert.state, alert.alert_id, alert.frame, lat_ms)
+            log.warning(
+                "HOLD: %s %s (%s) frame %s; alert->hold %.1f ms",
+                alert.kind,
+                alert.state,
+                alert.alert_id,
+                alert.frame,
+                lat_ms,
+            )
             if newly:
                 self._on_latched(alert.alert_id, alert.kind)
         elif alert.kind in messages.CLINICAL_HOLD_KINDS and alert.state == "cleared":
             if alert.alert_id in self.latch.reasons:
-                log.warning("alert %s cleared by guidance; hold stays latched until an "
-                            "operator ack", alert.alert_id)
+                log.warning("alert %s cleared by guidance; hold stays latched until an operator ack", alert.alert_id)
         else:
             log.info("alert %s %s (%s): no hold", alert.kind, alert.state, alert.priority)
 
@@ -353,20 +365,20 @@ class Bridge:
         self.g_state = hb.state
         if "guidance_lost" in self.active:
             # the alert clears; the hold it latched stays until acknowledged
-            self._clear("guidance_lost", "Guidance heartbeat back; hold stays latched until "
-                        "an operator ack.")
+            self._clear("guidance_lost", "Guidance heartbeat back; hold stays latched until an operator ack.")
         # a leak raise we missed (joined late, message lost) is still in the active list
         for active in hb.active_alerts:
             if active.requests_hold and self.latch.latch(active.alert_id, active.kind):
-                log.warning("HOLD: %s %s learned from guidance heartbeat", active.kind,
-                            active.alert_id)
+                log.warning("HOLD: %s %s learned from guidance heartbeat", active.kind, active.alert_id)
                 self._send_hold(HoldReason.CLINICAL_ALERT, now)
                 self._on_latched(active.alert_id, active.kind)
 
     def _on_latched(self, alert_id: str, kind: str) -> None:
         self._clear("hold_latched", "superseded")
-        self._raise("hold_latched", f"Injector hold latched by {kind} ({alert_id}); "
-                    "operator acknowledgment required to release.")
+        self._raise(
+            "hold_latched",
+            f"Injector hold latched by {kind} ({alert_id}); operator acknowledgment required to release.",
+        )
 
     # ------------------------------------------------------------ operator ack
     def _serve_ack(self) -> None:
@@ -384,8 +396,10 @@ class Bridge:
         else:
             operator, alert_id = req.operator, req.alert_id
             if "guidance_lost" in self.active:
-                accepted, reason = False, ("guidance is not heard: the hold cannot be released "
-                                           "while the injector is unguarded")
+                accepted, reason = (
+                    False,
+                    ("guidance is not heard: the hold cannot be released while the injector is unguarded"),
+                )
             elif not self.link.connected:
                 accepted, reason = False, "injector link is down: RELEASE cannot be delivered"
             else:
@@ -403,10 +417,19 @@ class Bridge:
         else:
             self.counters.acks_refused += 1
             log.warning("ack refused (operator %s, alert %s): %s", operator, alert_id, reason)
-        reply = self.reply_envelope.make("ack_reply", {
-            "accepted": accepted, "reason": reason, "hold_latched": self.latch.latched,
-            "latched_alerts": sorted(self.latch.reasons), "operator": operator,
-            "alert_id": alert_id}, now, time.time_ns())
+        reply = self.reply_envelope.make(
+            "ack_reply",
+            {
+                "accepted": accepted,
+                "reason": reason,
+                "hold_latched": self.latch.latched,
+                "latched_alerts": sorted(self.latch.reasons),
+                "operator": operator,
+                "alert_id": alert_id,
+            },
+            now,
+            time.time_ns(),
+        )
         self.rep.send(messages.dumps(reply))  # REP: a reply is always owed and never blocks
 
     # ------------------------------------------------------------ the link
@@ -417,8 +440,9 @@ class Bridge:
             self.link.start()
         except LinkError as err:
             if str(err) != self._connect_error:  # say it once per distinct reason, not 10/s
-                log.warning("injector link not up: %s (retrying every %.0f ms)", err,
-                            self.config.reconnect_period_s * 1000)
+                log.warning(
+                    "injector link not up: %s (retrying every %.0f ms)", err, self.config.reconnect_period_s * 1000
+                )
                 self._connect_error = str(err)
             return
         self._connect_error = ""
@@ -464,8 +488,7 @@ class Bridge:
         self.hold_confirmed = False
         self._last_hold_sent_ns = now
         if not self.link.connected:
-            log.error("HOLD wanted (%s) but the injector link is down; re-asserted on reconnect",
-                      reason.name)
+            log.error("HOLD wanted (%s) but the injector link is down; re-asserted on reconnect", reason.name)
             return
         self._write(self.channel.command(MsgType.HOLD, now, reason=reason), now)
         self.counters.holds_sent += 1
@@ -482,8 +505,7 @@ class Bridge:
                 continue
             self._last_rx_ns = now
             if "injector_silent" in self.active:
-                self._clear("injector_silent",
-                            f"Injector firmware heard again on {self.link.name}.")
+                self._clear("injector_silent", f"Injector firmware heard again on {self.link.name}.")
             if item.type is MsgType.TELEMETRY:
                 self._on_telemetry(item, now)
             elif item.type is MsgType.ACK:
@@ -504,37 +526,50 @@ class Bridge:
         if outcome.status is AckStatus.REFUSED:
             self._command_failed(outcome)
             return
-        if (outcome.status is AckStatus.STALE and ftype is not MsgType.HEARTBEAT
-                and outcome.frame.seq == self.channel.last_state_seq):
+        if (
+            outcome.status is AckStatus.STALE
+            and ftype is not MsgType.HEARTBEAT
+            and outcome.frame.seq == self.channel.last_state_seq
+        ):
             # our newest HOLD/RELEASE cannot be older than anything we sent: the firmware's
             # baseline is from another host session in the same epoch. New epoch, send again.
-            log.warning("firmware called our newest %s (seq %d) stale: re-syncing and "
-                        "sending it again", ftype.name, outcome.frame.seq)
+            log.warning(
+                "firmware called our newest %s (seq %d) stale: re-syncing and sending it again",
+                ftype.name,
+                outcome.frame.seq,
+            )
             self.channel.resync()
             if ftype is MsgType.HOLD and self.latch.latched:
                 self._send_hold(HoldReason.REASSERT, time.monotonic_ns())
             elif ftype is MsgType.RELEASE and not self.latch.latched:
-                self._write(self.channel.command(MsgType.RELEASE, time.monotonic_ns()),
-                            time.monotonic_ns())
+                self._write(self.channel.command(MsgType.RELEASE, time.monotonic_ns()), time.monotonic_ns())
             return
         if ftype is MsgType.RELEASE:
             self._release_fw_seq = ack_fw_seq
         if "command_failed" in self.active:
-            self._clear("command_failed", f"{ftype.name} seq {outcome.frame.seq} acknowledged; "
-                        "commands get through again.")
-        if ftype is MsgType.HOLD and self.latch.latched and not self.channel.has_pending(
-                MsgType.HOLD):
+            self._clear(
+                "command_failed", f"{ftype.name} seq {outcome.frame.seq} acknowledged; commands get through again."
+            )
+        if ftype is MsgType.HOLD and self.latch.latched and not self.channel.has_pending(MsgType.HOLD):
             self.hold_confirmed = True
-        log.debug("%s seq %d ACKed (%s) after %d attempt(s), %.1f ms", ftype.name,
-                  outcome.frame.seq, outcome.status.name if outcome.status is not None else "-",
-                  outcome.attempts, outcome.elapsed_ns / MS)
+        log.debug(
+            "%s seq %d ACKed (%s) after %d attempt(s), %.1f ms",
+            ftype.name,
+            outcome.frame.seq,
+            outcome.status.name if outcome.status is not None else "-",
+            outcome.attempts,
+            outcome.elapsed_ns / MS,
+        )
 
     def _command_failed(self, outcome: Outcome) -> None:
         ftype = outcome.frame.type
-        why = outcome.why or (f"refused by firmware ({outcome.status.name})"
-                              if outcome.status is not None else "failed")
-        msg = (f"Injector command {ftype.name} seq {outcome.frame.seq} failed: {why} "
-               f"({outcome.attempts} attempt(s), {outcome.elapsed_ns / MS:.0f} ms).")
+        why = outcome.why or (
+            f"refused by firmware ({outcome.status.name})" if outcome.status is not None else "failed"
+        )
+        msg = (
+            f"Injector command {ftype.name} seq {outcome.frame.seq} failed: {why} "
+            f"({outcome.attempts} attempt(s), {outcome.elapsed_ns / MS:.0f} ms)."
+        )
         log.error(msg)
         if ftype is MsgType.HOLD:
             self.hold_confirmed = False  # the reassert timer keeps trying
@@ -550,12 +585,12 @@ class Bridge:
             log.warning("bad telemetry payload: %s", err)
             return
         last = self.telemetry
-        if (last is not None and t.uptime_ms + 1000 < last.uptime_ms
-                and last.uptime_ms < 0xFFFFFFFF - 60_000):  # not the 49-day wrap
+        if (
+            last is not None and t.uptime_ms + 1000 < last.uptime_ms and last.uptime_ms < 0xFFFFFFFF - 60_000
+        ):  # not the 49-day wrap
             # the firmware restarted on a link that stayed up (UART): its seqs and its
             # duplicate window start over, so ours must too
-            log.warning("injector firmware restarted (uptime %d ms -> %d ms)", last.uptime_ms,
-                        t.uptime_ms)
+            log.warning("injector firmware restarted (uptime %d ms -> %d ms)", last.uptime_ms, t.uptime_ms)
             self.counters.firmware_restarts += 1
             self._telemetry_seq = self._release_fw_seq = None
             self.channel.resync()
@@ -569,39 +604,45 @@ class Bridge:
             self._raise("injector_fault", f"Injector reports fault code {t.fault_code}.")
         elif t.state is not InjectorState.FAULT and "injector_fault" in self.active:
             self._clear("injector_fault", "Injector fault cleared.")
-        if (t.state is InjectorState.HELD and not self.latch.latched
-                and not self.channel.has_pending(MsgType.RELEASE)
-                and (self._release_fw_seq is None
-                     or wire.seq_newer(frame.seq, self._release_fw_seq))):
+        if (
+            t.state is InjectorState.HELD
+            and not self.latch.latched
+            and not self.channel.has_pending(MsgType.RELEASE)
+            and (self._release_fw_seq is None or wire.seq_newer(frame.seq, self._release_fw_seq))
+        ):
             # held, but not by a latch of ours: the bridge restarted, or the firmware held
             # itself (host watchdog, cleared fault). Adopt it so an operator ack can release.
-            alert_id = self._raise("hold_latched", "Injector reports held without a hold "
-                                   "latched by the bridge (bridge restart, firmware watchdog "
-                                   "or cleared fault): operator acknowledgment required to "
-                                   "release.")
+            alert_id = self._raise(
+                "hold_latched",
+                "Injector reports held without a hold "
+                "latched by the bridge (bridge restart, firmware watchdog "
+                "or cleared fault): operator acknowledgment required to "
+                "release.",
+            )
             self.latch.latch(alert_id, "injector_held")
             log.warning("injector held by itself: adopted as latched hold %s", alert_id)
-        if (self.latch.latched and self.hold_confirmed
-                and t.state not in (InjectorState.HELD, InjectorState.FAULT)):
-            log.warning("firmware reports %s while a hold is latched: re-asserting HOLD",
-                        t.state.name)
+        if self.latch.latched and self.hold_confirmed and t.state not in (InjectorState.HELD, InjectorState.FAULT):
+            log.warning("firmware reports %s while a hold is latched: re-asserting HOLD", t.state.name)
             self.hold_confirmed = False
-        self._publish("telemetry", {
-            "plunger_position_mm": t.position_um / 1000.0,
-            "delivered_volume_ml": t.volume_ul / 1000.0,
-            "pressure_kpa": t.pressure_pa / 1000.0,
-            "flow_ml_per_min": t.flow_ul_per_min / 1000.0,
-            "injector_state": t.state.name.lower(),
-            "fault_code": t.fault_code,
-            "hold_latched": self.latch.latched,
-            "firmware_seq": frame.seq,
-            "firmware_uptime_ms": t.uptime_ms,
-            "received_mono_ns": now,
-        }, now)
+        self._publish(
+            "telemetry",
+            {
+                "plunger_position_mm": t.position_um / 1000.0,
+                "delivered_volume_ml": t.volume_ul / 1000.0,
+                "pressure_kpa": t.pressure_pa / 1000.0,
+                "flow_ml_per_min": t.flow_ul_per_min / 1000.0,
+                "injector_state": t.state.name.lower(),
+                "fault_code": t.fault_code,
+                "hold_latched": self.latch.latched,
+                "firmware_seq": frame.seq,
+                "firmware_uptime_ms": t.uptime_ms,
+                "received_mono_ns": now,
+            },
+            now,
+        )
 
     # ------------------------------------------------------------ publishing
-    def _publish(self, topic: str, body: dict[str, Any], now: int,
-                 frame: int | None = None) -> dict[str, Any]:
+    def _publish(self, topic: str, body: dict[str, Any], now: int, frame: int | None = None) -> dict[str, Any]:
         doc = self.envelope.make(topic, body, now, time.time_ns(), frame)
         try:
             self.pub.send_multipart([topic.encode(), messages.dumps(doc)], zmq.NOBLOCK)
@@ -616,8 +657,7 @@ class Bridge:
         priority = messages.BRIDGE_ALERT_PRIORITY[kind]
         self.active[kind] = _Active(alert_id, kind, priority, seq, message)
         log.warning("alert raised: %s (%s): %s", kind, priority, message)
-        self._publish("alert", self._alert_body(alert_id, kind, "raised", priority, message),
-                      now, self.g_last_frame)
+        self._publish("alert", self._alert_body(alert_id, kind, "raised", priority, message), now, self.g_last_frame)
         return alert_id
 
     def _clear(self, kind: str, message: str) -> None:
@@ -625,39 +665,66 @@ class Bridge:
         if active is None:
             return
         log.info("alert cleared: %s: %s", kind, message)
-        self._publish("alert", self._alert_body(active.alert_id, kind, "cleared",
-                                                active.priority, message),
-                      time.monotonic_ns(), self.g_last_frame)
+        self._publish(
+            "alert",
+            self._alert_body(active.alert_id, kind, "cleared", active.priority, message),
+            time.monotonic_ns(),
+            self.g_last_frame,
+        )
 
     @staticmethod
-    def _alert_body(alert_id: str, kind: str, state: str, priority: str,
-                    message: str) -> dict[str, Any]:
-        return {"alert_id": alert_id, "kind": kind, "state": state, "priority": priority,
-                "category": "technical", "evidence": None, "message": message}
+    def _alert_body(alert_id: str, kind: str, state: str, priority: str, message: str) -> dict[str, Any]:
+        return {
+            "alert_id": alert_id,
+            "kind": kind,
+            "state": state,
+            "priority": priority,
+            "category": "technical",
+            "evidence": None,
+            "message": message,
+        }
 
     def _publish_heartbeat(self, now: int) -> None:
         t = self.telemetry
-        self._publish("heartbeat", {
-            "period_ms": int(self.config.heartbeat_period_s * 1000),
-            "state": self.state,
-            "active_alerts": [{"alert_id": a.alert_id, "kind": a.kind, "priority": a.priority,
-                               "frame": None, "raised_seq": a.raised_seq}
-                              for a in self.active.values()],
-            "frames_processed": self._frames_before + self.parser.frames,
-            "dropped_frames": self._rejects_before + self.parser.rejects,
-            "dropped_messages": self.counters.dropped_messages,
-            "last_frame": None,
-            "hold_latched": self.latch.latched,
-            "latched_alerts": sorted(self.latch.reasons),
-            "hold_confirmed": self.hold_confirmed,
-            "link": "connected" if self.link.connected else "disconnected",
-            "port": self.link.name,
-            "injector_state": t.state.name.lower() if t else None,
-            "guidance": {"session": self.g_session, "last_seq": self.g_seq,
-                         "accepted": self.counters.guidance_accepted,
-                         "rejected": self.counters.guidance_rejected,
-                         "lost": self.counters.guidance_lost_messages},
-            "commands": {"sent": self.channel.sent, "acked": self.channel.acked,
-                         "retransmits": self.channel.retransmits,
-                         "failed": self.channel.failed, "in_flight": len(self.channel.pending)},
-        }, now)
+        self._publish(
+            "heartbeat",
+            {
+                "period_ms": int(self.config.heartbeat_period_s * 1000),
+                "state": self.state,
+                "active_alerts": [
+                    {
+                        "alert_id": a.alert_id,
+                        "kind": a.kind,
+                        "priority": a.priority,
+                        "frame": None,
+                        "raised_seq": a.raised_seq,
+                    }
+                    for a in self.active.values()
+                ],
+                "frames_processed": self._frames_before + self.parser.frames,
+                "dropped_frames": self._rejects_before + self.parser.rejects,
+                "dropped_messages": self.counters.dropped_messages,
+                "last_frame": None,
+                "hold_latched": self.latch.latched,
+                "latched_alerts": sorted(self.latch.reasons),
+                "hold_confirmed": self.hold_confirmed,
+                "link": "connected" if self.link.connected else "disconnected",
+                "port": self.link.name,
+                "injector_state": t.state.name.lower() if t else None,
+                "guidance": {
+                    "session": self.g_session,
+                    "last_seq": self.g_seq,
+                    "accepted": self.counters.guidance_accepted,
+                    "rejected": self.counters.guidance_rejected,
+                    "lost": self.counters.guidance_lost_messages,
+                },
+                "commands": {
+                    "sent": self.channel.sent,
+                    "acked": self.channel.acked,
+                    "retransmits": self.channel.retransmits,
+                    "failed": self.channel.failed,
+                    "in_flight": len(self.channel.pending),
+                },
+            },
+            now,
+        )

@@ -39,8 +39,7 @@ class Outcome:
 
 
 class CommandChannel:
-    def __init__(self, ack_timeout_ns: int = 40_000_000, max_attempts: int = 5,
-                 seq_start: int | None = None) -> None:
+    def __init__(self, ack_timeout_ns: int = 40_000_000, max_attempts: int = 5, seq_start: int | None = None) -> None:
         self.ack_timeout_ns = ack_timeout_ns
         self.max_attempts = max_attempts
         # random starts: a restarted bridge is unlikely to reuse the firmware's last epoch; if
@@ -110,8 +109,7 @@ class CommandChannel:
 
     def abandon(self, now_ns: int, why: str) -> list[Outcome]:
         """Link gone: everything in flight failed."""
-        out = [Outcome(p.frame, None, p.attempts, now_ns - p.first_sent_ns, why)
-               for p in self.pending.values()]
+        out = [Outcome(p.frame, None, p.attempts, now_ns - p.first_sent_ns, why) for p in self.pending.values()]
         self.failed += len(out)
         self.pending.clear()
         return out
@@ -124,8 +122,9 @@ class CommandChannel:
             if p.attempts >= self.max_attempts:
                 del self.pending[seq]
                 self.failed += 1
-                failed.append(Outcome(p.frame, None, p.attempts, now_ns - p.first_sent_ns,
-                                      f"no ACK after {p.attempts} attempts"))
+                failed.append(
+                    Outcome(p.frame, None, p.attempts, now_ns - p.first_sent_ns, f"no ACK after {p.attempts} attempts")
+                )
                 continue
             p.attempts += 1
             p.last_sent_ns = now_ns

@@ -18,8 +18,7 @@ from firmware_bridge.harness import send_ack
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m firmware_bridge.console",
-                                 description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m firmware_bridge.console", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ack = sub.add_parser("ack", help="acknowledge a latched hold (releases it when it is the last)")
     ack.add_argument("--operator", required=True, help="who acknowledges (logged by the bridge)")
@@ -38,13 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("console: error: --operator must name someone", file=sys.stderr)
                 return 2
             try:
-                reply = send_ack(ctx, args.endpoint, args.alert_id, args.operator,
-                                 timeout_s=args.timeout)
+                reply = send_ack(ctx, args.endpoint, args.alert_id, args.operator, timeout_s=args.timeout)
             except TimeoutError as err:
                 print(f"console: error: {err}", file=sys.stderr)
                 return 1
-            print(f"accepted {reply.get('accepted')}: {reply.get('reason')} "
-                  f"(hold_latched {reply.get('hold_latched')})")
+            print(f"accepted {reply.get('accepted')}: {reply.get('reason')} (hold_latched {reply.get('hold_latched')})")
             return 0 if reply.get("accepted") else 1
         return _watch(ctx, args.endpoint, args.telemetry, args.count)
     except KeyboardInterrupt:
@@ -65,14 +62,17 @@ def _watch(ctx: zmq.Context, endpoint: str, telemetry: bool, count: int) -> int:
         doc = json.loads(payload)
         stamp = time.strftime("%H:%M:%S")
         if topic == b"alert":
-            line = (f"ALERT {doc['kind']} {doc['state']} [{doc['priority']}] {doc['alert_id']}: "
-                    f"{doc['message']}")
+            line = f"ALERT {doc['kind']} {doc['state']} [{doc['priority']}] {doc['alert_id']}: {doc['message']}"
         elif topic == b"heartbeat":
-            line = (f"heartbeat link {doc['link']} injector {doc['injector_state']} "
-                    f"hold_latched {doc['hold_latched']} {doc['latched_alerts']}")
+            line = (
+                f"heartbeat link {doc['link']} injector {doc['injector_state']} "
+                f"hold_latched {doc['hold_latched']} {doc['latched_alerts']}"
+            )
         else:
-            line = (f"telemetry {doc['injector_state']} {doc['delivered_volume_ml']:.3f} mL "
-                    f"{doc['pressure_kpa']:.0f} kPa {doc['flow_ml_per_min']:.2f} mL/min")
+            line = (
+                f"telemetry {doc['injector_state']} {doc['delivered_volume_ml']:.3f} mL "
+                f"{doc['pressure_kpa']:.0f} kPa {doc['flow_ml_per_min']:.2f} mL/min"
+            )
         print(f"{stamp} {line}", flush=True)
         seen += 1
     return 0

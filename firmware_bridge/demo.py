@@ -87,15 +87,31 @@ class GuidanceWatch:
     def first_leak(self) -> dict[str, Any] | None:
         """The first high-priority leak raise heard; if its message went out before this SUB
         had joined, the raise as listed in a heartbeat's active_alerts (no publish time)."""
-        heard = next((a for a in self.alerts if a.get("kind") in LEAKS
-                      and a.get("state") == "raised" and a.get("priority") == "high"), None)
+        heard = next(
+            (
+                a
+                for a in self.alerts
+                if a.get("kind") in LEAKS and a.get("state") == "raised" and a.get("priority") == "high"
+            ),
+            None,
+        )
         if heard or not self.heartbeat:
             return heard
-        listed = next((a for a in self.heartbeat.get("active_alerts", [])
-                       if a.get("kind") in LEAKS and a.get("priority") == "high"), None)
+        listed = next(
+            (
+                a
+                for a in self.heartbeat.get("active_alerts", [])
+                if a.get("kind") in LEAKS and a.get("priority") == "high"
+            ),
+            None,
+        )
         if listed:
-            return {**listed, "state": "raised", "message": "(raise sent before the demo had "
-                    "joined; listed in guidance's heartbeat)", "publish_mono_ns": None}
+            return {
+                **listed,
+                "state": "raised",
+                "message": "(raise sent before the demo had joined; listed in guidance's heartbeat)",
+                "publish_mono_ns": None,
+            }
         return None
 
     def close(self) -> None:
@@ -109,8 +125,13 @@ class ReplayGuidance:
     recorded pace with fresh stamps (own session, seq, publish times), heartbeating every
     200 ms as the live service would."""
 
-    def __init__(self, ctx: zmq.Context, events: list[dict[str, Any]],
-                 endpoint: str = "tcp://127.0.0.1:*", sock: zmq.Socket | None = None) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        events: list[dict[str, Any]],
+        endpoint: str = "tcp://127.0.0.1:*",
+        sock: zmq.Socket | None = None,
+    ) -> None:
         self.pub = GuidancePublisher(ctx, endpoint, sock=sock)
         self.endpoint = self.pub.endpoint
         self.events = [e for e in events if e.get("type") == "alert"]
@@ -132,9 +153,14 @@ class ReplayGuidance:
             due = t0 + (doc["publish_mono_ns"] - first) / 1e9
             if self._stop.wait(max(0.0, due - time.monotonic())):
                 return
-            sent = self.pub.alert(doc["kind"], doc["state"], doc["priority"],
-                                  alert_id=ids.get(doc["alert_id"]), frame=doc.get("frame"),
-                                  message=doc.get("message"))
+            sent = self.pub.alert(
+                doc["kind"],
+                doc["state"],
+                doc["priority"],
+                alert_id=ids.get(doc["alert_id"]),
+                frame=doc.get("frame"),
+                message=doc.get("message"),
+            )
             ids.setdefault(doc["alert_id"], sent["alert_id"])
 
     def close(self) -> None:
@@ -153,9 +179,9 @@ def load_log(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{n}: not JSON ({err})") from None
         if doc.get("type") == "alert" and not all(
-                k in doc for k in ("alert_id", "kind", "state", "priority", "publish_mono_ns")):
-            raise ValueError(f"{path}:{n}: alert lacks alert_id/kind/state/priority/"
-                             "publish_mono_ns")
+            k in doc for k in ("alert_id", "kind", "state", "priority", "publish_mono_ns")
+        ):
+            raise ValueError(f"{path}:{n}: alert lacks alert_id/kind/state/priority/publish_mono_ns")
         events.append(doc)
     if not any(e.get("type") == "alert" for e in events):
         raise ValueError(f"{path}: no alert messages to replay")
@@ -173,21 +199,18 @@ def reserve_endpoint(ctx: zmq.Context) -> tuple[str, zmq.Socket]:
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 1000)
-    port = sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000,
-                                    max_tries=200)
+    port = sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=32000, max_tries=200)
     return f"tcp://127.0.0.1:{port}", sock
 
 
-def start_service(endpoint: str, watch: GuidanceWatch, clock: Clock, extra_args: list[str]
-                  ) -> subprocess.Popen | str:
+def start_service(endpoint: str, watch: GuidanceWatch, clock: Clock, extra_args: list[str]) -> subprocess.Popen | str:
     """`guidance run` as its own process on `endpoint`; returns it once its first heartbeat
     is heard (by `watch`, subscribed already), or the reason it could not start."""
     # 10 fps unless told: the bundled loop's leak comes near its end (frame ~62 of 90), and the
     # operator's ack must land while guidance still runs (a stopped guidance is a hold)
     pace = [] if "--fps" in extra_args else ["--fps", "10"]
     cmd = [sys.executable, "-m", "guidance", "run", "--address", endpoint, *pace, *extra_args]
-    service = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    service = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     clock.say(f"guidance service: {shlex.join(['guidance', *cmd[3:]])} (pid {service.pid})")
     deadline = time.monotonic() + 60.0
     while watch.heartbeat is None and time.monotonic() < deadline:
@@ -211,14 +234,17 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_demo(replay: str | None = None, record: str | None = None, use_service: bool = True,
-             guidance_args: list[str] | None = None) -> int:
+def run_demo(
+    replay: str | None = None,
+    record: str | None = None,
+    use_service: bool = True,
+    guidance_args: list[str] | None = None,
+) -> int:
     clock = Clock()
     ctx = zmq.Context()
     tmp = tempfile.mkdtemp(prefix="bridge-demo-")
     sim = FirmwareSimulator(link_dir=tmp).start()
-    clock.say(f"simulated injector on {sim.port} -> {sim.pty_name}, injecting at "
-              f"{sim.model.demand_ml_per_min} mL/min")
+    clock.say(f"simulated injector on {sim.port} -> {sim.pty_name}, injecting at {sim.model.demand_ml_per_min} mL/min")
     service: subprocess.Popen | None = None
     source: ReplayGuidance | None = None
     watch: GuidanceWatch | None = None
@@ -230,26 +256,31 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
         # when it appears): the bridge hears the very first alert, as in the room
         endpoint, reserved = reserve_endpoint(ctx)
         watch = GuidanceWatch(ctx, endpoint, record)
-        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx,
-                          guidance_startup_s=STARTUP_GRACE_S)
+        bt = BridgeThread(SerialInjectorLink(sim.port), endpoint, ctx, guidance_startup_s=STARTUP_GRACE_S)
         tap = BridgeTap(ctx, bt.bridge.pub_address)
         bt.start()
-        clock.say(f"bridge up: SUB {endpoint} (guidance may take {STARTUP_GRACE_S:.0f} s to "
-                  f"come up, then 1 s heartbeat watchdog), ack REP {bt.bridge.ack_address}, "
-                  f"PUB {bt.bridge.pub_address}")
+        clock.say(
+            f"bridge up: SUB {endpoint} (guidance may take {STARTUP_GRACE_S:.0f} s to "
+            f"come up, then 1 s heartbeat watchdog), ack REP {bt.bridge.ack_address}, "
+            f"PUB {bt.bridge.pub_address}"
+        )
         if replay is None and use_service:
             reserved.close()  # the service binds it
             reserved = None
             started = start_service(endpoint, watch, clock, guidance_args or [])
             if isinstance(started, str):
-                clock.say(f"guidance service could not run ({started}); falling back to the "
-                          f"recorded guidance alert log {RECORDED_LOG.name}")
+                clock.say(
+                    f"guidance service could not run ({started}); falling back to the "
+                    f"recorded guidance alert log {RECORDED_LOG.name}"
+                )
                 replay = str(RECORDED_LOG)
             else:
                 service = started
                 assert watch.heartbeat is not None
-                clock.say(f"guidance service up (session {watch.heartbeat['session']}, "
-                          f"heartbeat every {watch.heartbeat['period_ms']} ms)")
+                clock.say(
+                    f"guidance service up (session {watch.heartbeat['session']}, "
+                    f"heartbeat every {watch.heartbeat['period_ms']} ms)"
+                )
         if service is None:
             path = Path(replay or RECORDED_LOG)
             try:
@@ -259,8 +290,7 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
                 return 1
             source = ReplayGuidance(ctx, events, endpoint, reserved)
             reserved = None  # the replay owns it now
-            clock.say(f"guidance: replaying recorded alert log {path} "
-                      f"({len(source.events)} alerts) on {endpoint}")
+            clock.say(f"guidance: replaying recorded alert log {path} ({len(source.events)} alerts) on {endpoint}")
             source.start()
 
         # 1. the first high-priority leak alert from guidance
@@ -275,34 +305,44 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
         if alert is None:
             clock.say("no high-priority leak alert from guidance within 60 s")
             return 1
-        clock.say(f"GUIDANCE ALERT: {alert['kind']} {alert['state']} priority "
-                  f"{alert['priority']} frame {alert.get('frame')} id {alert['alert_id']}: "
-                  f"{alert.get('message', '')}")
+        clock.say(
+            f"GUIDANCE ALERT: {alert['kind']} {alert['state']} priority "
+            f"{alert['priority']} frame {alert.get('frame')} id {alert['alert_id']}: "
+            f"{alert.get('message', '')}"
+        )
 
         # 2. the HOLD on the wire, as the firmware read it
-        if not sim.wait_for(lambda r: any(x.frame.type == MsgType.HOLD and x.frame.payload[0]
-                                          == HoldReason.CLINICAL_ALERT for x in r), 5.0):
+        if not sim.wait_for(
+            lambda r: any(x.frame.type == MsgType.HOLD and x.frame.payload[0] == HoldReason.CLINICAL_ALERT for x in r),
+            5.0,
+        ):
             clock.say("no HOLD reached the injector")
             return 1
-        hold = next(x for x in sim.commands(MsgType.HOLD)
-                    if x.frame.payload[0] == HoldReason.CLINICAL_ALERT)
+        hold = next(x for x in sim.commands(MsgType.HOLD) if x.frame.payload[0] == HoldReason.CLINICAL_ALERT)
         if alert["publish_mono_ns"] is None:
             when = "(the raise predates the bridge: learned from guidance's heartbeat)"
         else:
             delay_ms = (hold.rx_mono_ns - alert["publish_mono_ns"]) / 1e6
             when = f"{delay_ms:.2f} ms after guidance published the alert" + (
-                "" if delay_ms < 50 else " (the bridge was still joining when the alert went "
-                "out: it learned the raise from the next guidance heartbeat's active_alerts)")
-        clock.say(f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware {when}; "
-                  f"firmware ACK {hold.status.name if hold.status is not None else '-'}")
+                ""
+                if delay_ms < 50
+                else " (the bridge was still joining when the alert went "
+                "out: it learned the raise from the next guidance heartbeat's active_alerts)"
+            )
+        clock.say(
+            f"HOLD on the wire: seq {hold.frame.seq}, read by the firmware {when}; "
+            f"firmware ACK {hold.status.name if hold.status is not None else '-'}"
+        )
         held = tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"] == "held", 3)
         if not held:
             clock.say("the injector never reported held")
             return 1
-        clock.say(f"INJECTOR: state {held['injector_state']}, delivered "
-                  f"{held['delivered_volume_ml']:.3f} mL, pressure {held['pressure_kpa']:.0f} "
-                  f"kPa, flow {held['flow_ml_per_min']:.1f} mL/min, hold_latched "
-                  f"{held['hold_latched']}")
+        clock.say(
+            f"INJECTOR: state {held['injector_state']}, delivered "
+            f"{held['delivered_volume_ml']:.3f} mL, pressure {held['pressure_kpa']:.0f} "
+            f"kPa, flow {held['flow_ml_per_min']:.1f} mL/min, hold_latched "
+            f"{held['hold_latched']}"
+        )
 
         # 3. the hold stays, whatever guidance does meanwhile
         until = time.monotonic() + HOLD_SHOWN_S
@@ -314,17 +354,18 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
             if a is alert:
                 continue
             text = f"{a['kind']} {a['state']} (frame {a.get('frame')})"
-            if (a["kind"] in LEAKS and a["state"] == "raised" and a["priority"] == "high"
-                    and a.get("publish_mono_ns")):
-                rehold = next((x for x in sim.commands(MsgType.HOLD)
-                               if x.rx_mono_ns > a["publish_mono_ns"]), None)
+            if a["kind"] in LEAKS and a["state"] == "raised" and a["priority"] == "high" and a.get("publish_mono_ns"):
+                rehold = next((x for x in sim.commands(MsgType.HOLD) if x.rx_mono_ns > a["publish_mono_ns"]), None)
                 if rehold:  # every new raise goes to the wire, even while latched
-                    text += (f" -> HOLD re-sent, on the wire "
-                             f"{(rehold.rx_mono_ns - a['publish_mono_ns']) / 1e6:.2f} ms later")
+                    text += (
+                        f" -> HOLD re-sent, on the wire {(rehold.rx_mono_ns - a['publish_mono_ns']) / 1e6:.2f} ms later"
+                    )
             later.append(text)
         last = tap.of("telemetry")[-1]
-        clock.say(f"{HOLD_SHOWN_S:.0f} s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
-                  f"{last['injector_state']}, delivered {last['delivered_volume_ml']:.3f} mL")
+        clock.say(
+            f"{HOLD_SHOWN_S:.0f} s later: guidance since: {', '.join(later) or 'nothing new'}; injector "
+            f"{last['injector_state']}, delivered {last['delivered_volume_ml']:.3f} mL"
+        )
         # checked, not asserted by the narration: before any ack no RELEASE reached the
         # firmware, its plunger is still held, the bridge still latches and no cement moved
         broken = []
@@ -335,33 +376,39 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
         if last["injector_state"] != "held" or not last["hold_latched"]:
             broken.append(f"telemetry {last['injector_state']}, hold_latched {last['hold_latched']}")
         if last["delivered_volume_ml"] != held["delivered_volume_ml"]:
-            broken.append(f"delivered {held['delivered_volume_ml']:.3f} -> "
-                          f"{last['delivered_volume_ml']:.3f} mL while held")
+            broken.append(
+                f"delivered {held['delivered_volume_ml']:.3f} -> {last['delivered_volume_ml']:.3f} mL while held"
+            )
         if broken:
             clock.say(f"HOLD NOT KEPT before any operator ack: {'; '.join(broken)}")
             return 1
-        clock.say("checked before the ack: no RELEASE sent, firmware still HELD, hold latched, "
-                  "delivered volume unchanged")
+        clock.say(
+            "checked before the ack: no RELEASE sent, firmware still HELD, hold latched, delivered volume unchanged"
+        )
 
         # 4. the operator acknowledges: RELEASE
         mark = len(tap.messages)
         reply = send_ack(ctx, bt.bridge.ack_address, "*", operator="demo-operator")
-        clock.say(f"OPERATOR ACK (demo-operator, all holds): accepted {reply['accepted']}: "
-                  f"{reply['reason']}")
+        clock.say(f"OPERATOR ACK (demo-operator, all holds): accepted {reply['accepted']}: {reply['reason']}")
         if not reply["accepted"]:
             return 1
         if not sim.wait_for(lambda r: any(x.frame.type == MsgType.RELEASE for x in r), 3.0):
             clock.say("no RELEASE reached the injector")
             return 1
         release = sim.commands(MsgType.RELEASE)[0]
-        clock.say(f"RELEASE on the wire: seq {release.frame.seq}, firmware ACK "
-                  f"{release.status.name if release.status is not None else '-'}")
-        moving = tap.wait_for(lambda t, d: t == "telemetry" and d["injector_state"]
-                              in ("injecting", "idle"), 3, since=mark)
+        clock.say(
+            f"RELEASE on the wire: seq {release.frame.seq}, firmware ACK "
+            f"{release.status.name if release.status is not None else '-'}"
+        )
+        moving = tap.wait_for(
+            lambda t, d: t == "telemetry" and d["injector_state"] in ("injecting", "idle"), 3, since=mark
+        )
         if moving:
-            clock.say(f"INJECTOR: state {moving['injector_state']}, delivered "
-                      f"{moving['delivered_volume_ml']:.3f} mL, hold_latched "
-                      f"{moving['hold_latched']}")
+            clock.say(
+                f"INJECTOR: state {moving['injector_state']}, delivered "
+                f"{moving['delivered_volume_ml']:.3f} mL, hold_latched "
+                f"{moving['hold_latched']}"
+            )
         bridge_alerts = [f"{d['kind']} {d['state']}" for t, d in tap.messages if t == "alert"]
         clock.say(f"bridge alerts published: {', '.join(bridge_alerts)}")
         return 0
@@ -381,14 +428,21 @@ def run_demo(replay: str | None = None, record: str | None = None, use_service: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m firmware_bridge.demo",
-                                 description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--guidance-args", default="", metavar="ARGS",
-                    help="extra arguments for `guidance run` (one shell-quoted string)")
-    ap.add_argument("--recorded", action="store_true",
-                    help="replay the bundled recorded alert log instead of running the service")
+    ap = argparse.ArgumentParser(
+        prog="python -m firmware_bridge.demo",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    ap.add_argument(
+        "--guidance-args",
+        default="",
+        metavar="ARGS",
+        help="extra arguments for `guidance run` (one shell-quoted string)",
+    )
+    ap.add_argument(
+        "--recorded", action="store_true", help="replay the bundled recorded alert log instead of running the service"
+    )
     ap.add_argument("--replay", metavar="LOG", help="replay this alert log (JSONL)")
     ap.add_argument("--record", metavar="LOG", help="also record what guidance sent (JSONL)")
     args = ap.parse_args(argv)

@@ -30,9 +30,14 @@ LOCAL_ANY = "tcp://127.0.0.1:*"
 class GuidancePublisher:
     """Publishes guidance-protocol messages; heartbeats from a thread when asked."""
 
-    def __init__(self, context: zmq.Context, endpoint: str = LOCAL_ANY,
-                 session: str | None = None, source: str = "guidance",
-                 sock: zmq.Socket | None = None) -> None:
+    def __init__(
+        self,
+        context: zmq.Context,
+        endpoint: str = LOCAL_ANY,
+        session: str | None = None,
+        source: str = "guidance",
+        sock: zmq.Socket | None = None,
+    ) -> None:
         if sock is None:  # else: a PUB already bound by the caller
             sock = context.socket(zmq.PUB)
             sock.setsockopt(zmq.LINGER, 0)
@@ -54,10 +59,17 @@ class GuidancePublisher:
 
     def envelope(self, mtype: str, **body: Any) -> dict[str, Any]:
         self.seq += 1
-        return {"protocol": PROTOCOL, "type": mtype, "source": self.source,
-                "session": self.session, "seq": self.seq,
-                "publish_mono_ns": time.monotonic_ns(), "publish_unix_ns": time.time_ns(),
-                "frame": self.frame, **body}
+        return {
+            "protocol": PROTOCOL,
+            "type": mtype,
+            "source": self.source,
+            "session": self.session,
+            "seq": self.seq,
+            "publish_mono_ns": time.monotonic_ns(),
+            "publish_unix_ns": time.time_ns(),
+            "frame": self.frame,
+            **body,
+        }
 
     def send_raw(self, frames: list[bytes]) -> None:
         with self._lock:
@@ -65,14 +77,19 @@ class GuidancePublisher:
 
     def heartbeat(self, state: str = "running") -> dict[str, Any]:
         with self._lock:
-            doc = self.envelope("heartbeat", period_ms=self.heartbeat_period_ms, state=state,
-                                active_alerts=list(self.active.values()),
-                                frames_processed=self.frame, dropped_frames=0,
-                                dropped_messages=0, last_frame=self.frame)
+            doc = self.envelope(
+                "heartbeat",
+                period_ms=self.heartbeat_period_ms,
+                state=state,
+                active_alerts=list(self.active.values()),
+                frames_processed=self.frame,
+                dropped_frames=0,
+                dropped_messages=0,
+                last_frame=self.frame,
+            )
             self.sock.send_multipart([b"heartbeat", dumps(doc)])
         if self._last_hb_ns:
-            self.max_heartbeat_gap_ns = max(self.max_heartbeat_gap_ns,
-                                            doc["publish_mono_ns"] - self._last_hb_ns)
+            self.max_heartbeat_gap_ns = max(self.max_heartbeat_gap_ns, doc["publish_mono_ns"] - self._last_hb_ns)
         self._last_hb_ns = doc["publish_mono_ns"]
         return doc
 
@@ -84,21 +101,38 @@ class GuidancePublisher:
             self.sock.send_multipart([b"status", dumps(doc)])
         return doc
 
-    def alert(self, kind: str = "posterior_leak", state: str = "raised", priority: str = "high",
-              alert_id: str | None = None, frame: int | None = None,
-              message: str | None = None) -> dict[str, Any]:
+    def alert(
+        self,
+        kind: str = "posterior_leak",
+        state: str = "raised",
+        priority: str = "high",
+        alert_id: str | None = None,
+        frame: int | None = None,
+        message: str | None = None,
+    ) -> dict[str, Any]:
         with self._lock:
             self.frame = self.frame + 1 if frame is None else frame
             seq = self.seq + 1  # the raise's own seq names the alert (envelope takes it)
             alert_id = alert_id or f"{self.session}:{seq}"
             category = "physiological" if kind.endswith("_leak") else "technical"
-            doc = self.envelope("alert", alert_id=alert_id, kind=kind, state=state,
-                                priority=priority, category=category,
-                                evidence=None, message=message or f"{kind} {state} (test)")
+            doc = self.envelope(
+                "alert",
+                alert_id=alert_id,
+                kind=kind,
+                state=state,
+                priority=priority,
+                category=category,
+                evidence=None,
+                message=message or f"{kind} {state} (test)",
+            )
             if state == "raised":
-                self.active[alert_id] = {"alert_id": alert_id, "kind": kind,
-                                         "priority": priority, "frame": self.frame,
-                                         "raised_seq": seq}
+                self.active[alert_id] = {
+                    "alert_id": alert_id,
+                    "kind": kind,
+                    "priority": priority,
+                    "frame": self.frame,
+                    "raised_seq": seq,
+                }
             else:
                 self.active.pop(alert_id, None)
             self.sock.send_multipart([b"alert", dumps(doc)])
@@ -119,12 +153,12 @@ class GuidancePublisher:
 
     def start_status(self, hz: float = 15.0) -> GuidancePublisher:
         """Per-frame status at the loop's frame rate, as the service sends it."""
+
         def loop() -> None:
             while not self._hb_stop.wait(1.0 / hz):
                 self.status()
 
-        self._status_thread = threading.Thread(target=loop, name="fake-guidance-status",
-                                               daemon=True)
+        self._status_thread = threading.Thread(target=loop, name="fake-guidance-status", daemon=True)
         self._status_thread.start()
         return self
 
@@ -166,8 +200,9 @@ class BridgeTap:
                 if self.on_message:
                     self.on_message(topic.decode(), doc)
 
-    def wait_for(self, predicate: Callable[[str, dict[str, Any]], bool],
-                 timeout_s: float = 3.0, since: int = 0) -> dict[str, Any] | None:
+    def wait_for(
+        self, predicate: Callable[[str, dict[str, Any]], bool], timeout_s: float = 3.0, since: int = 0
+    ) -> dict[str, Any] | None:
         """First message from index `since` on (heard or arriving by the deadline) that matches."""
         seen = since
         deadline = time.monotonic() + timeout_s
@@ -188,19 +223,34 @@ class BridgeTap:
         self.sock.close()
 
 
-def send_ack(context: zmq.Context, endpoint: str, alert_id: str = "*", operator: str = "dr-test",
-             payload: bytes | None = None, timeout_s: float = 3.0) -> dict[str, Any]:
+def send_ack(
+    context: zmq.Context,
+    endpoint: str,
+    alert_id: str = "*",
+    operator: str = "dr-test",
+    payload: bytes | None = None,
+    timeout_s: float = 3.0,
+) -> dict[str, Any]:
     """One console ack: REQ -> bridge REP, with a deadline (raises TimeoutError)."""
     sock = context.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
         if payload is None:
-            payload = dumps({"protocol": PROTOCOL, "type": "ack", "source": "console",
-                             "session": "console-test", "seq": 1,
-                             "publish_mono_ns": time.monotonic_ns(),
-                             "publish_unix_ns": time.time_ns(), "frame": None,
-                             "operator": operator, "alert_id": alert_id})
+            payload = dumps(
+                {
+                    "protocol": PROTOCOL,
+                    "type": "ack",
+                    "source": "console",
+                    "session": "console-test",
+                    "seq": 1,
+                    "publish_mono_ns": time.monotonic_ns(),
+                    "publish_unix_ns": time.time_ns(),
+                    "frame": None,
+                    "operator": operator,
+                    "alert_id": alert_id,
+                }
+            )
         sock.send(payload)
         if not sock.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"no ack_reply from {endpoint} within {timeout_s} s")
@@ -212,12 +262,12 @@ def send_ack(context: zmq.Context, endpoint: str, alert_id: str = "*", operator:
 class BridgeThread:
     """A Bridge on its own thread; sockets bound to free loopback ports unless told."""
 
-    def __init__(self, link: InjectorLink, guidance_endpoint: str,
-                 context: zmq.Context | None = None, **config: Any) -> None:
+    def __init__(
+        self, link: InjectorLink, guidance_endpoint: str, context: zmq.Context | None = None, **config: Any
+    ) -> None:
         config.setdefault("pub_endpoint", LOCAL_ANY)
         config.setdefault("ack_endpoint", LOCAL_ANY)
-        self.bridge = Bridge(BridgeConfig(guidance_endpoint=guidance_endpoint, **config), link,
-                             context)
+        self.bridge = Bridge(BridgeConfig(guidance_endpoint=guidance_endpoint, **config), link, context)
         self.bridge.open()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bridge", daemon=True)

@@ -42,12 +42,12 @@ class HoldLatch:
             ids = [alert_id]
         else:
             latched = ", ".join(sorted(self.reasons))
-            return AckResult(False, f"no latched hold has alert_id {alert_id!r} (latched: "
-                                    f"{latched})", False)
+            return AckResult(False, f"no latched hold has alert_id {alert_id!r} (latched: {latched})", False)
         for i in ids:
             del self.reasons[i]
             self.acknowledged.add(i)
         if self.reasons:
-            return AckResult(True, f"acknowledged {', '.join(ids)}; still latched by "
-                                   f"{', '.join(sorted(self.reasons))}", False)
+            return AckResult(
+                True, f"acknowledged {', '.join(ids)}; still latched by {', '.join(sorted(self.reasons))}", False
+            )
         return AckResult(True, f"acknowledged {', '.join(ids)}; hold released", True)

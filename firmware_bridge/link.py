@@ -70,8 +70,7 @@ class SerialInjectorLink(InjectorLink):
             return
         try:
             # timeout=0: read() returns what is there; write_timeout bounds a stuck port
-            self._serial = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=0.05,
-                                         exclusive=True)
+            self._serial = serial.Serial(self.port, self.baudrate, timeout=0, write_timeout=0.05, exclusive=True)
         except (serial.SerialException, OSError, ValueError) as err:
             raise LinkError(f"cannot open {self.port}: {err}") from None
 

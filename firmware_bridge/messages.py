@@ -47,8 +47,7 @@ class GuidanceAlert:
 
     @property
     def requests_hold(self) -> bool:
-        return (self.kind in CLINICAL_HOLD_KINDS and self.state == "raised"
-                and self.priority == "high")
+        return self.kind in CLINICAL_HOLD_KINDS and self.state == "raised" and self.priority == "high"
 
 
 @dataclass(frozen=True)
@@ -163,8 +162,7 @@ def parse_guidance(frames: list[bytes]) -> GuidanceMessage | Rejected:
         if frame is not None and not _is_int(frame):
             return Rejected("alert frame is not an integer or null")
         message = doc.get("message") if isinstance(doc.get("message"), str) else ""
-        return GuidanceAlert(*common, doc["alert_id"], doc["kind"], doc["state"],
-                             doc["priority"], frame, message)
+        return GuidanceAlert(*common, doc["alert_id"], doc["kind"], doc["state"], doc["priority"], frame, message)
     period = doc.get("period_ms")
     if not _is_int(period) or period <= 0:
         return Rejected("heartbeat period_ms missing or not a positive integer")
@@ -173,8 +171,7 @@ def parse_guidance(frames: list[bytes]) -> GuidanceMessage | Rejected:
         return Rejected("heartbeat active_alerts is not a list")
     alerts = []
     for item in active:
-        if not (isinstance(item, dict) and all(isinstance(item.get(k), str)
-                                               for k in ("alert_id", "kind", "priority"))):
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) for k in ("alert_id", "kind", "priority"))):
             return Rejected("heartbeat active_alerts entry lacks alert_id/kind/priority")
         alerts.append(ActiveAlert(item["alert_id"], item["kind"], item["priority"]))
     state = doc.get("state") if isinstance(doc.get("state"), str) else ""
@@ -204,13 +201,20 @@ class Envelope:
         self.source = source
         self.seq = 0
 
-    def make(self, mtype: str, body: dict[str, Any], mono_ns: int, unix_ns: int,
-             frame: int | None = None) -> dict[str, Any]:
+    def make(
+        self, mtype: str, body: dict[str, Any], mono_ns: int, unix_ns: int, frame: int | None = None
+    ) -> dict[str, Any]:
         self.seq += 1
         return {
-            "protocol": PROTOCOL, "type": mtype, "source": self.source,
-            "session": self.session, "seq": self.seq, "publish_mono_ns": mono_ns,
-            "publish_unix_ns": unix_ns, "frame": frame, **body,
+            "protocol": PROTOCOL,
+            "type": mtype,
+            "source": self.source,
+            "session": self.session,
+            "seq": self.seq,
+            "publish_mono_ns": mono_ns,
+            "publish_unix_ns": unix_ns,
+            "frame": frame,
+            **body,
         }
 
 

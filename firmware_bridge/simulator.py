@@ -57,8 +57,7 @@ class PlungerModel:
 
     def step(self, dt_s: float) -> None:
         if self.state is InjectorState.INJECTING:
-            self.volume_ml = min(self.capacity_ml,
-                                 self.volume_ml + self.flow_ml_per_min * dt_s / 60)
+            self.volume_ml = min(self.capacity_ml, self.volume_ml + self.flow_ml_per_min * dt_s / 60)
             if self.volume_ml >= self.capacity_ml:
                 self.state = InjectorState.IDLE
         # cement back-pressure rises with flow and relaxes (tau 0.3 s) once the plunger stops
@@ -131,8 +130,14 @@ class SimStats:
 class FirmwareSimulator:
     """The injector firmware: a plunger model behind the serial protocol, on its own thread."""
 
-    def __init__(self, *, telemetry_hz: float = 50.0, model: PlungerModel | None = None,
-                 link_dir: str | None = None, host_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        telemetry_hz: float = 50.0,
+        model: PlungerModel | None = None,
+        link_dir: str | None = None,
+        host_timeout_s: float | None = None,
+    ) -> None:
         self.model = model or PlungerModel()
         # firmware-side watchdog: no command from the host for this long -> hold by itself
         self.host_timeout_s = host_timeout_s
@@ -217,6 +222,7 @@ class FirmwareSimulator:
     def reboot(self) -> None:
         """The MCU restarts while the cable stays in: seqs, uptime and dedup state start over,
         and the motor comes up stopped (idle)."""
+
         def _reboot() -> None:
             self._tx_seq = 0
             self._t0 = time.monotonic()
@@ -284,20 +290,20 @@ class FirmwareSimulator:
                 if data:
                     self._on_bytes(data, rx_ns)
             now = time.monotonic()
-            if (self.host_timeout_s is not None
-                    and now - self._last_host_rx > self.host_timeout_s
-                    and self.model.state is InjectorState.INJECTING):
+            if (
+                self.host_timeout_s is not None
+                and now - self._last_host_rx > self.host_timeout_s
+                and self.model.state is InjectorState.INJECTING
+            ):
                 self.model.hold()
                 with self._cond:
                     self.self_holds += 1
                     self._cond.notify_all()
-                log.warning("no command from the host for %.0f ms: holding",
-                            (now - self._last_host_rx) * 1000)
+                log.warning("no command from the host for %.0f ms: holding", (now - self._last_host_rx) * 1000)
             if now >= next_tick:
                 self.model.step(now - last)
                 last = now
-                self._send(wire.telemetry_frame(self._next_seq(),
-                                                self.model.telemetry(self._uptime_ms())))
+                self._send(wire.telemetry_frame(self._next_seq(), self.model.telemetry(self._uptime_ms())))
                 next_tick += self.telemetry_period_s
                 if next_tick < now:  # fell behind (loaded machine): don't burst to catch up
                     next_tick = now + self.telemetry_period_s
@@ -431,22 +437,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m firmware_bridge.simulator",
         description="Simulated cement-injector firmware on a pseudo-terminal. Type commands on "
-                    "stdin: fault, clear, unplug, replug, silent, talk, quit.")
+        "stdin: fault, clear, unplug, replug, silent, talk, quit.",
+    )
     parser.add_argument("--telemetry-hz", type=float, default=50.0)
     parser.add_argument("--flow", type=float, default=3.0, help="demanded flow, mL/min")
     parser.add_argument("--link-dir", help="folder for the stable 'injector' symlink")
-    parser.add_argument("--host-timeout", type=float, default=1.0, metavar="S",
-                        help="hold by itself when no command came from the host for S seconds "
-                             "(firmware watchdog; 0 disables; default 1.0)")
+    parser.add_argument(
+        "--host-timeout",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="hold by itself when no command came from the host for S seconds "
+        "(firmware watchdog; 0 disables; default 1.0)",
+    )
     args = parser.parse_args(argv)
     if not 1.0 <= args.telemetry_hz <= 1000.0:
         print("simulator: error: --telemetry-hz must be within 1..1000", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    sim = FirmwareSimulator(telemetry_hz=args.telemetry_hz,
-                            model=PlungerModel(demand_ml_per_min=args.flow),
-                            link_dir=args.link_dir,
-                            host_timeout_s=args.host_timeout if args.host_timeout > 0 else None)
+    sim = FirmwareSimulator(
+        telemetry_hz=args.telemetry_hz,
+        model=PlungerModel(demand_ml_per_min=args.flow),
+        link_dir=args.link_dir,
+        host_timeout_s=args.host_timeout if args.host_timeout > 0 else None,
+    )
+
     def _term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM: same clean stop as Ctrl-C
 
@@ -455,8 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     print(sim.port, flush=True)
     print(f"simulator: port {sim.port} -> {sim.pty_name}", file=sys.stderr, flush=True)
     actions: dict[str, Callable[[], None]] = {
-        "fault": sim.trigger_fault, "clear": sim.clear_fault, "unplug": sim.unplug,
-        "replug": sim.replug, "silent": lambda: sim.set_silent(True),
+        "fault": sim.trigger_fault,
+        "clear": sim.clear_fault,
+        "unplug": sim.unplug,
+        "replug": sim.replug,
+        "silent": lambda: sim.set_silent(True),
         "talk": lambda: sim.set_silent(False),
     }
     try:

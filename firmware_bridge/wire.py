@@ -154,8 +154,7 @@ def encode_frame(frame: Frame) -> bytes:
     """Frame -> bytes on the wire, delimiters included."""
     if len(frame.payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(frame.payload)} bytes exceeds {MAX_PAYLOAD}")
-    raw = HEADER.pack(frame.version, frame.type, frame.epoch, frame.seq & 0xFFFF,
-                      len(frame.payload)) + frame.payload
+    raw = HEADER.pack(frame.version, frame.type, frame.epoch, frame.seq & 0xFFFF, len(frame.payload)) + frame.payload
     raw += CRC.pack(crc32(raw))
     # leading delimiter: whatever garbage came before ends here, so this frame survives it
     return b"\x00" + cobs_encode(raw) + b"\x00"
@@ -256,9 +255,15 @@ class Telemetry:
     uptime_ms: int
 
     def pack(self) -> bytes:
-        return TELEMETRY_PAYLOAD.pack(self.position_um, self.volume_ul, self.pressure_pa,
-                                      self.flow_ul_per_min, int(self.state), self.fault_code,
-                                      self.uptime_ms & 0xFFFFFFFF)
+        return TELEMETRY_PAYLOAD.pack(
+            self.position_um,
+            self.volume_ul,
+            self.pressure_pa,
+            self.flow_ul_per_min,
+            int(self.state),
+            self.fault_code,
+            self.uptime_ms & 0xFFFFFFFF,
+        )
 
     @classmethod
     def unpack(cls, payload: bytes) -> Telemetry:

@@ -32,10 +32,18 @@ def screenshot(report: Path, png: Path, width: int = 1280, height: int = 3000) -
         raise FileNotFoundError("no Chromium found (apt-get install -y chromium)")
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         cmd = [
-            browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--no-first-run", "--disable-extensions", "--disable-background-networking",
-            f"--user-data-dir={profile}", f"--window-size={width},{height}",
-            f"--screenshot={png.resolve()}", report.resolve().as_uri(),
+            browser,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--disable-extensions",
+            "--disable-background-networking",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            f"--screenshot={png.resolve()}",
+            report.resolve().as_uri(),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or not png.is_file() or png.stat().st_size == 0:
