@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,9 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     assert {"capture", "calibrate", "segment", "track", "publish"} <= set(r["stage_median_ms"])
     assert report["rss_mb"]["peak"] > 0 and "CPU" in report["machine"]
     control = r["host_control_ms"]
-    assert control["runs"] >= 5 and control["p99"] >= control["p50"] > 0 and control["job_ms"] > 0
+    # 0.5 s of a job started every 1/15 s: about 7 runs (fewer if the job overruns its period)
+    assert 2 <= control["runs"] <= 8 and control["p50"] > 0 and control["job_ms"] > 0
+    assert control["p99_over_p50"] == pytest.approx(control["p99"] / control["p50"], abs=0.02)
     slowest = r["slowest_frames_ms"]
     assert len(slowest) == 3 and {"capture", "segment", "track"} <= set(slowest[0])
     worst = [f["capture_to_publish"] for f in slowest]
