@@ -12,9 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.sim.imaging import Imaging
 from models.sim.loop import LoopConfig, simulate, write_dicom, write_loop
-from models.sim.scene import LoopScene
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,60 +23,27 @@ def _sim(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     )
 
 
-LEAK_SEED = 20261129
-LEAK_CONFIG = LoopConfig(height=160, width=208, frames=30, leaks=frozenset({"posterior", "venous"}))
-
-
 @pytest.fixture(scope="module")
 def leak_loop():
-    return simulate(np.random.default_rng(LEAK_SEED), LEAK_CONFIG)
-
-
-Masks = list[np.ndarray]
-
-
-def _anatomy_in_frame(seed: int, config: LoopConfig) -> tuple[float, Masks, Masks, Masks]:
-    """The loop's scene and imaging chain drawn again from its seed (the draws of
-    models.sim.loop.simulate, in its order), and per frame the labels, the treated body and
-    the region behind its posterior wall, warped onto the output frame as the labels are."""
-    rng = np.random.default_rng(seed)
-    h, w = config.height, config.width
-    spacing = float(rng.uniform(120.0, 260.0) / min(h, w))
-    margin_px = max(8, int(4.0 / spacing))
-    scene = LoopScene.sample(
-        rng, h, w, spacing, config.view, config.frames, config.fps, set(config.leaks), margin_px=margin_px
-    )
-    imaging = Imaging.sample(rng, h, w, bit_depth=config.bit_depth, jpeg=config.jpeg)
-    maps, fov = imaging.distortion_maps(), imaging.fov_mask()
-    margin_x, margin_y = (scene.grid.width - w) / 2.0, (scene.grid.height - h) / 2.0
-
-    def to_frame(mask: np.ndarray, i: int) -> np.ndarray:
-        bx, by = scene.breathing_shift_px(i)
-        shift = np.float32([[1, 0, -(margin_x + bx)], [0, 1, -(margin_y + by)]])
-        moved = cv2.warpAffine(mask, shift, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
-        return imaging.warp_labels(moved, maps, fov)
-
-    labels = [to_frame(scene.frame(i)[1], i) for i in range(config.frames)]
-    body = [to_frame(scene.treated_body.astype(np.uint8), i).astype(bool) for i in range(config.frames)]
-    behind = [to_frame(scene.behind_wall.astype(np.uint8), i).astype(bool) for i in range(config.frames)]
-    return spacing, labels, body, behind
+    rng = np.random.default_rng(20261129)
+    return simulate(rng, LoopConfig(height=160, width=208, frames=30, leaks=frozenset({"posterior", "venous"})))
 
 
 def test_onsets_follow_the_spec_definition(leak_loop):
     """onset = first frame whose extravertebral cement of that kind covers >= 1 mm^2, measured
-    on the masks the loop ships (loop.labels), not on the simulator's own area bookkeeping."""
-    spacing, labels, body, behind = _anatomy_in_frame(LEAK_SEED, LEAK_CONFIG)
-    # the anatomy drawn again is this loop's: its warped labels are the shipped masks exactly
-    assert spacing == leak_loop.spacing_mm
-    assert all(np.array_equal(a, b) for a, b in zip(labels, leak_loop.labels, strict=True))
-    # cement outside the treated vertebral body, behind the posterior wall's line or not (the
-    # masks paint cement over the body, so where the body is comes from the scene)
+    on the masks the loop ships (loop.labels), not on the simulator's own area bookkeeping
+    (which it keeps on its scene grid, before breathing, distortion and the field of view)."""
+    warp = leak_loop.warp
+    # the masks paint cement over the body, so where the body is comes from the scene, taken
+    # to each frame exactly as the labels were
     px_mm2 = leak_loop.spacing_mm**2
     areas: dict[str, list[float]] = {"posterior": [], "venous": []}
     for i, frame_labels in enumerate(leak_loop.labels):
-        outside = (frame_labels == 2) & ~body[i]
-        areas["posterior"].append(np.count_nonzero(outside & behind[i]) * px_mm2)
-        areas["venous"].append(np.count_nonzero(outside & ~behind[i]) * px_mm2)
+        body = warp.labels(warp.scene.treated_body.astype(np.uint8), i).astype(bool)
+        behind = warp.labels(warp.scene.behind_wall.astype(np.uint8), i).astype(bool)
+        outside = (frame_labels == 2) & ~body
+        areas["posterior"].append(np.count_nonzero(outside & behind) * px_mm2)
+        areas["venous"].append(np.count_nonzero(outside & ~behind) * px_mm2)
     expected = {}
     for kind, per_frame in areas.items():
         hits = np.flatnonzero(np.asarray(per_frame) >= 1.0)

@@ -48,6 +48,32 @@ class LoopConfig:
 
 
 @dataclass
+class FrameWarp:
+    """Scene grid -> output frame i: the breathing shift, then the image intensifier's
+    distortion and field of view. Labels go through it; so can any other scene mask (the
+    treated body, the region behind its wall) to be compared with them pixel for pixel."""
+
+    scene: LoopScene
+    imaging: Imaging
+    width: int
+    height: int
+    maps: tuple[np.ndarray, np.ndarray] | None
+    fov: np.ndarray | None
+
+    def shift(self, i: int) -> np.ndarray:
+        bx, by = self.scene.breathing_shift_px(i)
+        margin_x = (self.scene.grid.width - self.width) / 2.0
+        margin_y = (self.scene.grid.height - self.height) / 2.0
+        return np.float32([[1, 0, -(margin_x + bx)], [0, 1, -(margin_y + by)]])
+
+    def labels(self, mask: np.ndarray, i: int) -> np.ndarray:
+        """A uint8 scene-grid mask (labels or 0/1) as frame i shows it."""
+        size = (self.width, self.height)
+        moved = cv2.warpAffine(mask, self.shift(i), size, flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
+        return self.imaging.warp_labels(moved, self.maps, self.fov)
+
+
+@dataclass
 class SimulatedLoop:
     frames: np.ndarray  # [n, h, w] uint8 or uint16
     labels: np.ndarray  # [n, h, w] uint8: 0 background, 1 body, 2 cement, 3 needle
@@ -56,7 +82,8 @@ class SimulatedLoop:
     view: str
     posterior_side: str | None
     events: list[dict]
-    extravertebral_mm2: dict[str, np.ndarray]  # per kind, per frame
+    extravertebral_mm2: dict[str, np.ndarray]  # per kind, per frame (scene grid, the onsets' source)
+    warp: FrameWarp | None = field(default=None, repr=False)  # how scene masks became `labels`
 
     def labels_json(self, name: str, with_masks: bool = True) -> dict:
         doc = {
@@ -92,23 +119,18 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
     imaging = Imaging.sample(rng, h, w, bit_depth=config.bit_depth, jpeg=config.jpeg)
     for key, value in config.imaging.items():  # forced conditions, e.g. for robustness subsets
         setattr(imaging, key, value)
-    maps = imaging.distortion_maps()
-    fov = imaging.fov_mask()
+    warp = FrameWarp(scene, imaging, w, h, imaging.distortion_maps(), imaging.fov_mask())
     frames = np.empty((config.frames, h, w), np.uint8 if config.bit_depth <= 8 else np.uint16)
     labels = np.empty((config.frames, h, w), np.uint8)
     extra = {k: np.zeros(config.frames) for k in LEAK_KINDS}
-    margin_x = (scene.grid.width - w) / 2.0
-    margin_y = (scene.grid.height - h) / 2.0
     for i in range(config.frames):
         integral, lab = scene.frame(i)
         for kind, area in scene.leak_areas_mm2(i, lab).items():  # the spec's onset definition
             extra[kind][i] = area
-        bx, by = scene.breathing_shift_px(i)
-        shift = np.float32([[1, 0, -(margin_x + bx)], [0, 1, -(margin_y + by)]])
+        shift = warp.shift(i)
         ideal = cv2.warpAffine(integral, shift, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        lab_out = cv2.warpAffine(lab, shift, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT)
-        labels[i] = imaging.warp_labels(lab_out, maps, fov)
-        frames[i] = imaging.form(ideal, rng, maps, fov, bone=labels[i] == BODY)
+        labels[i] = warp.labels(lab, i)
+        frames[i] = imaging.form(ideal, rng, warp.maps, warp.fov, bone=labels[i] == BODY)
     events = []
     for kind in LEAK_KINDS:
         hits = np.flatnonzero(extra[kind] >= 1.0)
@@ -116,7 +138,7 @@ def simulate(rng: np.random.Generator, config: LoopConfig) -> SimulatedLoop:
             events.append({"kind": kind, "onset_frame": int(hits[0])})
     events.sort(key=lambda e: e["onset_frame"])
     side = None if scene.view == "ap" else "right" if scene.posterior_sign > 0 else "left"
-    return SimulatedLoop(frames, labels, config.fps, spacing, scene.view, side, events, extra)
+    return SimulatedLoop(frames, labels, config.fps, spacing, scene.view, side, events, extra, warp)
 
 
 # ---------------------------------------------------------------------------- writers
