@@ -18,6 +18,7 @@ from guidance.errors import GuidanceError
 SUBCOMMANDS: dict[str, str] = {
     "run": "guidance.app",
     "evaluate": "guidance.evaluation.cli",
+    "compare": "guidance.evaluation.compare",
     "calibrate": "calibration.cli",
     "undistort": "calibration.cli",
     "bridge": "firmware_bridge.cli",

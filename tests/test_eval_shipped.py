@@ -59,3 +59,17 @@ def test_demo_loops_with_the_shipped_model(tmp_path):
         "dice_cement",
         "dice_needle",
     ]
+    # the run paired with itself (`guidance compare`): every event agrees, no difference
+    cmp_out = tmp_path / "cmp.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "guidance", "compare", str(out), str(out / "summary.json"), "--json", str(cmp_out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    paired = json.loads(cmp_out.read_text())
+    assert paired["loops_compared"] == 3 and paired["detection"]["overall"]["events"] == 2
+    assert paired["detection"]["overall"]["a_only"] == paired["detection"]["overall"]["b_only"] == 0
+    assert paired["detection"]["overall"]["mcnemar_p"] == 1.0

@@ -1,0 +1,168 @@
+"""`guidance compare A/summary.json B/summary.json`: two evaluations of the same loops, paired.
+
+A site validating a new model, a new tracker setting or a new C-arm runs `guidance evaluate`
+twice on one archive and asks whether B is better than A. Two rates side by side answer that
+badly: the same leaks are in both runs, so what matters is the leaks one run caught and the
+other missed. Paired per labelled event (matched by loop, kind and onset frame):
+
+* detection: caught by both, by A only, by B only, by neither; exact McNemar test on the
+  discordant events (two-sided binomial test of "A only" among A-only + B-only, p = 1/2);
+* false alerts: per kind over the minutes both runs scored; exact conditional test of equal
+  rates (A's count among both counts ~ Binomial(n, 1/2) when the minutes are the same);
+* Dice per class and latency: the two runs' pooled values, side by side (no test).
+
+Only loops scored in both runs are compared; the rest are listed. Exit code 0, or 2 for a file
+that is not an evaluation summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from guidance.errors import BadInputError
+
+KINDS = ("posterior", "venous")
+
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Exact two-sided p of k successes in n trials at p = 1/2 (doubled smaller tail, <= 1)."""
+    if n == 0:
+        return 1.0
+    tail = min(k, n - k)
+    p = sum(math.comb(n, i) for i in range(tail + 1)) / 2**n
+    return min(1.0, 2 * p)
+
+
+def load_summary(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "summary.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: not a readable evaluation summary ({exc})") from None
+    if not isinstance(doc, dict) or not str(doc.get("schema", "")).startswith("cement-guidance-eval/"):
+        raise BadInputError(f"{path}: not a `guidance evaluate` summary.json (field 'schema')")
+    return doc
+
+
+def _scored(summary: dict) -> dict[str, dict]:
+    return {row["loop_id"]: row for row in summary["loops"] if row.get("score")}
+
+
+def compare(a: dict, b: dict) -> dict:
+    """The paired comparison of two summaries (B against A)."""
+    rows_a, rows_b = _scored(a), _scored(b)
+    common = sorted(rows_a.keys() & rows_b.keys())
+    minutes = sum(rows_a[k]["score"]["minutes"] for k in common)
+    detection: dict[str, dict] = {}
+    for kind in (*KINDS, "overall"):
+        both = only_a = only_b = neither = 0
+        for loop_id in common:
+            caught_b = {(e["kind"], e["onset_frame"]): e["detected"] for e in rows_b[loop_id]["score"]["events"]}
+            for e in rows_a[loop_id]["score"]["events"]:
+                if kind != "overall" and e["kind"] != kind:
+                    continue
+                in_b = caught_b.get((e["kind"], e["onset_frame"]))
+                if in_b is None:
+                    raise BadInputError(f"loop {loop_id}: the two runs were scored on different labels")
+                both += e["detected"] and in_b
+                only_a += e["detected"] and not in_b
+                only_b += in_b and not e["detected"]
+                neither += not (e["detected"] or in_b)
+        events = both + only_a + only_b + neither
+        detection[kind] = {
+            "events": events,
+            "both": both,
+            "a_only": only_a,
+            "b_only": only_b,
+            "neither": neither,
+            "sensitivity_a": (both + only_a) / events if events else None,
+            "sensitivity_b": (both + only_b) / events if events else None,
+            "mcnemar_p": binomial_two_sided_p(only_a, only_a + only_b),
+        }
+    false_alerts: dict[str, dict] = {}
+    for kind in (*KINDS, "overall"):
+
+        def count(rows: dict[str, dict], kind: str = kind) -> int:
+            if kind == "overall":
+                return sum(rows[k]["score"]["false_alerts_total"] for k in common)
+            return sum(rows[k]["score"]["per_kind"][kind]["false_alerts"] for k in common)
+
+        fa_a, fa_b = count(rows_a), count(rows_b)
+        false_alerts[kind] = {
+            "a": fa_a,
+            "b": fa_b,
+            "a_per_min": fa_a / minutes if minutes else None,
+            "b_per_min": fa_b / minutes if minutes else None,
+            "equal_rates_p": binomial_two_sided_p(fa_a, fa_a + fa_b),
+        }
+    return {
+        "a": {"run": a.get("run", {}), "loops_scored": len(rows_a)},
+        "b": {"run": b.get("run", {}), "loops_scored": len(rows_b)},
+        "loops_compared": len(common),
+        "minutes_compared": minutes,
+        "only_in_a": sorted(rows_a.keys() - rows_b.keys()),
+        "only_in_b": sorted(rows_b.keys() - rows_a.keys()),
+        "detection": detection,
+        "false_alerts": false_alerts,
+        "dice": {"a": a.get("dice"), "b": b.get("dice")},
+        "latency_ms": {name: _latency(s) for name, s in (("a", a), ("b", b))},
+    }
+
+
+def _latency(summary: dict) -> dict:
+    lat = summary.get("latency_ms") or {}
+    return {"p50": lat.get("p50"), "p99": lat.get("p99")}
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def print_comparison(c: dict, out=sys.stdout) -> None:
+    w = out.write
+    w(f"{c['loops_compared']} loops scored in both runs ({c['minutes_compared']:.2f} min)")
+    if c["only_in_a"] or c["only_in_b"]:
+        w(f"; not compared: {len(c['only_in_a'])} only in A, {len(c['only_in_b'])} only in B")
+    w("\n")
+    for kind, d in c["detection"].items():
+        w(
+            f"  {kind:9s} events {d['events']}: both {d['both']}, A only {d['a_only']}, B only {d['b_only']}, "
+            f"neither {d['neither']}; sensitivity A {_fmt(d['sensitivity_a'])} B {_fmt(d['sensitivity_b'])} "
+            f"(McNemar exact p {d['mcnemar_p']:.3g})\n"
+        )
+    for kind, f in c["false_alerts"].items():
+        w(
+            f"  {kind:9s} false alerts A {f['a']} ({_fmt(f['a_per_min'], 2)}/min), B {f['b']} "
+            f"({_fmt(f['b_per_min'], 2)}/min) (equal rates, exact p {f['equal_rates_p']:.3g})\n"
+        )
+    da, db = c["dice"]["a"] or {}, c["dice"]["b"] or {}
+    names = [k for k in da if k != "frames"]
+    if any(da.get(k) is not None or db.get(k) is not None for k in names):  # loops with masks
+        w("  Dice A / B: " + ", ".join(f"{k} {_fmt(da.get(k))} / {_fmt(db.get(k))}" for k in names) + "\n")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="pair two `guidance evaluate` runs of the same loops (B against A)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("a", metavar="A", help="summary.json (or its folder) of the reference run")
+    p.add_argument("b", metavar="B", help="summary.json (or its folder) of the run to compare")
+    p.add_argument("--json", type=Path, default=None, help="also write the comparison here")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    comparison = compare(load_summary(args.a), load_summary(args.b))
+    print_comparison(comparison)
+    if args.json:
+        args.json.write_text(json.dumps(comparison, indent=2) + "\n")
+    return 0
