@@ -11,9 +11,12 @@ from guidance.errors import BadInputError
 from guidance.evaluation.compare import binomial_two_sided_p, compare, load_summary
 
 
-def _row(loop_id: str, events: list[tuple[str, int, bool]], fa: dict[str, int], minutes: float = 1.0) -> dict:
+def _row(
+    loop_id: str, events: list[tuple[str, int, bool]], fa: dict[str, int], minutes: float = 1.0, cement=None
+) -> dict:
     return {
         "loop_id": loop_id,
+        "dice": None if cement is None else {"vertebral_body": 0.95, "cement": cement, "needle": None},
         "score": {
             "minutes": minutes,
             "events": [{"kind": k, "onset_frame": f, "detected": d} for k, f, d in events],
@@ -35,18 +38,18 @@ def _summary(rows: list[dict]) -> dict:
 
 A = _summary(
     [
-        _row("l1", [("posterior", 40, True), ("venous", 60, False)], {"venous": 3}),
-        _row("l2", [("posterior", 10, False)], {}),
-        _row("l3", [("venous", 5, True)], {"posterior": 1}),
+        _row("l1", [("posterior", 40, True), ("venous", 60, False)], {"venous": 3}, cement=0.80),
+        _row("l2", [("posterior", 10, False)], {}, cement=0.70),
+        _row("l3", [("venous", 5, True)], {"posterior": 1}, cement=0.90),
         {"loop_id": "unlabelled", "score": None},
         _row("only_a", [("posterior", 1, True)], {}),
     ]
 )
 B = _summary(
     [
-        _row("l1", [("posterior", 40, True), ("venous", 60, True)], {"venous": 1}),
-        _row("l2", [("posterior", 10, True)], {}),
-        _row("l3", [("venous", 5, False)], {}),
+        _row("l1", [("posterior", 40, True), ("venous", 60, True)], {"venous": 1}, cement=0.85),
+        _row("l2", [("posterior", 10, True)], {}, cement=0.75),
+        _row("l3", [("venous", 5, False)], {}),  # no masks in B's run of this loop
         _row("only_b", [("venous", 1, True)], {}),
     ]
 )
@@ -73,6 +76,14 @@ def test_events_are_paired_by_loop_kind_and_onset():
     assert (fa["venous"]["a"], fa["venous"]["b"], fa["posterior"]["a"], fa["overall"]["b"]) == (3, 1, 1, 1)
     assert fa["overall"]["a_per_min"] == pytest.approx(4 / 3)
     assert fa["overall"]["equal_rates_p"] == pytest.approx(binomial_two_sided_p(4, 5))
+    # Dice per loop: only loops with masks in both runs, only classes present in both
+    dice = c["dice"]["per_loop"]
+    assert set(dice) == {"vertebral_body", "cement"}
+    assert dice["cement"]["loops"] == 2 and (dice["cement"]["b_higher"], dice["cement"]["a_higher"]) == (2, 0)
+    assert dice["cement"]["median_difference"] == pytest.approx(0.05)
+    assert dice["cement"]["sign_test_p"] == pytest.approx(0.5)
+    assert (dice["vertebral_body"]["b_higher"], dice["vertebral_body"]["a_higher"]) == (0, 0)
+    assert dice["vertebral_body"]["sign_test_p"] == 1.0
 
 
 def test_runs_on_different_labels_are_refused():

@@ -73,3 +73,5 @@ def test_demo_loops_with_the_shipped_model(tmp_path):
     assert paired["loops_compared"] == 3 and paired["detection"]["overall"]["events"] == 2
     assert paired["detection"]["overall"]["a_only"] == paired["detection"]["overall"]["b_only"] == 0
     assert paired["detection"]["overall"]["mcnemar_p"] == 1.0
+    cement = paired["dice"]["per_loop"]["cement"]
+    assert cement["loops"] == 3 and cement["b_higher"] == cement["a_higher"] == 0 and cement["sign_test_p"] == 1.0

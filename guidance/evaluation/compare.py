@@ -9,7 +9,9 @@ other missed. Paired per labelled event (matched by loop, kind and onset frame):
   discordant events (two-sided binomial test of "A only" among A-only + B-only, p = 1/2);
 * false alerts: per kind over the minutes both runs scored; exact conditional test of equal
   rates (A's count among both counts ~ Binomial(n, 1/2) when the minutes are the same);
-* Dice per class and latency: the two runs' pooled values, side by side (no test).
+* Dice per class: the pooled values side by side, and per loop with masks in both runs how
+  many loops each run segments better (exact sign test) and the median per-loop difference;
+* latency: side by side (machine-dependent: no test).
 
 Only loops scored in both runs are compared; the rest are listed. Exit code 0, or 2 for a file
 that is not an evaluation summary.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -110,9 +113,29 @@ def compare(a: dict, b: dict) -> dict:
         "only_in_b": sorted(rows_b.keys() - rows_a.keys()),
         "detection": detection,
         "false_alerts": false_alerts,
-        "dice": {"a": a.get("dice"), "b": b.get("dice")},
+        "dice": {"a": a.get("dice"), "b": b.get("dice"), "per_loop": _paired_dice(rows_a, rows_b, common)},
         "latency_ms": {name: _latency(s) for name, s in (("a", a), ("b", b))},
     }
+
+
+def _paired_dice(rows_a: dict[str, dict], rows_b: dict[str, dict], common: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for loop_id in common:
+        da, db = rows_a[loop_id].get("dice") or {}, rows_b[loop_id].get("dice") or {}
+        for name in da.keys() & db.keys():
+            if da[name] is not None and db[name] is not None:
+                out.setdefault(name, {"diffs": []})["diffs"].append(db[name] - da[name])
+    for row in out.values():
+        diffs = row.pop("diffs")
+        higher_b, higher_a = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        row.update(
+            loops=len(diffs),
+            b_higher=higher_b,
+            a_higher=higher_a,
+            median_difference=statistics.median(diffs),
+            sign_test_p=binomial_two_sided_p(higher_b, higher_b + higher_a),
+        )
+    return dict(sorted(out.items()))
 
 
 def _latency(summary: dict) -> dict:
@@ -145,6 +168,11 @@ def print_comparison(c: dict, out=sys.stdout) -> None:
     names = [k for k in da if k != "frames"]
     if any(da.get(k) is not None or db.get(k) is not None for k in names):  # loops with masks
         w("  Dice A / B: " + ", ".join(f"{k} {_fmt(da.get(k))} / {_fmt(db.get(k))}" for k in names) + "\n")
+    for name, d in c["dice"]["per_loop"].items():
+        w(
+            f"  {name} per loop ({d['loops']}): B higher in {d['b_higher']}, A in {d['a_higher']}, median "
+            f"difference {d['median_difference']:+.4f} (sign test exact p {d['sign_test_p']:.3g})\n"
+        )
 
 
 def add_parser(subparsers) -> None:
