@@ -91,6 +91,10 @@ def test_runs_on_different_labels_are_refused():
     relabelled["loops"][1]["score"]["events"][0]["onset_frame"] = 11
     with pytest.raises(BadInputError, match="l2"):
         compare(A, relabelled)
+    extra_event = json.loads(json.dumps(B))  # B's labels hold a leak A's do not
+    extra_event["loops"][2]["score"]["events"].append({"kind": "posterior", "onset_frame": 30, "detected": True})
+    with pytest.raises(BadInputError, match="l3"):
+        compare(A, extra_event)
 
 
 def test_cli_prints_and_writes_the_comparison(tmp_path):

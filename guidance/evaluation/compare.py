@@ -57,11 +57,18 @@ def _scored(summary: dict) -> dict[str, dict]:
     return {row["loop_id"]: row for row in summary["loops"] if row.get("score")}
 
 
+def _event_keys(row: dict) -> set[tuple[str, int]]:
+    return {(e["kind"], e["onset_frame"]) for e in row["score"]["events"]}
+
+
 def compare(a: dict, b: dict) -> dict:
     """The paired comparison of two summaries (B against A)."""
     rows_a, rows_b = _scored(a), _scored(b)
     common = sorted(rows_a.keys() & rows_b.keys())
     minutes = sum(rows_a[k]["score"]["minutes"] for k in common)
+    for loop_id in common:  # the same leaks in both, or there is nothing to pair
+        if _event_keys(rows_a[loop_id]) != _event_keys(rows_b[loop_id]):
+            raise BadInputError(f"loop {loop_id}: the two runs were scored on different labels")
     detection: dict[str, dict] = {}
     for kind in (*KINDS, "overall"):
         both = only_a = only_b = neither = 0
@@ -70,9 +77,7 @@ def compare(a: dict, b: dict) -> dict:
             for e in rows_a[loop_id]["score"]["events"]:
                 if kind != "overall" and e["kind"] != kind:
                     continue
-                in_b = caught_b.get((e["kind"], e["onset_frame"]))
-                if in_b is None:
-                    raise BadInputError(f"loop {loop_id}: the two runs were scored on different labels")
+                in_b = caught_b[(e["kind"], e["onset_frame"])]
                 both += e["detected"] and in_b
                 only_a += e["detected"] and not in_b
                 only_b += in_b and not e["detected"]
