@@ -57,8 +57,15 @@ def _scored(summary: dict) -> dict[str, dict]:
     return {row["loop_id"]: row for row in summary["loops"] if row.get("score")}
 
 
-def _event_keys(row: dict) -> set[tuple[str, int]]:
-    return {(e["kind"], e["onset_frame"]) for e in row["score"]["events"]}
+def _caught(row: dict) -> dict[tuple[str, int], bool]:
+    """(kind, onset frame) of each labelled event of a scored loop -> detected or not."""
+    return {(e["kind"], e["onset_frame"]): bool(e["detected"]) for e in row["score"]["events"]}
+
+
+def _false_alerts(rows: dict[str, dict], loop_ids: list[str], kind: str) -> int:
+    if kind == "overall":
+        return sum(rows[k]["score"]["false_alerts_total"] for k in loop_ids)
+    return sum(rows[k]["score"]["per_kind"][kind]["false_alerts"] for k in loop_ids)
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -66,42 +73,32 @@ def compare(a: dict, b: dict) -> dict:
     rows_a, rows_b = _scored(a), _scored(b)
     common = sorted(rows_a.keys() & rows_b.keys())
     minutes = sum(rows_a[k]["score"]["minutes"] for k in common)
-    for loop_id in common:  # the same leaks in both, or there is nothing to pair
-        if _event_keys(rows_a[loop_id]) != _event_keys(rows_b[loop_id]):
+    # every labelled event once: (kind, caught by A, caught by B)
+    paired: list[tuple[str, bool, bool]] = []
+    for loop_id in common:
+        caught_a, caught_b = _caught(rows_a[loop_id]), _caught(rows_b[loop_id])
+        if caught_a.keys() != caught_b.keys():  # the same leaks in both, or nothing to pair
             raise BadInputError(f"loop {loop_id}: the two runs were scored on different labels")
+        paired += [(kind, caught_a[kind, onset], caught_b[kind, onset]) for kind, onset in caught_a]
     detection: dict[str, dict] = {}
+    false_alerts: dict[str, dict] = {}
     for kind in (*KINDS, "overall"):
-        both = only_a = only_b = neither = 0
-        for loop_id in common:
-            caught_b = {(e["kind"], e["onset_frame"]): e["detected"] for e in rows_b[loop_id]["score"]["events"]}
-            for e in rows_a[loop_id]["score"]["events"]:
-                if kind != "overall" and e["kind"] != kind:
-                    continue
-                in_b = caught_b[(e["kind"], e["onset_frame"])]
-                both += e["detected"] and in_b
-                only_a += e["detected"] and not in_b
-                only_b += in_b and not e["detected"]
-                neither += not (e["detected"] or in_b)
-        events = both + only_a + only_b + neither
+        pairs = [(a_hit, b_hit) for k, a_hit, b_hit in paired if kind in (k, "overall")]
+        both = sum(a_hit and b_hit for a_hit, b_hit in pairs)
+        only_a = sum(a_hit and not b_hit for a_hit, b_hit in pairs)
+        only_b = sum(b_hit and not a_hit for a_hit, b_hit in pairs)
+        events = len(pairs)
         detection[kind] = {
             "events": events,
             "both": both,
             "a_only": only_a,
             "b_only": only_b,
-            "neither": neither,
+            "neither": events - both - only_a - only_b,
             "sensitivity_a": (both + only_a) / events if events else None,
             "sensitivity_b": (both + only_b) / events if events else None,
             "mcnemar_p": binomial_two_sided_p(only_a, only_a + only_b),
         }
-    false_alerts: dict[str, dict] = {}
-    for kind in (*KINDS, "overall"):
-
-        def count(rows: dict[str, dict], kind: str = kind) -> int:
-            if kind == "overall":
-                return sum(rows[k]["score"]["false_alerts_total"] for k in common)
-            return sum(rows[k]["score"]["per_kind"][kind]["false_alerts"] for k in common)
-
-        fa_a, fa_b = count(rows_a), count(rows_b)
+        fa_a, fa_b = _false_alerts(rows_a, common, kind), _false_alerts(rows_b, common, kind)
         false_alerts[kind] = {
             "a": fa_a,
             "b": fa_b,
