@@ -22,7 +22,7 @@ import zmq
 
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.link import InjectorLink
-from firmware_bridge.messages import PROTOCOL, dumps
+from firmware_bridge.messages import PROTOCOL, dumps, stamped
 
 LOCAL_ANY = "tcp://127.0.0.1:*"
 
@@ -59,17 +59,8 @@ class GuidancePublisher:
 
     def envelope(self, mtype: str, **body: Any) -> dict[str, Any]:
         self.seq += 1
-        return {
-            "protocol": PROTOCOL,
-            "type": mtype,
-            "source": self.source,
-            "session": self.session,
-            "seq": self.seq,
-            "publish_mono_ns": time.monotonic_ns(),
-            "publish_unix_ns": time.time_ns(),
-            "frame": self.frame,
-            **body,
-        }
+        now_mono, now_unix = time.monotonic_ns(), time.time_ns()
+        return stamped(mtype, body, self.source, self.session, self.seq, now_mono, now_unix, self.frame)
 
     def send_raw(self, frames: list[bytes]) -> None:
         with self._lock:

@@ -205,17 +205,31 @@ class Envelope:
         self, mtype: str, body: dict[str, Any], mono_ns: int, unix_ns: int, frame: int | None = None
     ) -> dict[str, Any]:
         self.seq += 1
-        return {
-            "protocol": PROTOCOL,
-            "type": mtype,
-            "source": self.source,
-            "session": self.session,
-            "seq": self.seq,
-            "publish_mono_ns": mono_ns,
-            "publish_unix_ns": unix_ns,
-            "frame": frame,
-            **body,
-        }
+        return stamped(mtype, body, self.source, self.session, self.seq, mono_ns, unix_ns, frame)
+
+
+def stamped(
+    mtype: str,
+    body: dict[str, Any],
+    source: str,
+    session: str,
+    seq: int,
+    mono_ns: int,
+    unix_ns: int,
+    frame: int | None,
+) -> dict[str, Any]:
+    """A message with the protocol's envelope (docs/protocol.md) around `body`."""
+    return {
+        "protocol": PROTOCOL,
+        "type": mtype,
+        "source": source,
+        "session": session,
+        "seq": seq,
+        "publish_mono_ns": mono_ns,
+        "publish_unix_ns": unix_ns,
+        "frame": frame,
+        **body,
+    }
 
 
 def dumps(doc: dict[str, Any]) -> bytes:
