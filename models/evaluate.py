@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"models.evaluate: error: baseline model file {args.baseline} not found", file=sys.stderr)
         return 2
     session, meta = load_session(args.model, args.threads)
-    baseline = load_session(args.baseline, args.threads) if args.baseline else None
+    baseline = load_session(args.baseline, args.threads) if args.baseline and not args.latency_only else None
     results: dict = {
         "model": args.model.name,
         "version": meta.get("version"),
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = range(TEST_SEED_BASE, TEST_SEED_BASE + args.loops)
         counts = dice_counts(session, meta, condition, seeds, args.size)
         results["dice"][name] = pooled_dice(*counts)
-        results.setdefault("dice_ci95", {})[name] = dice_ci95(*counts)
+        results["dice_ci95"][name] = dice_ci95(*counts)
         print(
             f"{name:>13}: {json.dumps(results['dice'][name])}  95 % CI over loops "
             f"{json.dumps(results['dice_ci95'][name])}  ({time.monotonic() - t0:.0f} s)",
