@@ -1,10 +1,13 @@
 """Benchmark: distortion correction of 1024x1024 frames on one core.
 
 Calibrates a rendered 1024x1024 bead phantom (known pincushion + S-distortion), then times
-`Calibration.undistort` (float32 maps, what the service runs) against cv2.remap with the
-the same maps in fixed-point form (cv2.convertMaps) and with the textbook -1 for "outside",
-side by side (interleaved frame by frame, the order rotating so that no variant always reads a
-new frame first), for 8-bit, 12-bit-in-16 and float frames.
+`Calibration.undistort` at full size (float32 maps; `guidance undistort`, and the service with
+`calibration.full_resolution`), at half size (`undistort(reduce=2)`: what the service runs on a
+1024 px frame for its 256 px model), each also with the model's letterbox resize to 256 px after
+it (all the pixel work before the model), and cv2.remap with the same maps in fixed-point form
+(cv2.convertMaps) and with the textbook -1 for "outside", side by side (interleaved frame by
+frame, the order rotating so that no variant always reads a new frame first), for 8-bit,
+12-bit-in-16 and float frames.
 
     python bench/undistort.py [--frames 300] [--threads 1]
 
@@ -85,8 +88,15 @@ def main() -> int:
     mx1, my1 = mx.copy(), my.copy()
     mx1[outside] = -1.0  # the textbook "no source" value: partial-border slow path
     my1[outside] = -1.0
-    f1, f2 = cv2.convertMaps(*cal._maps, cv2.CV_16SC2)  # fixed-point version of the service maps
+    f1, f2 = cv2.convertMaps(*cal.maps(), cv2.CV_16SC2)  # fixed-point version of the service maps
+
+    def to_model(img: np.ndarray) -> np.ndarray:  # the letterbox resize the model's input takes
+        return cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA)
+
     alternatives = {
+        "half size (service)": lambda f: cal.undistort(f, reduce=2),
+        "full size + to 256 px": lambda f: to_model(cal.undistort(f)),
+        "half size + to 256 px": lambda f: to_model(cal.undistort(f, reduce=2)),
         "fixed-point maps": lambda f: cv2.remap(f, f1, f2, cv2.INTER_LINEAR),
         "float maps, -1 outside": lambda f: cv2.remap(f, mx1, my1, cv2.INTER_LINEAR),
     }
@@ -103,7 +113,7 @@ def main() -> int:
     for name, pool in kinds.items():
         frames = [pool[i % len(pool)] for i in range(args.frames)]
         # interleave the variants frame by frame so machine load hits them alike
-        fns = {"Calibration.undistort": cal.undistort, **alternatives}
+        fns = {"full size": cal.undistort, **alternatives}
         times: dict[str, list[float]] = {k: [] for k in fns}
         for f in frames[:5]:
             for fn in fns.values():
@@ -116,7 +126,7 @@ def main() -> int:
                 t0 = time.perf_counter_ns()
                 fns[k](f)
                 times[k].append((time.perf_counter_ns() - t0) / 1e6)
-        ref = np.median(times["Calibration.undistort"])
+        ref = np.median(times["full size"])
         for k, ms in times.items():
             print(f"  {name:16s} {k:24s} {percentiles(ms)}   x{np.median(ms) / ref:.2f}")
     return 0

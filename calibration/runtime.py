@@ -2,12 +2,19 @@
 
     cal = load_calibration("calib.json", angulation="lateral")
     corrected = cal.undistort(frame)          # raw frame -> ideal (corrected) frame
+    small = cal.undistort(frame, reduce=2)    # the same correction at half the size
     area_mm2 = n_pixels * cal.pixel_spacing_mm ** 2
     valid = cal.fov_mask(corrected.shape)     # field of view, in the corrected frame
 
 Geometry after `undistort` is the ideal frame: `fov_center_xy`, `fov_radius_px` and
 `fov_mask` describe the field in corrected pixels. `distorted_from_ideal` maps corrected
 pixel positions back to the raw frame (e.g. to report evidence in raw-frame pixels).
+
+`reduce=k` corrects straight to 1/k of the frame's size: the frame is area-averaged k x k first
+and remapped with tables built for the smaller grid (the same geometry: a corrected pixel's
+centre maps through the same polynomial). The service uses it when its model reads fewer
+pixels than the frame has: a 1024 px frame for a 256 px model is corrected at 512 px, about a
+third of the full-size cost, and nothing the model could see is lost.
 """
 
 from __future__ import annotations
@@ -20,7 +27,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from calibration.intensity import circle_mask
 from calibration.store import read_document, validate_entry
 from calibration.transforms import Polynomial2D, Similarity2D
 from guidance.errors import CalibrationError
@@ -44,7 +50,7 @@ class Calibration:
     residual_max_px: float
     source: str = ""
     entry: dict[str, Any] = field(default_factory=dict, repr=False)
-    _maps: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _maps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
     _mask_cache: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
@@ -62,25 +68,47 @@ class Calibration:
         """Corrected pixels -> millimetres in the phantom plane (origin at pixel (0, 0))."""
         return Similarity2D(self.pixel_spacing_mm, 0.0, (0.0, 0.0))
 
-    def _build_maps(self) -> tuple[np.ndarray, np.ndarray]:
+    def reduced_size(self, reduce: int) -> tuple[int, int]:
+        """(width, height) of corrected frames at 1/`reduce` of the calibrated size."""
         w, h = self.image_size
-        mx, my = self.distorted_from_ideal.evaluate_grid(np.arange(w), np.arange(h))
+        return max(1, round(w / reduce)), max(1, round(h / reduce))
+
+    def _build_maps(self, reduce: int) -> tuple[np.ndarray, np.ndarray]:
+        w, h = self.image_size
+        rw, rh = self.reduced_size(reduce)
+        sx, sy = w / rw, h / rh  # full-size pixels per reduced pixel (k, or nearly)
+        # the reduced grid's pixel centres in full-size corrected pixels ...
+        xs = (np.arange(rw) + 0.5) * sx - 0.5
+        ys = (np.arange(rh) + 0.5) * sy - 0.5
+        mx, my = self.distorted_from_ideal.evaluate_grid(xs, ys)
         if self.fov_center_xy is not None and self.fov_radius_px is not None:
             # outside the field the polynomial extrapolates: send those pixels well off the
             # frame (not to -1: a source 1 px outside takes OpenCV's slow partial-border path,
             # one entirely outside is a fast constant fill)
-            outside = ~circle_mask((h, w), *self.fov_center_xy, self.fov_radius_px)
+            cx, cy = self.fov_center_xy
+            outside = (xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2 > self.fov_radius_px**2
             mx[outside] = _OFF_FRAME
             my[outside] = _OFF_FRAME
+        if reduce > 1:  # ... and their sources in the area-averaged raw frame's pixels
+            inside = mx != _OFF_FRAME
+            mx[inside] = (mx[inside] + 0.5) / sx - 0.5
+            my[inside] = (my[inside] + 0.5) / sy - 0.5
         # Float32 maps, not cv2.convertMaps fixed-point ones: with OpenCV >= 4.11 / 5 the SIMD
         # remap path is the float one, and fixed-point maps measured ~2x slower
         # (bench/undistort.py prints both side by side).
-        return np.ascontiguousarray(mx), np.ascontiguousarray(my)
+        return np.ascontiguousarray(mx, np.float32), np.ascontiguousarray(my, np.float32)
 
-    def prepare(self) -> None:
+    def maps(self, reduce: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The remap tables (x, y) for corrected frames at 1/`reduce` of the size: built once."""
+        if reduce < 1:
+            raise ValueError(f"reduce must be a whole number >= 1, got {reduce}")
+        if reduce not in self._maps:
+            self._maps[reduce] = self._build_maps(reduce)
+        return self._maps[reduce]
+
+    def prepare(self, reduce: int = 1) -> None:
         """Precompute the remap tables (done once; `undistort` calls it on first use)."""
-        if self._maps is None:
-            self._maps = self._build_maps()
+        self.maps(reduce)
 
     def check_size(self, width: int, height: int) -> None:
         """CalibrationError unless frames of width x height are what this calibration is for."""
@@ -94,19 +122,14 @@ class Calibration:
         h, w = frame.shape[:2]
         self.check_size(w, h)
 
-    def undistort(self, frame: np.ndarray) -> np.ndarray:
-        """Raw frame (H, W[, C], uint8/uint16/float32) -> corrected frame, same shape and type."""
+    def undistort(self, frame: np.ndarray, reduce: int = 1) -> np.ndarray:
+        """Raw frame (H, W[, C], uint8/uint16/float32) -> corrected frame of the same type, the
+        same size or, with `reduce` k > 1, 1/k of it (area-averaged k x k, then remapped)."""
         self.check_frame(frame)
-        self.prepare()
-        assert self._maps is not None
-        return cv2.remap(
-            frame,
-            self._maps[0],
-            self._maps[1],
-            cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0,
-        )
+        map_x, map_y = self.maps(reduce)
+        if reduce > 1:
+            frame = cv2.resize(frame, self.reduced_size(reduce), interpolation=cv2.INTER_AREA)
+        return cv2.remap(frame, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
     def fov_mask(self, shape: tuple[int, ...]) -> np.ndarray:
         """Bool (H, W) mask of the field of view in the corrected frame, scaled to `shape` when

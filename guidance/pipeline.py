@@ -53,12 +53,13 @@ class FrameResult:
 
     index: int
     capture_mono_ns: int
-    image: np.ndarray  # the frame as segmented: grey, after calibration
+    image: np.ndarray  # the frame as segmented: grey, after calibration (see image_scale)
     labels: np.ndarray  # uint8 class map at model resolution, cropped to the frame area
     geometry: LetterboxGeometry
     status: TrackStatus
     messages: list[dict]  # every protocol message for this frame, exactly as published
     latency_ms: dict[str, float]
+    image_scale: float = 1.0  # frame pixels per `image` pixel (> 1: corrected at a reduced size)
 
 
 @dataclass
@@ -68,8 +69,9 @@ class Context:
     frame: Frame
     picked_ns: int
     image: np.ndarray | None = None
-    mm_per_px: float | None = None
-    valid: np.ndarray | None = None  # frame-size bool: inside FOV and not burned-in text
+    image_scale: float = 1.0  # frame pixels per image pixel (calibrated frames may be reduced)
+    mm_per_px: float | None = None  # per frame pixel
+    valid: np.ndarray | None = None  # image-size bool: inside FOV and not burned-in text
     labels: np.ndarray | None = None
     geometry: LetterboxGeometry | None = None
     label_valid: np.ndarray | None = None
@@ -84,13 +86,19 @@ class Context:
 
 
 class CalibrateOp:
-    """Grey, undistorted frame in detector-independent terms: mm/px, field of view, text."""
+    """Grey, undistorted frame in detector-independent terms: mm/px, field of view, text.
+
+    With a calibration, a frame larger than twice `working_side` (the model's input: it reads
+    no finer detail) is corrected straight to a whole fraction of its size, at least that large
+    (`Calibration.undistort(reduce=k)`): a 1024 px frame for a 256 px model at 512 px, about a
+    third of the full-size correction's cost. `calibration.full_resolution` turns that off."""
 
     name = "calibrate"
 
-    def __init__(self, settings: Settings, info: SourceInfo) -> None:
+    def __init__(self, settings: Settings, info: SourceInfo, working_side: int | None = None) -> None:
         self.calibration = None
         self.polarity: str | None = None
+        self.working_side = None if settings.calibration.full_resolution else working_side
         self._valid_cache: dict[tuple[int, int], np.ndarray] = {}
         if settings.calibration.file:
             from calibration import load_calibration  # only when asked: calibration is optional
@@ -129,25 +137,43 @@ class CalibrateOp:
             raise FrameError(f"malformed frame: {image.shape[1]}x{image.shape[0]} pixels")
         return image
 
+    def reduce_for(self, height: int, width: int) -> int:
+        """Whole factor the corrected frame is reduced by (1: full size)."""
+        if not self.working_side:
+            return 1
+        return max(1, max(height, width) // (2 * self.working_side))
+
     def compute(self, ctx: Context) -> None:
         image = self.grey(ctx.frame.image)
         if self.calibration is not None:
+            reduce = self.reduce_for(*image.shape[:2])
             try:
-                image = self.calibration.undistort(image)
+                key = image.shape[:2]
+                if key not in self._valid_cache:  # FOV and burned-in text are fixed per set-up
+                    self._valid_cache[key] = self._valid_mask(self.calibration.undistort(image), reduce)
+                image = self.calibration.undistort(image, reduce)
             except (GuidanceError, ValueError, cv2.error) as exc:  # e.g. a frame of another size
                 raise FrameError(f"frame does not fit the calibration: {exc}") from exc
-            key = image.shape[:2]
-            if key not in self._valid_cache:  # FOV and burned-in text are fixed per set-up
-                from calibration import intensity
-
-                valid = np.asarray(self.calibration.fov_mask(key), bool)
-                valid = valid & ~np.asarray(intensity.text_mask(image), bool)
-                self._valid_cache[key] = valid
-                self.polarity = intensity.detect_polarity(image, valid)
-                log.info("calibration: %s, polarity %s", self.calibration, self.polarity)
             ctx.valid = self._valid_cache[key]
+            ctx.image_scale = key[1] / image.shape[1]
         ctx.image = image
         ctx.mm_per_px = self.mm_per_px
+
+    def _valid_mask(self, corrected: np.ndarray, reduce: int) -> np.ndarray:
+        """Field of view and no burned-in text, found once on a full-size corrected frame (thin
+        strokes stay visible there), at the size frames are corrected to."""
+        from calibration import intensity
+
+        fov = np.asarray(self.calibration.fov_mask(corrected.shape[:2]), bool)
+        text = np.asarray(intensity.text_mask(corrected), bool)
+        self.polarity = intensity.detect_polarity(corrected, fov & ~text)
+        log.info("calibration: %s, polarity %s", self.calibration, self.polarity)
+        if reduce == 1:
+            return fov & ~text
+        w, h = self.calibration.reduced_size(reduce)
+        # a reduced pixel with any text in it is text
+        text_small = cv2.resize(text.view(np.uint8) * np.uint8(255), (w, h), interpolation=cv2.INTER_AREA) > 0
+        return np.asarray(self.calibration.fov_mask((h, w)), bool) & ~text_small
 
 
 class SegmentOp:
@@ -211,7 +237,7 @@ class TrackOp:
 
     def compute(self, ctx: Context) -> None:
         geo = TrackGeometry(
-            frame_per_px=ctx.geometry.frame_pixels_per_model_pixel(),
+            frame_per_px=ctx.geometry.frame_pixels_per_model_pixel() * ctx.image_scale,
             mm_per_frame_px=ctx.mm_per_px,
             posterior_side=self.side,
         )
@@ -308,7 +334,7 @@ def compose(settings: Settings, source: Source, model: Model, publisher: EventPu
     return Pipeline(
         source,
         [
-            CalibrateOp(settings, info),
+            CalibrateOp(settings, info, working_side=model.size),
             SegmentOp(model, settings.segmentation.reference_min_correlation),
             TrackOp(settings, info),
             PublishOp(publisher, source, injector),
@@ -468,6 +494,7 @@ class GuidanceLoop:
                     status=ctx.status,
                     messages=ctx.messages,
                     latency_ms=latency,
+                    image_scale=ctx.image_scale,
                 )
             )
 

@@ -2,7 +2,7 @@
 flags. Sections are named after the parts they configure:
 
     [capture]       source, kind, pace, fps, reconnect_s, video_timeout_s
-    [calibration]   file, angulation, pixel_spacing_mm
+    [calibration]   file, angulation, pixel_spacing_mm, full_resolution
     [segmentation]  model, sha256sums, provider, threads, warmup_runs, reference_min_correlation
     [tracker]       posterior_side, raise_frames, clear_frames, area_threshold_mm2, ...
     [alerts]        address, heartbeat_ms, sndhwm, linger_ms, log, injector_address
@@ -55,6 +55,9 @@ class CalibrationSettings:
     file: str | None = None  # calibration file (calibration package); None: none
     angulation: str | None = None  # which of the file's angulations (needed when it holds several)
     pixel_spacing_mm: float | None = None  # overrides the source's spacing
+    # correct frames at full size even when the model reads fewer pixels (default: frames
+    # more than twice the model's input are corrected at a whole fraction of their size)
+    full_resolution: bool = False
 
 
 @dataclass

@@ -190,6 +190,42 @@ def test_undistorted_phantom_image_has_straight_grid(calibrated):
         assert raw_rms > 1.5
 
 
+def test_correction_at_half_size_has_the_full_size_geometry(calibrated):
+    """`undistort(reduce=2)` (the service's path for frames over twice the model's input) puts
+    every reduced pixel where the full-size correction puts the 2 x 2 pixels it stands for.
+
+    The raw frame shows a smooth known pattern through the calibrated distortion (raw pixel p
+    shows the pattern at ideal_from_distorted(p)); corrected at half size, each pixel must
+    show the pattern at its centre in full-size corrected pixels, (u + 0.5) * 2 - 0.5."""
+    import cv2
+
+    name, image, truth, report, cal = calibrated
+    w, h = cal.image_size
+
+    def pattern(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        t = 2 * np.pi
+        return 500 + 100 * np.sin(t * x / 41 + 0.3) + 80 * np.cos(t * y / 53) + 60 * np.sin(t * (x - y) / 61)
+
+    ix, iy = cal.ideal_from_distorted.evaluate_grid(np.arange(w), np.arange(h))
+    raw = pattern(ix.astype(np.float64), iy.astype(np.float64)).astype(np.float32)
+    small = cal.undistort(raw, reduce=2)
+    rw, rh = cal.reduced_size(2)
+    assert small.shape == (rh, rw) and small.dtype == raw.dtype
+    assert cal.undistort(image, reduce=2).dtype == image.dtype
+    cx = (np.arange(rw) + 0.5) * (w / rw) - 0.5
+    cy = (np.arange(rh) + 0.5) * (h / rh) - 0.5
+    inside = cv2.erode(cal.fov_mask((rh, rw)).astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    # and wholly fed from inside the raw frame (a field cut by the frame's edge)
+    inside &= cv2.erode(cal.undistort(np.ones((h, w), np.float32), reduce=2), np.ones((3, 3), np.uint8)) == 1.0
+    error = np.abs(small - pattern(cx[None, :], cy[:, None]))[inside]
+    # half a full-size pixel off (a quarter of a reduced one): what a centre slip would show
+    slipped = np.abs(small - pattern(cx[None, :] + 0.5, cy[:, None] + 0.5))[inside]
+    assert float(np.mean(error)) < 0.3 * float(np.mean(slipped)), (name, np.mean(error), np.mean(slipped))
+    assert float(np.percentile(error, 99)) < 3.0, name  # of a pattern spanning +-240
+    if cal.fov_radius_px is not None:  # outside the field: nothing from beyond it, as at full size
+        assert (cal.undistort(image, reduce=2)[~cal.fov_mask((rh, rw))] == 0).mean() > 0.95
+
+
 def test_field_of_view_found_and_mapped(calibrated):
     name, image, truth, report, cal = calibrated
     spec = truth.spec
