@@ -111,6 +111,7 @@ class CalibrateOp:
             )
             if info.width and info.height:  # made for other frames: refuse to start (calibration)
                 self.calibration.check_size(info.width, info.height)
+                self.calibration.prepare(self.reduce_for(info.height, info.width))  # not on frame 1
         self.mm_per_px = (
             settings.calibration.pixel_spacing_mm
             or (self.calibration.pixel_spacing_mm if self.calibration else None)
