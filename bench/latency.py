@@ -14,6 +14,11 @@ pipeline's own p99/p50 is printed beside it.
 
     taskset -c 0,1 python3 bench/latency.py                    # shipped model
     taskset -c 0,1 python3 bench/latency.py --model M.onnx --sha256sums SUMS --seconds 10
+    taskset -c 0,1 python3 bench/latency.py --calibration phantom   # with distortion correction
+
+`--calibration FILE` runs the pipeline with that calibration (made for the loop's frame size);
+`--calibration phantom` first calibrates a rendered bead phantom of that size (the loop itself is
+not distorted: this measures what the correction costs, not what it corrects).
 """
 
 from __future__ import annotations
@@ -112,7 +117,14 @@ def machine() -> str:
 
 
 def run_rate(
-    model: Model, loop: Path, fps: float, bare_runs: int, frame: np.ndarray, rounds: int, jitter_s: float = 2.0
+    model: Model,
+    loop: Path,
+    fps: float,
+    bare_runs: int,
+    frame: np.ndarray,
+    rounds: int,
+    jitter_s: float = 2.0,
+    calibration: Path | None = None,
 ) -> dict:
     """`rounds` x (bare inference block, host control job, whole paced loop through the
     pipeline), so all three see the same machine load: side by side, not hours apart."""
@@ -120,6 +132,7 @@ def run_rate(
         alerts={"address": "tcp://127.0.0.1:*"},
         capture={"pace": True, "fps": fps},
         loop={"latency_budget_ms": None},
+        calibration={"file": str(calibration) if calibration else None},
     )
     bare_blocks, latency, stages = [], [], {}
     paired: list[float] = []
@@ -238,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         default=2.0,
         help="host control job per round (0: none): a constant job's timing on this machine",
     )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="FILE|phantom",
+        help="correct every frame with this calibration ('phantom': one made from a rendered bead grid)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -248,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model:   {model.describe()}, intra-op threads {args.threads or 'default'}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        calibration = Path(args.calibration) if args.calibration else None
+        if args.calibration == "phantom":
+            from undistort import phantom_calibration
+
+            calibration = phantom_calibration(Path(tmp) / "calib.json", args.size)[0]
+        if calibration:
+            print(f"calibration: {calibration} (every frame corrected before segmentation)")
         for fps in args.rates:
             frames = int(round(args.seconds * fps / args.rounds))
             loop = args.loop or write_loop(Path(tmp) / f"loop_{int(fps)}.mp4", args.size, frames, fps)
@@ -256,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             cap.release()
             assert ok, f"cannot read {loop}"
             frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            r = run_rate(model, loop, fps, args.bare_runs, frame, args.rounds, args.control_seconds)
+            r = run_rate(model, loop, fps, args.bare_runs, frame, args.rounds, args.control_seconds, calibration)
             r["frame_size"] = list(frame.shape)
             results.append(r)
             lat, bare = r["capture_to_publish_ms"], r["bare_inference_ms"]
@@ -296,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "machine": machine(),
                     "model": model.describe(),
+                    "calibration": str(calibration) if calibration else None,
                     "results": results,
                     "rss_mb": {"now": now, "peak": peak},
                 },

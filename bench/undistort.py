@@ -43,6 +43,26 @@ def percentiles(ms: list[float]) -> str:
     )
 
 
+def phantom_calibration(path: Path, size: int = 1024):
+    """A "lateral" calibration of size x size frames from a rendered bead phantom (pincushion +
+    S-distortion, circular field) -> (path, phantom image, fit report, (rendered, fitted) times)."""
+    spec = PhantomSpec(
+        size=(size, size),
+        pitch_mm=5.0,
+        spacing_mm=0.2,
+        fov_center_xy=(size / 2 - 0.5, size / 2 + 8 * size / 1024),
+        fov_radius_px=490.0 * size / 1024,
+        noise_sigma=0.02,
+        seed=1,
+    )
+    image, _ = render_phantom(spec)
+    rendered = time.perf_counter()
+    report = calibrate_image(image, spec.pitch_mm)
+    fitted = time.perf_counter()
+    write_angulation(path, "lateral", report.entry)
+    return path, image, report, (rendered, fitted)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--frames", type=int, default=300)
@@ -50,23 +70,9 @@ def main() -> int:
     args = ap.parse_args()
     cv2.setNumThreads(args.threads)
 
-    spec = PhantomSpec(
-        size=(1024, 1024),
-        pitch_mm=5.0,
-        spacing_mm=0.2,
-        fov_center_xy=(511.5, 520.0),
-        fov_radius_px=490.0,
-        noise_sigma=0.02,
-        seed=1,
-    )
     t0 = time.perf_counter()
-    image, _ = render_phantom(spec)
-    t1 = time.perf_counter()
-    report = calibrate_image(image, spec.pitch_mm)
-    t2 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "calib.json"
-        write_angulation(path, "lateral", report.entry)
+        path, image, report, (t1, t2) = phantom_calibration(Path(d) / "calib.json", 1024)
         t3 = time.perf_counter()
         cal = load_calibration(path, "lateral")
         t4 = time.perf_counter()

@@ -40,6 +40,24 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     assert "overhead ratio" in proc.stdout and "host control" in proc.stdout
 
 
+def test_latency_benchmark_with_a_phantom_calibration(tmp_path, stand_in):
+    """`--calibration phantom`: a bead phantom of the loop's size is calibrated first and every
+    frame goes through the distortion correction (the run fails if the file cannot be trusted)."""
+    onnx_path, sums = stand_in
+    out = tmp_path / "lat.json"
+    proc = run_python(
+        "bench/latency.py",
+        *("--model", onnx_path, "--sha256sums", sums, "--size", 512, "--seconds", 1, "--rates", 15),
+        *("--rounds", 1, "--bare-runs", 5, "--control-seconds", 0, "--calibration", "phantom", "--json", out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["calibration"].endswith("calib.json") and "calibration:" in proc.stdout
+    (r,) = report["results"]
+    assert r["frames_processed"] + r["dropped_frames"] == r["frames_in_loop"] == 15
+    assert not any(kind == "calibration_missing" for kind, _, _ in r["alerts"])
+
+
 def test_inference_benchmark_compares_models_side_by_side(tmp_path, stand_in):
     onnx_path, _ = stand_in
     shipped = ROOT / "models" / "segmenter.onnx"
