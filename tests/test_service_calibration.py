@@ -3,9 +3,10 @@ field of view from a calibration file the test fits itself."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
-from conftest import scene_frames, write_video
+from conftest import run_guidance, scene_frames, write_video
 
 from calibration import phantom
 from guidance.errors import CalibrationError
@@ -49,8 +50,6 @@ def test_calibration_gives_mm_undistorts_and_masks_the_field_of_view(tmp_path, s
     assert r.status.units == "mm"
     # the image handed on is the undistorted frame, not the raw one: corrected at half size,
     # since the frame (320 px) is more than twice the stand-in model's input (64 px)
-    import cv2
-
     cap = cv2.VideoCapture(str(loop))
     for _ in range(6):
         _, raw = cap.read()
@@ -109,3 +108,27 @@ def test_bad_calibration_file_refuses_to_start(tmp_path, stand_in):
     loop = write_video(tmp_path / "l.avi", scene_frames(2, size=(320, 320), leak=None))
     with pytest.raises(CalibrationError):
         run_replay(loop, settings_for(stand_in, str(bad)))
+
+
+def test_evaluate_with_a_calibration_reports_the_loops_own_frame_size(tmp_path, stand_in, calib_file):
+    """`guidance evaluate --calibration` on 320 px frames, corrected at 160 px for the 64 px
+    stand-in: the summary still names the loop's frame size, and the overlay video is written."""
+    import json
+
+    onnx_path, sums = stand_in
+    loops = tmp_path / "loops"
+    loops.mkdir()
+    write_video(loops / "l.avi", scene_frames(8, size=(320, 320), leak="posterior", onset=3))
+    out = tmp_path / "out"
+    proc = run_guidance(
+        "evaluate",
+        loops,
+        *("--out", out, "--calibration", calib_file, "--model", onnx_path, "--sha256sums", sums, "-q"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads((out / "summary.json").read_text())["loops"]
+    assert row["status"] != "failed", row
+    assert row["size"] == [320, 320] and row["frames"] == 8
+    video = cv2.VideoCapture(str(out / row["artifacts"]["video"]))
+    assert video.isOpened()
+    assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 8

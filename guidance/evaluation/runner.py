@@ -97,7 +97,8 @@ class _Collector:
     def __call__(self, fr) -> None:  # FrameResult
         idx = int(fr.index)
         geometry = fr.geometry
-        self.size = (int(geometry.frame_height), int(geometry.frame_width))
+        scale = fr.image_scale  # a calibrated frame may be corrected at a reduced size
+        self.size = (round(geometry.frame_height * scale), round(geometry.frame_width * scale))
         if self.video is not None:
             for gap in range(self.frames_seen[-1] + 1 if self.frames_seen else 0, idx):
                 # a frame the pipeline skipped: keep the video in step with the loop
