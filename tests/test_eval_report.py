@@ -6,7 +6,11 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import cv2
 import jsonschema
@@ -27,6 +31,8 @@ from guidance.evaluation.summary import (
     parse_fail_under,
     without_timing,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def thumb() -> str:
@@ -226,3 +232,32 @@ def test_overlay_colours_each_class_over_the_grey_frame(labels_shape, size):
         if c == 0:
             expected = np.repeat(grey[rows, col, None], 3, axis=2)  # no class: the frame as it is
         assert np.abs(out[rows, col].astype(np.float32) - expected).max() <= 1.0, c
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome", "chrome")),
+    reason="no Chromium on this machine (apt-get install -y chromium)",
+)
+def test_report_renders_in_headless_chromium(results, tmp_path):
+    """scripts/screenshot_report.py: the page as a browser draws it, with the timelines'
+    posterior red and venous blue, the text and the thumbnails (not a blank page)."""
+    s = build_summary(results, {"tool": "t", "started_utc": "x", "executor": "serial", "wall_s": 1.0})
+    details = {r["loop_id"]: r for r in results}
+    details["broken"]["slug"] = "broken"
+    report = tmp_path / "report.html"
+    report.write_text(render_report(s, details, [v for r in results for v in r["latencies_ms"]]))
+    png = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(report), "--png", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    shot = cv2.imread(str(png), cv2.IMREAD_COLOR)
+    assert shot is not None and shot.shape[1] == 1280 and shot.shape[0] >= 1000
+    b, g, r = (shot[..., i].astype(int) for i in range(3))
+    assert int(((r > 170) & (g < 100) & (b < 100)).sum()) >= 30  # posterior marks
+    assert int(((b > 150) & (r < 100)).sum()) >= 30  # venous marks
+    dark = (shot.max(axis=2) < 90).mean()
+    assert 0.002 < dark < 0.5  # text drawn, page not black
