@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+BENCH = Path(__file__).resolve().parent
 
 from guidance.alerts import EventPublisher  # noqa: E402
 from guidance.capture import open_source  # noqa: E402
@@ -269,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         calibration = Path(args.calibration) if args.calibration else None
         if args.calibration == "phantom":
-            from undistort import phantom_calibration
-
-            calibration = phantom_calibration(Path(tmp) / "calib.json", args.size)[0]
+            # in a child process: fitting a phantom takes far more memory than the service
+            # does, and this process's peak resident memory is reported below
+            calibration = Path(tmp) / "calib.json"
+            make = "from undistort import phantom_calibration; import sys, pathlib; "
+            make += "phantom_calibration(pathlib.Path(sys.argv[1]), int(sys.argv[2]))"
+            subprocess.run([sys.executable, "-c", make, str(calibration), str(args.size)], cwd=BENCH, check=True)
         if calibration:
             print(f"calibration: {calibration} (every frame corrected before segmentation)")
         for fps in args.rates:
