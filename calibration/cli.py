@@ -25,13 +25,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     cal.add_argument("image", help="phantom image (PNG, TIFF, JPEG, BMP or single-frame DICOM)")
     cal.add_argument("--pitch-mm", required=True, help="bead grid pitch in mm (centre to centre)")
-    cal.add_argument("-o", "--output", required=True, help="calibration JSON to create or update")
+    cal.add_argument("-o", "--output", help="calibration JSON to create or update")
+    cal.add_argument(
+        "--check",
+        metavar="CALIBRATION",
+        help="constancy check instead of a new fit: does this stored calibration still fit the "
+        "image? exit 0 within tolerance, 1 out of it (then recalibrate)",
+    )
     cal.add_argument(
         "--angulation",
-        default=DEFAULT_ANGULATION,
+        default=None,
         help="name of this C-arm position, e.g. lateral, ap, or 90 (adds/replaces it in OUTPUT; "
-        f"default {DEFAULT_ANGULATION!r})",
+        f"default {DEFAULT_ANGULATION!r}; with --check, which of the file's angulations)",
     )
+    cal.add_argument(
+        "--max-rms-px",
+        default=None,
+        help="--check: residual RMS after the stored correction allowed (default 0.5 px)",
+    )
+    cal.add_argument(
+        "--max-spacing-change",
+        default=None,
+        metavar="PERCENT",
+        help="--check: pixel spacing change against the stored one allowed (default 1 %%)",
+    )
+    cal.add_argument("--report", metavar="JSON", help="--check: also write the check's result here")
     cal.add_argument("--beads", choices=("auto", "bright", "dark"), default="auto", help="bead polarity")
     cal.add_argument("--order", default="5", help="polynomial order, 1..7 (default 5)")
     cal.add_argument("--no-fov", action="store_true", help="no circular field (flat-panel detector)")
@@ -69,6 +87,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from calibration.imageio import read_image
     from calibration.store import write_angulation
 
+    if args.output is None and args.check is None:
+        raise BadInputError("give -o OUTPUT (a new calibration) or --check CALIBRATION (a constancy check)")
+    if args.output is not None and args.check is not None:
+        raise BadInputError(
+            "-o OUTPUT (a new calibration) and --check CALIBRATION (a constancy check) exclude each other"
+        )
+    if args.check is not None:
+        return run_check(args)
+    for flag, value in (("--max-rms-px", args.max_rms_px), ("--max-spacing-change", args.max_spacing_change)):
+        if value is not None:
+            raise BadInputError(f"{flag} belongs to --check")
+    args.angulation = args.angulation or DEFAULT_ANGULATION
     pitch = _positive_float(args.pitch_mm, "--pitch-mm")
     try:
         order = int(args.order)
@@ -118,6 +148,50 @@ def run_calibrate(args: argparse.Namespace) -> int:
             "(use a phantom that covers the whole field)"
         )
     return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """`guidance calibrate IMAGE --pitch-mm P --check calib.json`: exit 0 within tolerance, 1 out."""
+    import json
+
+    from calibration.check import MAX_RMS_PX, MAX_SPACING_CHANGE_PCT, check_image
+    from calibration.imageio import read_image
+    from calibration.runtime import load_calibration
+
+    pitch = _positive_float(args.pitch_mm, "--pitch-mm")
+    max_rms = _positive_float(args.max_rms_px, "--max-rms-px") if args.max_rms_px else MAX_RMS_PX
+    max_change = (
+        _positive_float(args.max_spacing_change, "--max-spacing-change")
+        if args.max_spacing_change
+        else MAX_SPACING_CHANGE_PCT
+    )
+    cal = load_calibration(args.check, args.angulation)
+    image = read_image(args.image)
+    try:
+        report = check_image(image, pitch, cal, args.beads, max_rms, max_change)
+    except CalibrationError as exc:
+        raise BadInputError(f"{args.image}: {exc}") from None
+    if args.report:
+        import datetime
+
+        doc = {
+            "schema": "cement-guidance-calibration-check/1",
+            "checked_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "image": str(args.image),
+            "image_sha256": hashlib.sha256(Path(args.image).read_bytes()).hexdigest(),
+            "calibration": str(args.check),
+            **report.as_dict(),
+        }
+        Path(args.report).write_text(json.dumps(doc, indent=2) + "\n")
+    print(
+        f"{args.image} against {args.check} [{report.angulation}]: {report.beads_used} beads; residual "
+        f"RMS {report.rms_px:.3f} px (max {report.max_px:.3f}) after the stored correction, limit "
+        f"{max_rms:g}; pixel spacing {report.spacing_mm:.5f} mm against {report.stored_spacing_mm:.5f} "
+        f"({report.spacing_change_pct:+.2f} %, limit {max_change:g} %): " + ("PASS" if report.passed else "FAIL")
+    )
+    for failure in report.failures:
+        print(f"  {failure}")
+    return 0 if report.passed else 1
 
 
 def run_undistort(args: argparse.Namespace) -> int:
