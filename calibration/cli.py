@@ -15,12 +15,13 @@ DEFAULT_ANGULATION = "default"
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     cal = subparsers.add_parser(
         "calibrate",
-        help="calibrate distortion, pixel spacing and field of view from a bead-grid phantom image",
+        help="calibrate distortion, pixel spacing and field of view from a bead-grid phantom image (or --check one)",
         description=(
             "Find the beads of a regular bead or hole grid phantom, fit a 5th-order polynomial "
             "distortion model, measure the pixel spacing at the phantom plane and the circular "
             "field of view, and write (or update) a calibration file. "
-            "Refuses a fit it cannot trust."
+            "Refuses a fit it cannot trust. With --check, check a stored calibration against a new "
+            "image of the phantom instead (constancy: exit 0 within tolerance, 1 out of it)."
         ),
     )
     cal.add_argument("image", help="phantom image (PNG, TIFF, JPEG, BMP or single-frame DICOM)")
