@@ -95,8 +95,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
             "-o OUTPUT (a new calibration) and --check CALIBRATION (a constancy check) exclude each other"
         )
     if args.check is not None:
+        for flag, given in (("--order", args.order != "5"), ("--no-fov", args.no_fov), ("--overlay", args.overlay)):
+            if given:
+                raise BadInputError(f"{flag} belongs to a new fit (-o), not to --check")
         return run_check(args)
-    for flag, value in (("--max-rms-px", args.max_rms_px), ("--max-spacing-change", args.max_spacing_change)):
+    for flag, value in (
+        ("--max-rms-px", args.max_rms_px),
+        ("--max-spacing-change", args.max_spacing_change),
+        ("--report", args.report),
+    ):
         if value is not None:
             raise BadInputError(f"{flag} belongs to --check")
     args.angulation = args.angulation or DEFAULT_ANGULATION

@@ -107,6 +107,7 @@ def test_cli_exit_codes_and_the_report(stored, tmp_path):
     [
         (("-o", "new.json"), "exclude each other"),
         (("--max-rms-px", "-1"), "--max-rms-px must be a positive number"),
+        (("--overlay", "qa.png"), "--overlay belongs to a new fit (-o), not to --check"),
     ],
 )
 def test_cli_refuses_bad_check_arguments(stored, tmp_path, extra, message):
