@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from calibration.beads import detect_beads, index_grid
+from calibration.fit import without_gross_outliers
 from calibration.runtime import Calibration
 from calibration.transforms import fit_rigid
 from guidance.errors import CalibrationError
@@ -73,15 +74,12 @@ def check_image(
         )
     corrected = calibration.ideal_from_distorted(det.xy[idx])
     lattice_mm = ij.astype(np.float64) * pitch_mm
-    keep = np.ones(len(corrected), dtype=bool)
-    for _ in range(3):  # drop only gross outliers (a mis-centred bead, dust), as the fit does
+
+    def residual_norms(keep: np.ndarray) -> np.ndarray:
         sim = fit_rigid(lattice_mm[keep], corrected[keep], with_scale=True)
-        norms = np.hypot(*(corrected - sim(lattice_mm)).T)
-        sigma = 1.4826 * float(np.median(norms[keep]))
-        new_keep = norms <= max(5.0 * sigma, 0.5)
-        if np.array_equal(new_keep, keep) or new_keep.sum() < MIN_BEADS:
-            break
-        keep = new_keep
+        return np.hypot(*(corrected - sim(lattice_mm)).T)
+
+    keep = without_gross_outliers(residual_norms, len(corrected), MIN_BEADS)  # as the fit does
     sim = fit_rigid(lattice_mm[keep], corrected[keep], with_scale=True)
     norms = np.hypot(*(corrected[keep] - sim(lattice_mm[keep])).T)
     rms, worst = float(np.sqrt(np.mean(norms**2))), float(norms.max())

@@ -12,6 +12,7 @@ toward the rim. Its pixel spacing is that scale: millimetres in the phantom plan
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +50,24 @@ class FitReport:
     rejected_xy: np.ndarray  # indexed beads dropped as outliers, distorted px
 
 
+def without_gross_outliers(
+    residual_norms: Callable[[np.ndarray], np.ndarray], count: int, need: int, rounds: int = 3
+) -> np.ndarray:
+    """Bool mask of the beads to keep: only gross outliers (a mis-centred or mis-indexed bead,
+    dust) go. `residual_norms(keep)` fits on the kept beads and returns every bead's residual
+    length (px); a bead over 5 robust sigmas (and over 0.5 px) is dropped, for up to `rounds`
+    refits, never leaving fewer than `need`."""
+    keep = np.ones(count, dtype=bool)
+    for _ in range(rounds):
+        norms = residual_norms(keep)
+        sigma = 1.4826 * float(np.median(norms[keep]))
+        new_keep = norms <= max(5.0 * sigma, 0.5)
+        if np.array_equal(new_keep, keep) or new_keep.sum() < need:
+            break
+        keep = new_keep
+    return keep
+
+
 def calibrate_image(
     image: np.ndarray,
     pitch_mm: float,
@@ -78,17 +97,12 @@ def calibrate_image(
         )
     ref = (det.fov[0], det.fov[1]) if det.fov else ((w - 1) / 2, (h - 1) / 2)
     scale = float(np.max(np.hypot(xy[:, 0] - ref[0], xy[:, 1] - ref[1])))
-    keep = np.ones(len(xy), dtype=bool)
-    rejected = 0
-    for _ in range(3):  # drop only gross outliers (mis-centred or mis-indexed beads)
-        poly, sim, resid = _fit(xy[keep], ij[keep], pitch_mm, order, ref, scale)
-        all_res = _residuals(poly, sim, xy, ij, pitch_mm)
-        norms = np.hypot(all_res[:, 0], all_res[:, 1])
-        sigma = 1.4826 * float(np.median(norms[keep]))
-        new_keep = norms <= max(5.0 * sigma, 0.5)
-        if np.array_equal(new_keep, keep) or new_keep.sum() < need:
-            break
-        keep = new_keep
+
+    def residual_norms(keep: np.ndarray) -> np.ndarray:
+        poly, sim, _ = _fit(xy[keep], ij[keep], pitch_mm, order, ref, scale)
+        return np.hypot(*_residuals(poly, sim, xy, ij, pitch_mm).T)
+
+    keep = without_gross_outliers(residual_norms, len(xy), need)
     rejected = int((~keep).sum())
     poly, sim, resid = _fit(xy[keep], ij[keep], pitch_mm, order, ref, scale)
     spacing = sim.scale
