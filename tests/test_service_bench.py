@@ -12,16 +12,21 @@ from conftest import run_python
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
+def run_latency_bench(tmp_path, stand_in, size: int, *extra: object):
+    """bench/latency.py at 15 fps for 1 s in one round with the stand-in model -> (process, report)."""
     onnx_path, sums = stand_in
     out = tmp_path / "lat.json"
     proc = run_python(
         "bench/latency.py",
-        *("--model", onnx_path, "--sha256sums", sums, "--size", 128, "--seconds", 1, "--rates", 15),
-        *("--rounds", 1, "--bare-runs", 5, "--control-seconds", 0.5, "--json", out),
+        *("--model", onnx_path, "--sha256sums", sums, "--size", size, "--seconds", 1, "--rates", 15),
+        *("--rounds", 1, "--bare-runs", 5, "--json", out, *extra),
     )
     assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
+    proc, report = run_latency_bench(tmp_path, stand_in, 128, "--control-seconds", 0.5)
     (r,) = report["results"]
     assert r["frames_processed"] + r["dropped_frames"] == r["frames_in_loop"] == 15
     assert set(r["capture_to_publish_ms"]) == {"p50", "p99", "max"}
@@ -43,15 +48,7 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
 def test_latency_benchmark_with_a_phantom_calibration(tmp_path, stand_in):
     """`--calibration phantom`: a bead phantom of the loop's size is calibrated first and every
     frame goes through the distortion correction (the run fails if the file cannot be trusted)."""
-    onnx_path, sums = stand_in
-    out = tmp_path / "lat.json"
-    proc = run_python(
-        "bench/latency.py",
-        *("--model", onnx_path, "--sha256sums", sums, "--size", 512, "--seconds", 1, "--rates", 15),
-        *("--rounds", 1, "--bare-runs", 5, "--control-seconds", 0, "--calibration", "phantom", "--json", out),
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    proc, report = run_latency_bench(tmp_path, stand_in, 512, "--control-seconds", 0, "--calibration", "phantom")
     assert report["calibration"].endswith("calib.json") and "calibration:" in proc.stdout
     (r,) = report["results"]
     assert r["frames_processed"] + r["dropped_frames"] == r["frames_in_loop"] == 15
