@@ -75,7 +75,10 @@ class Context:
     labels: np.ndarray | None = None
     geometry: LetterboxGeometry | None = None
     label_valid: np.ndarray | None = None
+    density: np.ndarray | None = None  # the frame as the model read it, class-map sized, grey window units
     reference_frame: int | None = None  # the frame a two-channel model read as the reference
+    # (reference frame, dx, dy): the scene's move since then in model px, where it was measured
+    scene_shift: tuple[int, float, float] | None = None
     status: TrackStatus | None = None
     messages: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # the stages, as published
@@ -199,6 +202,7 @@ class SegmentOp:
             taken = self.reference.taken
             reference = self.reference.for_frame(x, ctx.image.shape[:2], ctx.frame.index)
             ctx.reference_frame = self.reference.frame
+            ctx.scene_shift = self.reference.scene_shift
             if self.reference.taken != taken:
                 log.info("reference frame %d (%s)", ctx.frame.index, self.reference.last_reason)
         t1 = time.perf_counter()
@@ -209,6 +213,8 @@ class SegmentOp:
         ctx.detail["preprocess"] = (t1 - t0) * 1e3
         ctx.detail["inference"] = (time.perf_counter() - t1) * 1e3
         ctx.labels, ctx.geometry = labels, geometry
+        norm = self.model.info.normalization  # back to grey window units (0..1) for the tracker
+        ctx.density = geometry.crop(x[0, 0]) * np.float32(norm["std"]) + np.float32(norm["mean"])
         if ctx.valid is not None:
             key = (id(ctx.valid), labels.shape)
             if key not in self._label_valid:
@@ -241,8 +247,9 @@ class TrackOp:
             frame_per_px=ctx.geometry.frame_pixels_per_model_pixel() * ctx.image_scale,
             mm_per_frame_px=ctx.mm_per_px,
             posterior_side=self.side,
+            scene_shift=ctx.scene_shift,
         )
-        ctx.status, self.state = track(ctx.labels, geo, self.state, self.config, ctx.label_valid)
+        ctx.status, self.state = track(ctx.labels, geo, self.state, self.config, ctx.label_valid, ctx.density)
 
 
 KIND_ALERT = {"posterior": "posterior_leak", "venous": "venous_leak"}

@@ -46,10 +46,13 @@ def test_reference_is_the_first_frame_registered_until_the_scene_or_size_changes
     x = planes(list(loop.frames), 256)
     ref = ReferenceFrame()
     shape = loop.frames[0].shape
+    assert ref.scene_shift is None  # nothing seen yet
     assert ref.for_frame(x[0], shape, 0) is x[0]
+    assert ref.scene_shift == (0, 0.0, 0.0)  # the reference itself: no move
     for i, xi in enumerate(x[1:], 1):  # cement grows, breathing moves: frame 0, registered
         used = ref.for_frame(xi, shape, i)
         assert used.shape == xi.shape and ref.frame == 0 and ref.taken == 1 and ref.correlation >= 0.85
+        assert ref.scene_shift == (0, *ref.shift)  # what the tracker follows breathing by
 
     # the table moved 12 model px: still the same scene, the reference follows it (on top of
     # the breathing shift of the last frame: the simulator's truth is (-0.33, 1.67) model px)
@@ -64,6 +67,7 @@ def test_reference_is_the_first_frame_registered_until_the_scene_or_size_changes
     # X-ray off: a black frame keeps the reference, and the same view after it still has it
     black = planes([np.zeros_like(loop.frames[0])], 256)[0]
     assert ref.for_frame(black, shape, 7) is x[0]
+    assert ref.scene_shift is None  # a black frame shows no scene: no move measured
     ref.for_frame(x[-1], shape, 8)
     assert ref.frame == 0 and ref.taken == 1
 
@@ -71,6 +75,7 @@ def test_reference_is_the_first_frame_registered_until_the_scene_or_size_changes
     other = planes([sim_loop(777).frames[3]], 256)[0]
     assert ref.for_frame(other, shape, 9) is other
     assert (ref.frame, ref.taken) == (9, 2) and ref.last_reason.startswith("scene changed")
+    assert ref.scene_shift == (9, 0.0, 0.0)  # moves are now measured against frame 9
 
     # another frame size (another source or zoom): retaken whatever the picture
     xb = planes(scene_frames(2, size=(128, 128)), 256)

@@ -145,8 +145,17 @@ class ReferenceFrame:
         self._registration: RegistrationReference | None = None  # made on first use
         self.correlation = 1.0  # the last frame's with the registered reference
         self.shift = (0.0, 0.0)  # the last registration's (dx, dy), model px
+        self.measured = False  # whether the last frame's shift was measured (not a flat frame)
         self.taken = 0  # how many references were taken this run
         self.last_reason = ""
+
+    @property
+    def scene_shift(self) -> tuple[int, float, float] | None:
+        """(reference frame, dx, dy): how far the last frame's scene has moved since the
+        reference (breathing), in model px; None when it was not measured (a flat frame)."""
+        if not self.measured or self.frame is None:
+            return None
+        return (self.frame, *self.shift)
 
     def for_frame(self, x: np.ndarray, frame_shape: tuple[int, int], index: int) -> np.ndarray:
         if self.plane is None:
@@ -158,18 +167,19 @@ class ReferenceFrame:
             if not vector.any():
                 # a flat frame (X-ray off, blanked video) says nothing about the scene: keep the
                 # reference, so fluoroscopy resumed on the same view still has its pre-cement one
-                self.correlation, self.shift = 1.0, (0.0, 0.0)
+                self.correlation, self.shift, self.measured = 1.0, (0.0, 0.0), False
                 return self.plane
             if self._registration is None:
                 self._registration = RegistrationReference.of(self.plane)
             moved, self.shift = register(self._registration, x)
+            self.measured = True
             self.correlation = float(vector @ _scene_vector(moved))
             if self.correlation >= self.min_correlation:
                 return moved
             reason = f"scene changed (correlation {self.correlation:.2f})"
         self.plane, self.frame, self.frame_shape = x, index, frame_shape
         self._registration = None
-        self.correlation, self.shift = 1.0, (0.0, 0.0)
+        self.correlation, self.shift, self.measured = 1.0, (0.0, 0.0), True
         self.taken += 1
         self.last_reason = reason
         return self.plane

@@ -8,7 +8,11 @@ vertebral wall (a robust line fit to the body's posterior boundary); venous spre
 extravertebral cement elsewhere, except on or around the needle. "Extravertebral" = outside
 the body's convex hull grown by a tolerance (~1 mm) so the wall's own edge pixels are not
 called a leak; a venous candidate within `rim_reach_mm` of the hull must also border soft
-tissue somewhere (cement the vertebra's own thin cortical rim still closes off is inside it).
+tissue somewhere (cement the vertebra's own thin cortical rim still closes off is inside it),
+and, where the tracker is given the frame as the model read it, show as added density against
+the soft tissue beside it. As cement hides the body, the body last seen least hidden is used,
+moved as the scene moved since: by the image registration's measured shift where the service
+has one (two-channel models), else by the other vertebrae's bone.
 Temporal logic: a kind is raised after `raise_frames` consecutive frames over the area
 threshold whose leak masks overlap (so one noisy frame, or noise that jumps around, raises
 nothing) and cleared after `clear_frames` consecutive frames without it.
@@ -47,6 +51,10 @@ class TrackerConfig:
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
     core_radius_mm: float = 1.5  # cement thinner than 2x this (veins, thin leaks) is not core
     rim_reach_mm: float = 3.0  # cement under a thin cortical rim lies at most this far outside the hull
+    # venous cement must be denser than the soft tissue beside it by this share of the frame's
+    # grey window (where the tracker is given the frame): the model draws specks of "cement"
+    # in the disc space and along bone edges where the image shows nothing
+    min_venous_contrast: float = 0.025
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,16 @@ class TrackGeometry:
         x_frame = (x + 0.5) * frame_per_px - 0.5 + origin_x (origin is 0 for a cropped map).
     mm_per_frame_px: pixel spacing at the vertebra, None when unknown (then units are px).
     posterior_side: "left"/"right" from configuration, or None to infer it from the needle.
+    scene_shift: how the scene has moved (breathing) since a reference frame of the same view,
+        (reference index, dx, dy) in class-map pixels, where the image registration knows it
+        (two-channel models); None: the tracker follows the other vertebrae instead.
     """
 
     frame_per_px: float = 1.0
     mm_per_frame_px: float | None = None
     posterior_side: str | None = None
     origin_xy: tuple[float, float] = (0.0, 0.0)
+    scene_shift: tuple[int, float, float] | None = None
 
     @property
     def units(self) -> str:
@@ -116,6 +128,7 @@ class TrackerState:
     body_ref_px: int = 0
     anchor_ref: tuple[float, float, float] | None = None  # (x, y, pixels)
     anchor_rect: tuple[int, int, int, int] | None = None  # (x0, y0, x1, y1) left out of anchors
+    body_ref_shift: tuple[int, float, float] | None = None  # the scene's shift when body_ref was taken
 
 
 @dataclass(frozen=True)
@@ -276,6 +289,43 @@ def _open_to_outside(
     return extra & keep[blobs]
 
 
+_RING_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))  # 3 class-map pixels around a blob
+
+
+def _denser_than_soft_tissue(
+    extra: np.ndarray,
+    labels: np.ndarray,
+    density: np.ndarray,
+    denser: float,
+    min_contrast: float,
+    valid: np.ndarray | None,
+) -> np.ndarray:
+    """`extra` (venous candidates) without the blobs no denser than the soft tissue around
+    them: cement attenuates more than anything else in the field, so a leak into soft tissue
+    shows as added density however thin it is. `density` is the frame as the model read it
+    (grey window units, 0..1), `denser` +1 where more attenuation reads brighter, -1 where it
+    reads darker. A blob with hardly any soft tissue labelled around it (over bone, beside
+    the needle) is kept: fail-safe."""
+    count, blobs = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
+    soft = labels == 0
+    if valid is not None:
+        soft &= valid
+    keep = extra.copy()
+    h, w = extra.shape
+    for i in range(1, count):
+        bx, by, bw, bh = cv2.boundingRect((blobs == i).view(np.uint8))
+        x0, y0, x1, y1 = max(0, bx - 3), max(0, by - 3), min(w, bx + bw + 3), min(h, by + bh + 3)
+        blob = blobs[y0:y1, x0:x1] == i
+        ring = cv2.dilate(blob.view(np.uint8), _RING_KERNEL).view(bool) & ~blob & soft[y0:y1, x0:x1]
+        if np.count_nonzero(ring) < 3:
+            continue
+        window = density[y0:y1, x0:x1]
+        contrast = denser * (float(window[blob].mean()) - float(window[ring].mean()))
+        if contrast < min_contrast:
+            keep[y0:y1, x0:x1][blob] = False
+    return keep
+
+
 def _wall_line(filled: np.ndarray, side: str):
     """The line of the posterior wall -> (vx, vy, x0, y0, nx, ny) with (nx, ny) the unit
     normal pointing posteriorly, or None.
@@ -355,9 +405,10 @@ def _track(
     valid: np.ndarray | None,
     body_full: np.ndarray,
     offset: tuple[int, int],
+    density: np.ndarray | None = None,
 ) -> tuple[TrackStatus, TrackerState]:
-    """track() on a region of interest: labels, valid and prev's masks are cropped to it;
-    body_full is the whole frame's bone (for the breathing anchor); offset = crop's (x, y)."""
+    """track() on a region of interest: labels, valid, density and prev's masks are cropped to
+    it; body_full is the whole frame's bone (for the breathing anchor); offset = crop's (x, y)."""
     body = labels == VERTEBRAL_BODY
     cement = labels == CEMENT
     needle = labels == NEEDLE
@@ -387,26 +438,34 @@ def _track(
         body, cement, needle, cfg.core_radius_mm * px_per_unit_len if geo.mm_per_frame_px else 1.5, cfg.min_body_px
     )
     body_ref, body_ref_px, anchor_ref = prev.body_ref, prev.body_ref_px, prev.anchor_ref
+    body_ref_shift = prev.body_ref_shift
     anchor_rect = prev.anchor_rect
     zone = cfg.breathing_mm * px_per_unit_len if geo.mm_per_frame_px else 6.0
     ref = None
     if body_ref is not None and core is not None:
         # cement hides more and more of the body: use the body as last seen least hidden,
-        # moved as the other vertebrae moved since (breathing)
-        # the other vertebrae: bone away from where the treated body was (same zone as when
-        # the reference was taken, so both centroids cover the same anatomy)
-        anchor = _anchor(body_full, prev.anchor_rect) if prev.anchor_rect else None
+        # moved as the scene moved since (breathing): as the image registration measured it,
+        # else as the other vertebrae moved (bone away from where the treated body was, the
+        # same zone as when the reference was taken, so both centroids cover the same anatomy)
         dx = dy = 0.0
-        # trusted only when it is the same anatomy (about as much bone as then) and the move
-        # is one breathing can make; otherwise the body is taken where it was
-        if (
-            anchor is not None
-            and anchor_ref is not None
-            and abs(anchor[2] - anchor_ref[2]) <= 0.3 * anchor_ref[2]
-            and anchor_ref[2] >= 0.5 * body_ref_px
-            and math.hypot(anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]) <= 2 * zone
-        ):
-            dx, dy = anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]
+        then, now = prev.body_ref_shift, geo.scene_shift
+        if then is not None and now is not None and then[0] == now[0]:
+            # the image registration measured the scene's move against the same reference
+            # frame then and now: the body moved by the difference. (The other vertebrae's
+            # bone labels, followed below, change as cement and the needle cover some of them.)
+            dx, dy = now[1] - then[1], now[2] - then[2]
+        else:
+            anchor = _anchor(body_full, prev.anchor_rect) if prev.anchor_rect else None
+            # trusted only when it is the same anatomy (about as much bone as then) and the
+            # move is one breathing can make; otherwise the body is taken where it was
+            if (
+                anchor is not None
+                and anchor_ref is not None
+                and abs(anchor[2] - anchor_ref[2]) <= 0.3 * anchor_ref[2]
+                and anchor_ref[2] >= 0.5 * body_ref_px
+                and math.hypot(anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]) <= 2 * zone
+            ):
+                dx, dy = anchor[0] - anchor_ref[0], anchor[1] - anchor_ref[1]
         ref = _shift(body_ref, dx, dy)
         if not (ref & core).any():  # the cement is elsewhere: the C-arm moved; start over
             ref, body_ref, body_ref_px = None, None, 0
@@ -426,6 +485,7 @@ def _track(
             visible = int(np.count_nonzero(parts))
             if visible >= body_ref_px:
                 body_ref, body_ref_px = filled, visible
+                body_ref_shift = geo.scene_shift
                 bx, by, bw, bh = cv2.boundingRect(filled.view(np.uint8))
                 z = int(math.ceil(zone))
                 ox, oy = offset
@@ -487,6 +547,10 @@ def _track(
             venous_mask = _open_to_outside(venous_mask, blobs, reach <= rim, labels, cement, region)
         if needle.any():
             venous_mask &= ~_dilate(needle, margin)
+        if density is not None and venous_mask.any() and core is not None and body.any():
+            # which way density reads: the cement mass is denser than bone
+            denser = 1.0 if float(density[core].mean()) >= float(density[body].mean()) else -1.0
+            venous_mask = _denser_than_soft_tissue(venous_mask, labels, density, denser, cfg.min_venous_contrast, valid)
 
     areas = {
         "cement": cement_area,
@@ -535,6 +599,7 @@ def _track(
         body_ref_px=body_ref_px,
         anchor_ref=anchor_ref,
         anchor_rect=anchor_rect,
+        body_ref_shift=body_ref_shift,
     )
     return status, state
 
@@ -557,9 +622,13 @@ def track(
     prev: TrackerState | None = None,
     cfg: TrackerConfig = TrackerConfig(),
     valid: np.ndarray | None = None,
+    density: np.ndarray | None = None,
 ) -> tuple[TrackStatus, TrackerState]:
     """labels: uint8 class map (H, W) covering the frame; valid: optional bool mask of the
-    field of view / not-burned-in-text at the same size (cement outside it is ignored).
+    field of view / not-burned-in-text at the same size (cement outside it is ignored);
+    density: optional float plane of the same size, the frame as the model read it in grey
+    window units (0 at its low percentile, 1 at its high one): with it, venous candidates must
+    show as added density against the soft tissue beside them.
 
     Everything a leak can touch lies near cement, so the work is done on the cement's
     bounding box grown by `roi_margin_mm` (and the remembered body's box): a few times fewer
@@ -599,6 +668,7 @@ def track(
         None if valid is None else valid[sl],
         labels == VERTEBRAL_BODY,
         (x0, y0),
+        None if density is None else density[sl],
     )
     wall = status.wall
     if wall is not None:
