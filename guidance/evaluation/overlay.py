@@ -26,9 +26,12 @@ def display_grey(image: np.ndarray) -> np.ndarray:
         image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY) if image.shape[2] >= 3 else image[..., 0]
     if image.dtype == np.uint8:
         return image
-    img = image.astype(np.float32, copy=False)
-    lo, hi = np.percentile(img[:: max(1, img.shape[0] // 128), :: max(1, img.shape[1] // 128)], [1, 99.5])
+    lo, hi = np.percentile(image[:: max(1, image.shape[0] // 128), :: max(1, image.shape[1] // 128)], [1, 99.5])
     span = float(hi - lo) if hi > lo else 1.0
+    if image.dtype == np.uint16:
+        # in OpenCV, saturating: the subtraction stops at 0 and the scaling at 255 (the clip)
+        return cv2.convertScaleAbs(cv2.subtract(image, float(lo)), alpha=255.0 / span)
+    img = image.astype(np.float32, copy=False)
     return np.clip((img - lo) * (255.0 / span), 0, 255).astype(np.uint8)
 
 
@@ -47,7 +50,11 @@ def render(
 ) -> np.ndarray:
     """BGR uint8 of `size` (h, w): frame, coloured classes, a flag bar and text lines."""
     h, w = size
-    grey = cv2.resize(display_grey(image), (w, h), interpolation=cv2.INTER_AREA)
+    if image.shape[:2] != (h, w):
+        # scaled down first: windowing a 16-bit 1024 px frame at full size cost 6-11 ms a
+        # frame, more than the model; its display window is the same within a grey level
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    grey = display_grey(image)
     out = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     if labels is not None:
         small = labels.astype(np.uint8, copy=False)
