@@ -6,7 +6,7 @@
    cores, side by side in this run (alternating, repeated); speed-up = wall(1) / wall(N)
    (target >= 0.8 N).
 
-    python bench/evaluate_speed.py [--workers N] [--seconds 4] [--repeats 2] [--model PATH]
+    python bench/evaluate_speed.py [--workers N] [--seconds 4] [--repeats 2] [--model PATH] [--format dcm]
 
 Everything runs through the CLI as a user runs it (`python -m guidance evaluate`), overlay
 videos and Dice included. Prints the numbers and the machine; they go into README.md.
@@ -30,8 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_loops(folder: Path, count: int, seconds: float, size: int) -> list[Path]:
-    """One simulated 15 fps loop (posterior and venous leak, masks), copied `count` times."""
+def make_loops(folder: Path, count: int, seconds: float, size: int, form: str = "mp4") -> list[Path]:
+    """One simulated 15 fps loop (posterior and venous leak, masks), copied `count` times:
+    8-bit MP4, or 16-bit multi-frame DICOM (`form` "dcm", as archives hold them)."""
     src = folder / "src"
     subprocess.run(
         [
@@ -50,7 +51,8 @@ def make_loops(folder: Path, count: int, seconds: float, size: int) -> list[Path
             "--seconds",
             str(seconds),
             "--format",
-            "mp4",
+            form,
+            *(["--bit-depth", "16"] if form == "dcm" else []),
             "--leaks",
             "both",
             "--prefix",
@@ -60,18 +62,18 @@ def make_loops(folder: Path, count: int, seconds: float, size: int) -> list[Path
         check=True,
         capture_output=True,
     )
-    video = next(src.glob("*.mp4"))
+    video = next(src.glob(f"*.{form}"))
     stem = video.stem
     out = folder / "loops"
     out.mkdir()
     for i in range(count):
         name = f"loop{i:02d}"
-        shutil.copy(video, out / f"{name}.mp4")
+        shutil.copy(video, out / f"{name}.{form}")
         labels = json.loads((src / f"{stem}.labels.json").read_text())
         labels["masks"] = f"{name}.masks.npz"
         (out / f"{name}.labels.json").write_text(json.dumps(labels))
         shutil.copy(src / f"{stem}.masks.npz", out / f"{name}.masks.npz")
-    return sorted(out.glob("*.mp4"))
+    return sorted(out.glob(f"*.{form}"))
 
 
 def run_eval(
@@ -144,6 +146,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", help="default: the shipped model")
     ap.add_argument("--no-video", action="store_true", help="also skip overlay videos")
+    ap.add_argument(
+        "--format", choices=["mp4", "dcm"], default="mp4", help="8-bit MP4 (default) or 16-bit multi-frame DICOM"
+    )
     args = ap.parse_args()
     n = min(args.workers, len(available))
     extra = ["--no-video"] if args.no_video else []
@@ -154,7 +159,7 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         tmp_path = Path(tmp)
-        loops = make_loops(tmp_path, n * args.loops_per_worker, args.seconds, args.size)
+        loops = make_loops(tmp_path, n * args.loops_per_worker, args.seconds, args.size, args.format)
         one_core = [available[0]]
         n_cores = available[:n]
 
@@ -168,7 +173,8 @@ def main() -> int:
             cpu_factors.append(row["frames"] / row["fps"] / row["cpu_s"])
         row = s["loops"][0]
         print(
-            f"\n1) one {args.size}x{args.size} {row['fps']:g} fps loop, {row['frames']} frames, "
+            f"\n1) one {args.size}x{args.size} {row['fps']:g} fps loop "
+            f"({'16-bit DICOM' if args.format == 'dcm' else '8-bit MP4'}), {row['frames']} frames, "
             f"one core (CPU {one_core[0]}), --threads-per-worker 1"
             f"{', no video' if args.no_video else ', overlay video and Dice included'}"
         )
