@@ -1,0 +1,167 @@
+"""The model's operating point: a constant added to one class's logit before the argmax.
+
+A segmenter trained with cross-entropy and Dice need not put its class boundaries where Dice
+at the frame's resolution is best: the shipped 0.4.1 draws cement a little generously (on
+held-out frames, more false cement beside the needle and at the margins than missed cement).
+Moving the cement logit by a constant moves every cement boundary at once; the constant is
+chosen on loops of a seed range of its own (`TUNING_SEED_BASE`: neither training, validation
+nor the held-out test set of models.evaluate uses it), then measured on the held-out set like
+any model.
+
+    python -m models.operating_point --tune                                 # Dice per bias, tuning loops
+    python -m models.operating_point --apply -0.5 -o OUT.onnx --version 0.4.2
+
+`--apply` writes the bias into the head convolution's own bias (no new node, no inference
+cost), records it in the metadata (`output.logit_bias`, `history`, `version`) and checks that
+the new logits are the old ones plus the bias. The runtime needs nothing new: it reads logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from guidance.segmentation.preprocess import CLASS_NAMES
+
+TUNING_SEED_BASE = 7_500_000  # models.evaluate's held-out loops start at 7,000,000
+BIASES = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5)
+
+
+def dice_by_bias(
+    model: Path, loops: int, cls: str = "cement", biases=BIASES, seed_base: int = TUNING_SEED_BASE
+) -> dict[float, float]:
+    """Pooled Dice of `cls` at each frame's own resolution (as models.evaluate measures it) on
+    `loops` as-drawn loops from `seed_base`, for each bias added to that class's logit."""
+    import cv2
+
+    from models.evaluate import CONDITIONS, held_out_config, load_session, loop_reference, model_input
+    from models.sim.loop import simulate
+
+    c = CLASS_NAMES.index(cls)
+    session, meta = load_session(model, threads=1)
+    inter = np.zeros(len(biases))
+    total = np.zeros(len(biases))
+    for k in range(loops):
+        rng = np.random.default_rng(seed_base + k)
+        loop = simulate(rng, held_out_config(rng, CONDITIONS["as_drawn"], 0))
+        reference = loop_reference(meta, loop.frames[0])
+        for frame, truth in zip(loop.frames, loop.labels, strict=True):
+            x, g = model_input(meta, frame, reference)
+            inner = g.crop(session.run(None, {meta["input"]["name"]: x})[0][0])
+            size = (g.frame_width, g.frame_height)
+            planes = np.stack([cv2.resize(p, size, interpolation=cv2.INTER_LINEAR) for p in inner])
+            others = np.delete(planes, c, axis=0).max(axis=0)
+            is_c = truth == c
+            for i, b in enumerate(biases):
+                pred = planes[c] + b > others  # argmax picks c (ties go to the lower index: rare)
+                inter[i] += np.count_nonzero(pred & is_c)
+                total[i] += np.count_nonzero(pred) + np.count_nonzero(is_c)
+    return {b: float(2 * inter[i] / total[i]) if total[i] else float("nan") for i, b in enumerate(biases)}
+
+
+def with_logit_bias(model, cls: str, bias: float, version: str | None, note: str):
+    """A copy of the ONNX model whose `cls` logit is `bias` higher (the head convolution's
+    bias), its metadata saying so."""
+    import copy
+
+    from onnx import numpy_helper
+
+    out = copy.deepcopy(model)
+    graph = out.graph
+    head = next(n for n in graph.node if graph.output[0].name in n.output)
+    if head.op_type != "Conv" or len(head.input) < 3:
+        raise ValueError("the graph's output is not a convolution with a bias: cannot move a logit")
+    init = next(i for i in graph.initializer if i.name == head.input[2])
+    values = numpy_helper.to_array(init).copy()
+    c = CLASS_NAMES.index(cls)
+    values[c] += np.float32(bias)
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+    props = {p.key: p for p in out.metadata_props}
+    meta = json.loads(props["guidance"].value)
+    shift = meta["output"].get("logit_bias", [0.0] * len(CLASS_NAMES))
+    shift[c] = round(shift[c] + bias, 6)
+    meta["output"]["logit_bias"] = shift
+    old = meta.get("version")
+    if version:
+        meta["version"] = version
+        out.model_version = int(version.replace(".", ""))
+    meta.setdefault("history", []).append(f"{old} -> {meta.get('version')}: {cls} logit {bias:+g} ({note})")
+    props["guidance"].value = json.dumps(meta, sort_keys=True)
+    return out
+
+
+def check_shift(a_path: Path, b_path: Path, cls: str, bias: float, runs: int = 3) -> float:
+    """Largest difference between b's logits and a's plus the bias, on random inputs."""
+    import onnxruntime as ort
+
+    a = ort.InferenceSession(str(a_path), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(b_path), providers=["CPUExecutionProvider"])
+    inp = a.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    c = CLASS_NAMES.index(cls)
+    for _ in range(runs):
+        x = rng.normal(size=shape).astype(np.float32)
+        la, lb = a.run(None, {inp.name: x})[0], b.run(None, {inp.name: x})[0]
+        la[:, c] += bias
+        worst = max(worst, float(np.abs(la - lb).max()))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=Path(__file__).with_name("segmenter.onnx"))
+    ap.add_argument("--class", dest="cls", default="cement", choices=CLASS_NAMES[1:])
+    ap.add_argument("--tune", action="store_true", help="print Dice per bias on the tuning loops")
+    ap.add_argument("--loops", type=int, default=24, help="tuning loops (as drawn, 8 frames each)")
+    ap.add_argument("--apply", type=float, help="write a model with this bias added to the class's logit")
+    ap.add_argument("-o", "--out", type=Path)
+    ap.add_argument("--version")
+    ap.add_argument("--note", default="Dice-optimal on the tuning loops")
+    args = ap.parse_args(argv)
+    if args.tune == (args.apply is not None):
+        ap.error("give one of --tune or --apply")
+    if args.apply is not None and not args.out:
+        ap.error("--apply needs -o OUT.onnx")
+    if args.loops < 1:
+        ap.error("--loops must be at least 1")
+    if args.tune:
+        seeds = f"{TUNING_SEED_BASE:,}-{TUNING_SEED_BASE + args.loops - 1:,}"
+        print(f"{args.model.name}: {args.cls} Dice at frame resolution, {args.loops} as-drawn loops (seeds {seeds})")
+        results = dice_by_bias(args.model, args.loops, args.cls)
+        best = max(results, key=results.get)
+        for b, d in results.items():
+            print(f"  bias {b:+.2f}: {d:.4f}{'  <- best' if b == best else ''}")
+        return 0
+    import onnx
+
+    try:
+        model = onnx.load(str(args.model))
+    except Exception as exc:  # noqa: BLE001  # onnx raises its own types
+        print(f"error: {args.model}: not an ONNX model ({exc})", file=sys.stderr)
+        return 2
+    try:
+        out = with_logit_bias(model, args.cls, args.apply, args.version, args.note)
+    except (ValueError, KeyError) as exc:
+        print(f"error: {args.model}: {exc}", file=sys.stderr)
+        return 2
+    onnx.save(out, str(args.out))
+    worst = check_shift(args.model, args.out, args.cls, args.apply)
+    if worst > 1e-4:
+        args.out.unlink()
+        why = f"the new logits are not the old ones {args.apply:+g} ({worst:.1e} off)"
+        print(f"error: {why}: not written", file=sys.stderr)
+        return 1
+    digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
+    print(f"{args.out}: sha256 {digest}; {args.cls} logit {args.apply:+g} (checked to {worst:.1e})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
