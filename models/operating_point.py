@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from guidance.segmentation.model import write_sha256sums
 from guidance.segmentation.preprocess import CLASS_NAMES
 
 TUNING_SEED_BASE = 7_500_000  # models.evaluate's held-out loops start at 7,000,000
@@ -151,15 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as exc:
         print(f"error: {args.model}: {exc}", file=sys.stderr)
         return 2
-    onnx.save(out, str(args.out))
-    worst = check_shift(args.model, args.out, args.cls, args.apply)
+    tmp = args.out.with_suffix(".tmp.onnx")  # checked before it replaces anything (-o may be --model)
+    onnx.save(out, str(tmp))
+    worst = check_shift(args.model, tmp, args.cls, args.apply)
     if worst > 1e-4:
-        args.out.unlink()
+        tmp.unlink()
         why = f"the new logits are not the old ones {args.apply:+g} ({worst:.1e} off)"
         print(f"error: {why}: not written", file=sys.stderr)
         return 1
+    tmp.replace(args.out)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
-    print(f"{args.out}: sha256 {digest}; {args.cls} logit {args.apply:+g} (checked to {worst:.1e})")
+    sums = write_sha256sums(args.out, digest)
+    print(f"{args.out}: sha256 {digest} (listed in {sums}); {args.cls} logit {args.apply:+g} (checked to {worst:.1e})")
     return 0
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidance.segmentation.model import REFERENCE_FIRST_FRAME
+from guidance.segmentation.model import REFERENCE_FIRST_FRAME, write_sha256sums
 from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from guidance.segmentation.reference import register
 from models import dataset
@@ -302,16 +302,6 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
         why = f"logits by {worst:.1e}, {flips} px"
         raise RuntimeError(f"{path}: the blocked-layout graph differs from the export ({why})")
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_sha256sums(onnx_path: Path, digest: str) -> Path:
-    sums = onnx_path.parent / "SHA256SUMS"
-    lines = [
-        ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(f"  {onnx_path.name}")
-    ]
-    lines.append(f"{digest}  {onnx_path.name}")
-    sums.write_text("\n".join(sorted(lines)) + "\n")
-    return sums
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,18 @@ def read_sha256sums(path: Path) -> dict[str, str]:
     return sums
 
 
+def write_sha256sums(onnx_path: Path, digest: str) -> Path:
+    """List (or re-list) a model file in the SHA256SUMS beside it, in the format read above
+    (for the tools that ship a model: models.train, models.operating_point)."""
+    sums = onnx_path.parent / "SHA256SUMS"
+    lines = [
+        ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(f"  {onnx_path.name}")
+    ]
+    lines.append(f"{digest}  {onnx_path.name}")
+    sums.write_text("\n".join(sorted(lines)) + "\n")
+    return sums
+
+
 def verify_model_file(onnx_path: Path, sha256sums_path: Path) -> str:
     """The file's sha256 when SHA256SUMS vouches for it; ModelError naming the file otherwise."""
     if not onnx_path.is_file():
