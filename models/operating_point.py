@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--apply needs -o OUT.onnx")
     if args.loops < 1:
         ap.error("--loops must be at least 1")
+    if args.version and not re.fullmatch(r"\d+\.\d+\.\d+", args.version):
+        ap.error(f"--version {args.version!r}: expected MAJOR.MINOR.PATCH in digits (the ONNX model_version)")
     if args.tune:
         seeds = f"{TUNING_SEED_BASE:,}-{TUNING_SEED_BASE + args.loops - 1:,}"
         print(f"{args.model.name}: {args.cls} Dice at frame resolution, {args.loops} as-drawn loops (seeds {seeds})")
