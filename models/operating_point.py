@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--class", dest="cls", default="cement", choices=CLASS_NAMES[1:])
     ap.add_argument("--tune", action="store_true", help="print Dice per bias on the tuning loops")
     ap.add_argument("--loops", type=int, default=24, help="tuning loops (as drawn, 8 frames each)")
+    ap.add_argument("--biases", type=float, nargs="+", default=list(BIASES), help="biases to tune over")
     ap.add_argument("--apply", type=float, help="write a model with this bias added to the class's logit")
     ap.add_argument("-o", "--out", type=Path)
     ap.add_argument("--version")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune:
         seeds = f"{TUNING_SEED_BASE:,}-{TUNING_SEED_BASE + args.loops - 1:,}"
         print(f"{args.model.name}: {args.cls} Dice at frame resolution, {args.loops} as-drawn loops (seeds {seeds})")
-        results = dice_by_bias(args.model, args.loops, args.cls)
+        results = dice_by_bias(args.model, args.loops, args.cls, tuple(args.biases))
         best = max(results, key=results.get)
         for b, d in results.items():
             print(f"  bias {b:+.2f}: {d:.4f}{'  <- best' if b == best else ''}")

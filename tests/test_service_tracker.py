@@ -315,6 +315,27 @@ def test_posterior_cement_is_not_held_to_the_density_check():
     assert status.posterior
 
 
+def test_the_depth_rule_raises_on_a_speck_only_where_the_frame_shows_it():
+    """Cement well behind the wall raises even under the area threshold (the model draws a
+    thin epidural leak thinner), but a speck of a pixel or two must then show as added density:
+    the model's specks beside the wall would otherwise raise a high-priority alarm."""
+    labels = scene()
+    labels[20:22, 44] = CEMENT  # 2 px (0.5 mm^2 at 0.5 mm/px), 2.25 mm behind the wall
+
+    def raised(density) -> bool:
+        state = TrackerState()
+        for _ in range(3):
+            status, state = track(labels, HALF_MM, state, TrackerConfig(), None, density)
+        assert status.areas["posterior"] < TrackerConfig().area_threshold_mm2 <= status.posterior_depth
+        return status.posterior
+
+    shown = _density(labels, None)
+    hidden = shown.copy()
+    hidden[20:22, 44] = 0.3  # as the soft tissue around it
+    assert raised(None) and raised(shown) and raised(1.0 - shown)
+    assert not raised(hidden) and not raised(1.0 - hidden)
+
+
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 

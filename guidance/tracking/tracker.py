@@ -429,6 +429,7 @@ def _track(
 
     empty = np.zeros_like(body)
     posterior_mask, venous_mask, depth = empty, empty, 0.0
+    deep_blobs, depth_shown = empty, True  # posterior blobs past posterior_depth_mm; do they show?
     side, wall = geo.posterior_side or prev.posterior_side, None
     # opening drops 1-px rims and bridges the segmentation leaves along bright edges, which
     # would otherwise pull a nearby leak into the body's hull
@@ -537,6 +538,9 @@ def _track(
             posterior_mask[ey[behind], ex[behind]] = True
             if behind.any():
                 depth = max(0.0, float(dist[behind].max())) * unit
+                if geo.mm_per_frame_px:  # the blobs the depth rule would raise on
+                    deep_ids = np.unique(ids[behind & (dist * unit >= cfg.posterior_depth_mm)])
+                    deep_blobs = posterior_mask & np.isin(comp, deep_ids)
         venous_mask = extra & ~posterior_mask
         if venous_mask.any():
             min_venous = cfg.min_venous_depth_mm * px_per_unit_len if geo.mm_per_frame_px else 3.0
@@ -547,10 +551,17 @@ def _track(
             venous_mask = _open_to_outside(venous_mask, blobs, reach <= rim, labels, cement, region)
         if needle.any():
             venous_mask &= ~_dilate(needle, margin)
-        if density is not None and venous_mask.any() and core is not None and body.any():
+        if density is not None and core is not None and body.any():
             # which way density reads: the cement mass is denser than bone
             denser = 1.0 if float(density[core].mean()) >= float(density[body].mean()) else -1.0
-            venous_mask = _denser_than_soft_tissue(venous_mask, labels, density, denser, cfg.min_venous_contrast, valid)
+            if venous_mask.any():
+                venous_mask = _denser_than_soft_tissue(
+                    venous_mask, labels, density, denser, cfg.min_venous_contrast, valid
+                )
+            if deep_blobs.any():
+                # the depth rule raises on cement under the area threshold: that much must show
+                shown = _denser_than_soft_tissue(deep_blobs, labels, density, denser, cfg.min_venous_contrast, valid)
+                depth_shown = bool(shown.any())
 
     areas = {
         "cement": cement_area,
@@ -568,7 +579,9 @@ def _track(
         if kind == "posterior" and areas[kind] > 0 and geo.mm_per_frame_px:
             # thin cement already well behind the wall is a leak even while its area is
             # still under the threshold (the model draws a thin epidural leak thinner)
-            over = over or depth >= cfg.posterior_depth_mm
+            # (where the tracker has the frame, only if they show as added density: the model's
+            # specks of a pixel or two beside the wall would raise a high-priority alarm)
+            over = over or (depth >= cfg.posterior_depth_mm and depth_shown)
         after = _step(before, over, masks[kind], cfg)
         states[kind] = after
         if after.active != before.active:
