@@ -9,6 +9,7 @@ nor the held-out test set of models.evaluate uses it), then measured on the held
 any model.
 
     python -m models.operating_point --tune                                 # Dice per bias, tuning loops
+    python -m models.operating_point --tune --seed-base 7000000 --loops 96 --condition bone_dark --biases 0 -0.5
     python -m models.operating_point --apply -0.5 -o OUT.onnx --version 0.4.2
 
 `--apply` writes the bias into the head convolution's own bias (no new node, no inference
@@ -35,10 +36,16 @@ BIASES = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5)
 
 
 def dice_by_bias(
-    model: Path, loops: int, cls: str = "cement", biases=BIASES, seed_base: int = TUNING_SEED_BASE
+    model: Path,
+    loops: int,
+    cls: str = "cement",
+    biases=BIASES,
+    seed_base: int = TUNING_SEED_BASE,
+    condition: str = "as_drawn",
 ) -> dict[float, float]:
     """Pooled Dice of `cls` at each frame's own resolution (as models.evaluate measures it) on
-    `loops` as-drawn loops from `seed_base`, for each bias added to that class's logit."""
+    `loops` loops of a models.evaluate condition from `seed_base`, for each bias added to that
+    class's logit."""
     import cv2
 
     from models.evaluate import CONDITIONS, held_out_config, load_session, loop_reference, model_input
@@ -50,7 +57,7 @@ def dice_by_bias(
     total = np.zeros(len(biases))
     for k in range(loops):
         rng = np.random.default_rng(seed_base + k)
-        loop = simulate(rng, held_out_config(rng, CONDITIONS["as_drawn"], 0))
+        loop = simulate(rng, held_out_config(rng, CONDITIONS[condition], 0))
         reference = loop_reference(meta, loop.frames[0])
         for frame, truth in zip(loop.frames, loop.labels, strict=True):
             x, g = model_input(meta, frame, reference)
@@ -123,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tune", action="store_true", help="print Dice per bias on the tuning loops")
     ap.add_argument("--loops", type=int, default=24, help="tuning loops (as drawn, 8 frames each)")
     ap.add_argument("--biases", type=float, nargs="+", default=list(BIASES), help="biases to tune over")
+    ap.add_argument(
+        "--seed-base",
+        type=int,
+        default=TUNING_SEED_BASE,
+        help="first loop's seed (default: the tuning range; 7000000 measures on the held-out set)",
+    )
+    ap.add_argument("--condition", default="as_drawn", help="a models.evaluate condition (default as_drawn)")
     ap.add_argument("--apply", type=float, help="write a model with this bias added to the class's logit")
     ap.add_argument("-o", "--out", type=Path)
     ap.add_argument("--version")
@@ -136,10 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--loops must be at least 1")
     if args.version and not re.fullmatch(r"\d+\.\d+\.\d+", args.version):
         ap.error(f"--version {args.version!r}: expected MAJOR.MINOR.PATCH in digits (the ONNX model_version)")
+    from models.evaluate import CONDITIONS
+
+    if args.condition not in CONDITIONS:
+        ap.error(f"--condition {args.condition!r}: expected one of {', '.join(CONDITIONS)}")
     if args.tune:
-        seeds = f"{TUNING_SEED_BASE:,}-{TUNING_SEED_BASE + args.loops - 1:,}"
-        print(f"{args.model.name}: {args.cls} Dice at frame resolution, {args.loops} as-drawn loops (seeds {seeds})")
-        results = dice_by_bias(args.model, args.loops, args.cls, tuple(args.biases))
+        seeds = f"{args.seed_base:,}-{args.seed_base + args.loops - 1:,}"
+        what = f"{args.loops} loops {args.condition} (seeds {seeds})"
+        print(f"{args.model.name}: {args.cls} Dice at frame resolution, {what}")
+        results = dice_by_bias(args.model, args.loops, args.cls, tuple(args.biases), args.seed_base, args.condition)
         best = max(results, key=results.get)
         for b, d in results.items():
             print(f"  bias {b:+.2f}: {d:.4f}{'  <- best' if b == best else ''}")
