@@ -291,6 +291,16 @@ def compare_models(a_path: Path, b_path: Path, runs: int = 4, seed: int = 0) -> 
     return worst, real_flips
 
 
+def read_onnx(path: Path):
+    """onnx.load, its failures (onnx raises its own types) as one ValueError naming the file."""
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: not an ONNX model ({exc})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     import onnx
 
@@ -301,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference accepted")
     args = ap.parse_args(argv)
     try:
-        original = onnx.load(str(args.model))
-    except Exception as exc:  # noqa: BLE001  # onnx raises its own types
-        print(f"error: {args.model}: not an ONNX model ({exc})", file=sys.stderr)
+        original = read_onnx(args.model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         rewritten = blocked_layout_graph(original)

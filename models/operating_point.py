@@ -165,10 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import onnx
 
+    from models.graph import read_onnx
+
     try:
-        model = onnx.load(str(args.model))
-    except Exception as exc:  # noqa: BLE001  # onnx raises its own types
-        print(f"error: {args.model}: not an ONNX model ({exc})", file=sys.stderr)
+        model = read_onnx(args.model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
         out = with_logit_bias(model, args.cls, args.apply, args.version, args.note)
