@@ -51,10 +51,11 @@ class TrackerConfig:
     wall_band_mm: float = 3.0  # near the wall line a leak blob's pixels share one kind
     core_radius_mm: float = 1.5  # cement thinner than 2x this (veins, thin leaks) is not core
     rim_reach_mm: float = 3.0  # cement under a thin cortical rim lies at most this far outside the hull
-    # venous cement must be denser than the soft tissue beside it by this share of the frame's
-    # grey window (where the tracker is given the frame): the model draws specks of "cement"
-    # in the disc space and along bone edges where the image shows nothing
-    min_venous_contrast: float = 0.025
+    # venous cement, and a posterior speck raised by the depth rule alone, must be denser than
+    # the soft tissue beside it by this share of the frame's grey window (where the tracker is
+    # given the frame): the model draws specks of "cement" in the disc space and along bone
+    # edges where the image shows nothing
+    min_leak_contrast: float = 0.025
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,7 @@ def _denser_than_soft_tissue(
     min_contrast: float,
     valid: np.ndarray | None,
 ) -> np.ndarray:
-    """`extra` (venous candidates) without the blobs no denser than the soft tissue around
+    """`extra` (leak candidates) without the blobs no denser than the soft tissue around
     them: cement attenuates more than anything else in the field, so a leak into soft tissue
     shows as added density however thin it is. `density` is the frame as the model read it
     (grey window units, 0..1), `denser` +1 where more attenuation reads brighter, -1 where it
@@ -556,11 +557,11 @@ def _track(
             denser = 1.0 if float(density[core].mean()) >= float(density[body].mean()) else -1.0
             if venous_mask.any():
                 venous_mask = _denser_than_soft_tissue(
-                    venous_mask, labels, density, denser, cfg.min_venous_contrast, valid
+                    venous_mask, labels, density, denser, cfg.min_leak_contrast, valid
                 )
             if deep_blobs.any():
                 # the depth rule raises on cement under the area threshold: that much must show
-                shown = _denser_than_soft_tissue(deep_blobs, labels, density, denser, cfg.min_venous_contrast, valid)
+                shown = _denser_than_soft_tissue(deep_blobs, labels, density, denser, cfg.min_leak_contrast, valid)
                 depth_shown = bool(shown.any())
 
     areas = {
