@@ -64,6 +64,11 @@ def add_parser(subparsers) -> None:
         choices=("auto", "left", "right"),
         help="image side of the spinal canal (auto: the source says, else the needle's entry)",
     )
+    g.add_argument(
+        "--view",
+        choices=("auto", "lateral", "ap"),
+        help="projection (auto: the source says, else lateral); posterior spread is judged in lateral only",
+    )
     g = p.add_argument_group("alerts")
     g.add_argument("--address", help="PUB address (default tcp://127.0.0.1:5556; 'none': no socket)")
     g.add_argument("--alert-log", metavar="PATH", help="append every message as JSON lines")
@@ -93,7 +98,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "provider": args.provider,
             "threads": args.threads,
         },
-        "tracker": {"posterior_side": args.posterior_side},
+        "tracker": {"posterior_side": args.posterior_side, "view": args.view},
         "alerts": {
             "address": args.address,
             "log": args.alert_log,

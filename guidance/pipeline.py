@@ -240,6 +240,8 @@ class TrackOp:
             needle_margin_mm=t.needle_margin_mm,
         )
         self.side = t.posterior_side if t.posterior_side != "auto" else info.posterior_side
+        # posterior spread needs the lateral view; unknown: lateral, the view injections are watched in
+        self.view = t.view if t.view != "auto" else (info.view or "lateral")
         self.state = TrackerState()
 
     def compute(self, ctx: Context) -> None:
@@ -248,6 +250,7 @@ class TrackOp:
             mm_per_frame_px=ctx.mm_per_px,
             posterior_side=self.side,
             scene_shift=ctx.scene_shift,
+            view=self.view,
         )
         ctx.status, self.state = track(ctx.labels, geo, self.state, self.config, ctx.label_valid, ctx.density)
 
@@ -424,6 +427,17 @@ class GuidanceLoop:
             if self.on_message is not None:
                 self.on_message(msg)
 
+    def _check_view(self) -> None:
+        if self.pipeline.operator(TrackOp).view == "ap":
+            self._emit(
+                self.publisher.raise_alert(
+                    "posterior_not_assessed",
+                    None,
+                    "AP view: posterior spread into the canal cannot be judged (the canal lies along "
+                    "the beam); extravertebral cement is reported as venous. Watch the lateral view.",
+                )
+            )
+
     def _check_calibration(self) -> None:
         calibrate = self.pipeline.operator(CalibrateOp)
         if calibrate.mm_per_px is None:
@@ -512,6 +526,7 @@ class GuidanceLoop:
         fps = source.info.fps or 0.0
         timeout_s = max(cfg.capture.video_timeout_s, 3.0 / fps if fps else 0.0)
         self._check_calibration()
+        self._check_view()
         pub.state = "running"
         # What exists now (modules, the model, the session) lives as long as the loop: take it
         # out of the cyclic garbage collector's sight, so that a full collection in the middle

@@ -4,7 +4,7 @@ flags. Sections are named after the parts they configure:
     [capture]       source, kind, pace, fps, reconnect_s, video_timeout_s
     [calibration]   file, angulation, pixel_spacing_mm, full_resolution
     [segmentation]  model, sha256sums, provider, threads, warmup_runs, reference_min_correlation
-    [tracker]       posterior_side, raise_frames, clear_frames, area_threshold_mm2, ...
+    [tracker]       posterior_side, view, raise_frames, clear_frames, area_threshold_mm2, ...
     [alerts]        address, heartbeat_ms, sndhwm, linger_ms, log, injector_address
     [loop]          max_frames, latency_budget_ms, overrun_frames, print_every_s
 
@@ -75,6 +75,8 @@ class SegmentationSettings:
 @dataclass
 class TrackerSettings:
     posterior_side: str = "auto"  # auto (source metadata, else the needle's entry) | left | right
+    # auto (source metadata, else lateral) | lateral | ap: posterior spread is judged in lateral only
+    view: str = "auto"
     raise_frames: int = 2
     clear_frames: int = 15
     area_threshold_mm2: float = 1.0
@@ -210,6 +212,8 @@ def load_settings(
 def _validate(s: Settings) -> None:
     if s.tracker.posterior_side not in ("auto", "left", "right"):
         raise BadInputError(f"posterior_side {s.tracker.posterior_side!r}: expected auto, left or right")
+    if s.tracker.view not in ("auto", "lateral", "ap"):
+        raise BadInputError(f"view {s.tracker.view!r}: expected auto, lateral or ap")
     if s.segmentation.provider not in ("cpu", "cuda", "auto"):
         raise BadInputError(f"provider {s.segmentation.provider!r}: expected cpu, cuda or auto")
     if not 0 < s.alerts.heartbeat_ms <= 1000:

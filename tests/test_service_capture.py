@@ -79,6 +79,26 @@ def test_sidecar_labels_give_fps_spacing_and_side(tmp_path):
     assert info.fps == 15.0 and info.pixel_spacing_mm == 0.2 and info.posterior_side == "left"
 
 
+def test_the_view_comes_from_the_sidecar_or_the_dicom_view_position(tmp_path):
+    import json
+
+    from pydicom import dcmread
+
+    path = write_video(tmp_path / "loop.mp4", scene_frames(3, size=(48, 64)))
+    labels = write_labels(tmp_path / "loop", fps=15.0, posterior_side=None)
+    assert open_source(str(path), pace=False).info.view == "lateral"
+    labels.write_text(json.dumps({**json.loads(labels.read_text()), "view": "ap"}))
+    assert open_source(str(path), pace=False).info.view == "ap"
+
+    cine = write_dicom(tmp_path / "cine.dcm", scene_frames(2, size=(32, 32)))
+    assert open_source(str(cine), pace=False).info.view is None  # says nothing: the service assumes lateral
+    for position, view in (("LL", "lateral"), ("RL", "lateral"), ("AP", "ap"), ("PA", "ap"), ("OBL", None)):
+        ds = dcmread(str(cine))
+        ds.ViewPosition = position
+        ds.save_as(str(cine))
+        assert open_source(str(cine), pace=False).info.view == view, position
+
+
 def test_png_folder_8_and_16_bit(tmp_path):
     frames8 = scene_frames(4, size=(40, 50))
     src = open_source(str(write_pngs(tmp_path / "p8", frames8)), pace=False, fps=10)

@@ -90,6 +90,23 @@ def test_venous_leak_and_clean_loop(tmp_path, stand_in):
     assert [m["kind"] for m in summary.alerts] == ["calibration_missing"]
 
 
+def test_an_ap_view_says_posterior_spread_is_not_assessed(tmp_path, stand_in):
+    """Posterior spread is judged in the lateral view only: an AP loop (the source says so, or
+    `tracker.view`) gets a low-priority technical alert at start and no posterior verdict."""
+    path = write_video(tmp_path / "loop.mp4", scene_frames(14, leak="posterior", onset=4))
+    summary, results = replay(path, offline(stand_in))  # no view given: lateral
+    kinds = {(m["kind"], m["state"]) for m in summary.alerts}
+    assert ("posterior_leak", "raised") in kinds and "posterior_not_assessed" not in {k for k, _ in kinds}
+    summary, results = replay(path, offline(stand_in, tracker={"view": "ap"}))
+    note = [m for m in summary.alerts if m["kind"] == "posterior_not_assessed"]
+    assert len(note) == 1 and note[0]["state"] == "raised" and note[0]["frame"] is None  # at start, kept
+    assert note[0]["priority"] == "low" and note[0]["category"] == "technical" and "lateral" in note[0]["message"]
+    assert not any(m["kind"] == "posterior_leak" for m in summary.alerts)
+    assert not any(r.status.posterior for r in results) and results[-1].status.wall is None
+    for m in summary.alerts:
+        validate_message(m)
+
+
 def test_spacing_from_sidecar_gives_mm_and_no_calibration_alert(tmp_path, stand_in):
     path = write_video(tmp_path / "loop.mp4", scene_frames(12, onset=4))
     write_labels(tmp_path / "loop", fps=15.0, pixel_spacing_mm=0.5)

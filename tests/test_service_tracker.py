@@ -208,6 +208,18 @@ def test_cement_far_from_the_body_is_not_a_leak():
     assert run([near] * 2)[-1].posterior
 
 
+def test_an_ap_view_judges_no_posterior_spread():
+    """In an AP view the canal lies along the beam: no wall line, no posterior verdict, and
+    extravertebral cement beside the body is reported venous."""
+    ap = replace(MM, view="ap")
+    state = TrackerState()
+    for _ in range(3):
+        status, state = track(scene(posterior_px=3), ap, state)
+    assert not status.posterior and status.venous
+    assert status.wall is None and status.posterior_side is None and status.areas["posterior"] == 0
+    assert run([scene(posterior_px=3)] * 3)[-1].posterior  # the same map, lateral
+
+
 def test_no_body_no_alert():
     labels = np.zeros((H, W), np.uint8)
     labels[10:20, 10:20] = CEMENT

@@ -25,6 +25,7 @@ PRIORITIES = {
     "frame_error": "low",
     "latency_overrun": "low",
     "calibration_missing": "low",
+    "posterior_not_assessed": "low",
 }
 CLINICAL = frozenset({"posterior_leak", "venous_leak"})
 HEARTBEAT_STATES = ("starting", "running", "video_lost", "stopping")

@@ -49,6 +49,7 @@ class SourceInfo:
     height: int | None = None
     pixel_spacing_mm: float | None = None
     posterior_side: str | None = None  # "left"/"right" when the acquisition says so
+    view: str | None = None  # "lateral"/"ap" when the acquisition says so
     frame_count: int | None = None
     extra: dict = field(default_factory=dict)
 

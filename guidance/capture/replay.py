@@ -20,7 +20,7 @@ LUMA_TOLERANCE = 3  # grey levels the luma fast path may differ from the BGR dec
 
 def sidecar_metadata(path: Path) -> dict:
     """Acquisition metadata from `NAME.labels.json` next to a loop (fps, pixel spacing,
-    posterior side): a recorder writes them beside the video when the video cannot carry
+    posterior side, view): a recorder writes them beside the video when the video cannot carry
     them. Events and masks are ground truth and never read here."""
     base = path if path.is_dir() else path.with_suffix("")
     labels = base.parent / (base.name + ".labels.json")
@@ -64,6 +64,7 @@ class VideoFileSource(ReplaySource):
             height=first.shape[0],
             pixel_spacing_mm=side.get("pixel_spacing_mm"),
             posterior_side=side.get("posterior_side"),
+            view=side.get("view"),
             frame_count=count if count and count > 0 else None,
             extra={"decode": "luma" if self._luma_to_grey is not None else "bgr"},
         )
@@ -148,6 +149,7 @@ class PngFolderSource(ReplaySource):
             height=first.shape[0],
             pixel_spacing_mm=side.get("pixel_spacing_mm"),
             posterior_side=side.get("posterior_side"),
+            view=side.get("view"),
             frame_count=len(self._files),
         )
         return self.info
@@ -196,6 +198,7 @@ class DicomSource(ReplaySource):
             height=int(ds.Rows),
             pixel_spacing_mm=dicom_pixel_spacing(ds) or side.get("pixel_spacing_mm"),
             posterior_side=side.get("posterior_side"),
+            view=dicom_view(ds) or side.get("view"),
             frame_count=frames,
             extra={
                 "photometric": str(ds.get("PhotometricInterpretation", "")),
@@ -228,6 +231,21 @@ class DicomSource(ReplaySource):
             except Exception as exc:  # any decoder failure is one bad frame, not the end  # noqa: BLE001
                 yield ValueError(f"DICOM frame {index}: {exc}")
                 index += 1
+
+
+# View Position (0018,5101): which way the beam crossed the patient
+_LATERAL_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
+_AP_POSITIONS = {"AP", "PA"}
+
+
+def dicom_view(ds) -> str | None:
+    """'lateral' or 'ap' from the DICOM View Position, None when it does not say."""
+    position = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if position in _LATERAL_POSITIONS:
+        return "lateral"
+    if position in _AP_POSITIONS:
+        return "ap"
+    return None
 
 
 def dicom_pixel_spacing(ds) -> float | None:

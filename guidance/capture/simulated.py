@@ -82,6 +82,7 @@ class SimulatedSource(Source):
             height=self.size[0],
             pixel_spacing_mm=self.pixel_spacing_mm,
             posterior_side="right",
+            view="lateral",  # the scene it draws is a lateral one
             frame_count=self.count,
         )
         return self.info

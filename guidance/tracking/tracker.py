@@ -70,6 +70,8 @@ class TrackGeometry:
     scene_shift: how the scene has moved (breathing) since a reference frame of the same view,
         (reference index, dx, dy) in class-map pixels, where the image registration knows it
         (two-channel models); None: the tracker follows the other vertebrae instead.
+    view: "lateral" or "ap". Posterior spread is judged in the lateral view only: in an AP
+        view the canal lies along the beam, and extravertebral cement is all reported venous.
     """
 
     frame_per_px: float = 1.0
@@ -77,6 +79,7 @@ class TrackGeometry:
     posterior_side: str | None = None
     origin_xy: tuple[float, float] = (0.0, 0.0)
     scene_shift: tuple[int, float, float] | None = None
+    view: str = "lateral"
 
     @property
     def units(self) -> str:
@@ -431,7 +434,8 @@ def _track(
     empty = np.zeros_like(body)
     posterior_mask, venous_mask, depth = empty, empty, 0.0
     deep_blobs, depth_shown = empty, True  # posterior blobs past posterior_depth_mm; do they show?
-    side, wall = geo.posterior_side or prev.posterior_side, None
+    lateral = geo.view != "ap"
+    side, wall = (geo.posterior_side or prev.posterior_side, None) if lateral else (None, None)
     # opening drops 1-px rims and bridges the segmentation leaves along bright edges, which
     # would otherwise pull a nearby leak into the body's hull
     body = cv2.morphologyEx(body.view(np.uint8), cv2.MORPH_OPEN, _OPEN_KERNEL).astype(bool)
@@ -502,7 +506,7 @@ def _track(
         else:
             parts = region
         xs, _ = _points(parts)
-        if geo.posterior_side is None:
+        if geo.posterior_side is None and lateral:
             side = _infer_side(needle, float(xs.mean()), hull) or side
         extra = cement & ~_dilate(hull, tol)
         if extra.any():
@@ -519,7 +523,7 @@ def _track(
             np.minimum.at(gap, blobs[extra], away[extra])
             max_gap = cfg.max_leak_gap_mm * px_per_unit_len if geo.mm_per_frame_px else 8.0
             extra &= ((reach >= min_depth) & (gap <= max_gap))[blobs]
-        if side in ("left", "right"):
+        if side in ("left", "right") and lateral:
             wall = _wall_line(filled, side)
         if wall is not None and extra.any():
             vx, vy, x0, y0, nx, ny = wall  # (nx, ny): unit normal pointing posteriorly
