@@ -338,7 +338,8 @@ def test_the_depth_rule_raises_on_a_speck_only_where_the_frame_shows_it():
         state = TrackerState()
         for _ in range(3):
             status, state = track(labels, HALF_MM, state, TrackerConfig(), None, density)
-        assert status.areas["posterior"] < TrackerConfig().area_threshold_mm2 <= status.posterior_depth
+        cfg = TrackerConfig()  # under the area threshold, past the depth rule's line
+        assert status.areas["posterior"] < cfg.area_threshold_mm2 and status.posterior_depth >= cfg.posterior_depth_mm
         return status.posterior
 
     shown = _density(labels, None)
