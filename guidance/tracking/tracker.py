@@ -310,14 +310,14 @@ def _denser_than_soft_tissue(
     (grey window units, 0..1), `denser` +1 where more attenuation reads brighter, -1 where it
     reads darker. A blob with hardly any soft tissue labelled around it (over bone, beside
     the needle) is kept: fail-safe."""
-    count, blobs = cv2.connectedComponents(extra.view(np.uint8), connectivity=8)
+    count, blobs, stats, _ = cv2.connectedComponentsWithStats(extra.view(np.uint8), connectivity=8)
     soft = labels == 0
     if valid is not None:
         soft &= valid
     keep = extra.copy()
     h, w = extra.shape
     for i in range(1, count):
-        bx, by, bw, bh = cv2.boundingRect((blobs == i).view(np.uint8))
+        bx, by, bw, bh = stats[i, :4]  # each blob's box, from the labelling itself
         x0, y0, x1, y1 = max(0, bx - 3), max(0, by - 3), min(w, bx + bw + 3), min(h, by + bh + 3)
         blob = blobs[y0:y1, x0:x1] == i
         ring = cv2.dilate(blob.view(np.uint8), _RING_KERNEL).view(bool) & ~blob & soft[y0:y1, x0:x1]
