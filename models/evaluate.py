@@ -94,12 +94,14 @@ def segment_with(
     return labels_at_frame_resolution(logits, geometry)
 
 
+def planes_at_frame_resolution(logits: np.ndarray, geometry: LetterboxGeometry) -> np.ndarray:
+    """Logits (C, S, S) -> (C, H, W): letterbox-cropped, each class plane resized back bilinearly."""
+    size = (geometry.frame_width, geometry.frame_height)
+    return np.stack([cv2.resize(p, size, interpolation=cv2.INTER_LINEAR) for p in geometry.crop(logits)])
+
+
 def labels_at_frame_resolution(logits: np.ndarray, geometry: LetterboxGeometry) -> np.ndarray:
-    inner = geometry.crop(logits)
-    planes = [
-        cv2.resize(p, (geometry.frame_width, geometry.frame_height), interpolation=cv2.INTER_LINEAR) for p in inner
-    ]
-    return np.argmax(np.stack(planes), axis=0).astype(np.uint8)
+    return np.argmax(planes_at_frame_resolution(logits, geometry), axis=0).astype(np.uint8)
 
 
 def held_out_config(rng: np.random.Generator, condition: dict, size: int) -> LoopConfig:
@@ -126,21 +128,28 @@ def held_out_config(rng: np.random.Generator, condition: dict, size: int) -> Loo
     )
 
 
-def dice_counts(session, meta, condition: dict, seeds: range, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per held-out loop and class: overlap |P & T| and |P| + |T| over the loop's frames
-    (arrays of shape loops x classes; background's column is left 0)."""
-    inter = np.zeros((len(seeds), len(CLASS_NAMES)))
-    total = np.zeros((len(seeds), len(CLASS_NAMES)))
+def held_out_frames(meta: dict, condition: dict, seeds: range, size: int):
+    """Every frame of the held-out loops of `seeds` under `condition`, as (the loop's position
+    in `seeds`, frame, true class map, the loop's reference: its first frame, prepared once)."""
     for i, seed in enumerate(seeds):
         rng = np.random.default_rng(seed)
         loop = simulate(rng, held_out_config(rng, condition, size))
         reference = loop_reference(meta, loop.frames[0])
         for frame, truth in zip(loop.frames, loop.labels, strict=True):
-            pred = segment_with(session, meta, frame, reference)
-            for c in range(1, len(CLASS_NAMES)):
-                p, t = pred == c, truth == c
-                inter[i, c] += np.count_nonzero(p & t)
-                total[i, c] += np.count_nonzero(p) + np.count_nonzero(t)
+            yield i, frame, truth, reference
+
+
+def dice_counts(session, meta, condition: dict, seeds: range, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per held-out loop and class: overlap |P & T| and |P| + |T| over the loop's frames
+    (arrays of shape loops x classes; background's column is left 0)."""
+    inter = np.zeros((len(seeds), len(CLASS_NAMES)))
+    total = np.zeros((len(seeds), len(CLASS_NAMES)))
+    for i, frame, truth, reference in held_out_frames(meta, condition, seeds, size):
+        pred = segment_with(session, meta, frame, reference)
+        for c in range(1, len(CLASS_NAMES)):
+            p, t = pred == c, truth == c
+            inter[i, c] += np.count_nonzero(p & t)
+            total[i, c] += np.count_nonzero(p) + np.count_nonzero(t)
     return inter, total
 
 
@@ -211,27 +220,23 @@ def cement_errors(session, meta, seeds: range, size: int) -> dict:
     fn_by_distance = np.zeros(len(edges) - 1)
     fp_on_class = np.zeros(len(CLASS_NAMES))
     true_positive = 0
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        loop = simulate(rng, held_out_config(rng, {}, size))
-        reference = loop_reference(meta, loop.frames[0])
-        for frame, truth in zip(loop.frames, loop.labels, strict=True):
-            pred = segment_with(session, meta, frame, reference) == 2
-            true = truth == 2
-            to_1024 = 1024 / max(truth.shape)
-            if true.any():
-                away_from_truth = cv2.distanceTransform((~true).view(np.uint8), cv2.DIST_L2, 3) * to_1024
-            else:
-                away_from_truth = np.full(truth.shape, np.inf, np.float32)
-            if pred.any():
-                away_from_pred = cv2.distanceTransform((~pred).view(np.uint8), cv2.DIST_L2, 3) * to_1024
-            else:
-                away_from_pred = np.full(truth.shape, np.inf, np.float32)
-            false_pos, false_neg = pred & ~true, true & ~pred
-            fp_by_distance += np.histogram(away_from_truth[false_pos], edges)[0]
-            fn_by_distance += np.histogram(away_from_pred[false_neg], edges)[0]
-            fp_on_class += np.bincount(truth[false_pos], minlength=len(CLASS_NAMES))
-            true_positive += int(np.count_nonzero(pred & true))
+    for _, frame, truth, reference in held_out_frames(meta, {}, seeds, size):
+        pred = segment_with(session, meta, frame, reference) == 2
+        true = truth == 2
+        to_1024 = 1024 / max(truth.shape)
+        if true.any():
+            away_from_truth = cv2.distanceTransform((~true).view(np.uint8), cv2.DIST_L2, 3) * to_1024
+        else:
+            away_from_truth = np.full(truth.shape, np.inf, np.float32)
+        if pred.any():
+            away_from_pred = cv2.distanceTransform((~pred).view(np.uint8), cv2.DIST_L2, 3) * to_1024
+        else:
+            away_from_pred = np.full(truth.shape, np.inf, np.float32)
+        false_pos, false_neg = pred & ~true, true & ~pred
+        fp_by_distance += np.histogram(away_from_truth[false_pos], edges)[0]
+        fn_by_distance += np.histogram(away_from_pred[false_neg], edges)[0]
+        fp_on_class += np.bincount(truth[false_pos], minlength=len(CLASS_NAMES))
+        true_positive += int(np.count_nonzero(pred & true))
     bands = [f"<{b} px" for b in ERROR_BANDS_PX] + [f">={ERROR_BANDS_PX[-1]} px"]
     share = lambda v: {b: round(float(x / max(v.sum(), 1)), 3) for b, x in zip(bands, v, strict=True)}  # noqa: E731
     fp, fn = float(fp_by_distance.sum()), float(fn_by_distance.sum())

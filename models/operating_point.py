@@ -46,30 +46,22 @@ def dice_by_bias(
     """Pooled Dice of `cls` at each frame's own resolution (as models.evaluate measures it) on
     `loops` loops of a models.evaluate condition from `seed_base`, for each bias added to that
     class's logit."""
-    import cv2
-
-    from models.evaluate import CONDITIONS, held_out_config, load_session, loop_reference, model_input
-    from models.sim.loop import simulate
+    from models.evaluate import CONDITIONS, held_out_frames, load_session, model_input, planes_at_frame_resolution
 
     c = CLASS_NAMES.index(cls)
     session, meta = load_session(model, threads=1)
     inter = np.zeros(len(biases))
     total = np.zeros(len(biases))
-    for k in range(loops):
-        rng = np.random.default_rng(seed_base + k)
-        loop = simulate(rng, held_out_config(rng, CONDITIONS[condition], 0))
-        reference = loop_reference(meta, loop.frames[0])
-        for frame, truth in zip(loop.frames, loop.labels, strict=True):
-            x, g = model_input(meta, frame, reference)
-            inner = g.crop(session.run(None, {meta["input"]["name"]: x})[0][0])
-            size = (g.frame_width, g.frame_height)
-            planes = np.stack([cv2.resize(p, size, interpolation=cv2.INTER_LINEAR) for p in inner])
-            others = np.delete(planes, c, axis=0).max(axis=0)
-            is_c = truth == c
-            for i, b in enumerate(biases):
-                pred = planes[c] + b > others  # argmax picks c (ties go to the lower index: rare)
-                inter[i] += np.count_nonzero(pred & is_c)
-                total[i] += np.count_nonzero(pred) + np.count_nonzero(is_c)
+    seeds = range(seed_base, seed_base + loops)
+    for _, frame, truth, reference in held_out_frames(meta, CONDITIONS[condition], seeds, 0):
+        x, g = model_input(meta, frame, reference)
+        planes = planes_at_frame_resolution(session.run(None, {meta["input"]["name"]: x})[0][0], g)
+        others = np.delete(planes, c, axis=0).max(axis=0)
+        is_c = truth == c
+        for i, b in enumerate(biases):
+            pred = planes[c] + b > others  # argmax picks c (ties go to the lower index: rare)
+            inter[i] += np.count_nonzero(pred & is_c)
+            total[i] += np.count_nonzero(pred) + np.count_nonzero(is_c)
     return {b: float(2 * inter[i] / total[i]) if total[i] else float("nan") for i, b in enumerate(biases)}
 
 
