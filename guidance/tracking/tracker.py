@@ -543,7 +543,8 @@ def _track(
             posterior_mask[ey[behind], ex[behind]] = True
             if behind.any():
                 depth = max(0.0, float(dist[behind].max())) * unit
-                if geo.mm_per_frame_px:  # the blobs the depth rule would raise on
+                if density is not None and geo.mm_per_frame_px and depth >= cfg.posterior_depth_mm:
+                    # the blobs the depth rule would raise on (checked for density below)
                     deep_ids = np.unique(ids[behind & (dist * unit >= cfg.posterior_depth_mm)])
                     deep_blobs = posterior_mask & np.isin(comp, deep_ids)
         venous_mask = extra & ~posterior_mask
