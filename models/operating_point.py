@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model}: {exc}", file=sys.stderr)
         return 2
     tmp = args.out.with_suffix(".tmp.onnx")  # checked before it replaces anything (-o may be --model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(out, str(tmp))
     worst = check_shift(args.model, tmp, args.cls, args.apply)
     if worst > 1e-4:
