@@ -309,3 +309,19 @@ def test_grey_video_is_read_from_its_luma_plane_as_the_bgr_decode_reads_it(tmp_p
             assert np.abs(a.astype(int) - b).max() <= LUMA_TOLERANCE
     # OpenCV warns on each such read; none of it may reach the console
     assert "WARN" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_video_decoding_keeps_to_opencvs_thread_budget(tmp_path, threads):
+    """An evaluation worker sized to one core (cv2.setNumThreads(1)) decodes on one thread:
+    left alone, FFmpeg starts a decoding thread per visible CPU."""
+    path = write_video(tmp_path / "loop.mp4", scene_frames(4, size=(48, 64)))
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(threads)
+    try:
+        source = open_source(str(path), pace=False, inline=True)
+        assert source.info.extra["decode"] == "luma"  # the capture kept is the luma one
+        assert source._cap.get(cv2.CAP_PROP_N_THREADS) == threads
+        assert len(drain(source)) == 4
+    finally:
+        cv2.setNumThreads(before)

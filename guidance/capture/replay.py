@@ -34,6 +34,15 @@ def sidecar_metadata(path: Path) -> dict:
     return {k: data[k] for k in keep if data.get(k) is not None}
 
 
+def open_video_file(path: Path) -> cv2.VideoCapture:
+    """FFmpeg on a video file, its decoder given OpenCV's thread budget (cv2.setNumThreads).
+
+    Left to itself FFmpeg starts a decoding thread per CPU it can see, whatever OpenCV was
+    told: an evaluation worker meant to use one core then runs three more threads, and two
+    such workers on two cores take turns with each other's decoders."""
+    return cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, cv2.getNumThreads()])
+
+
 class VideoFileSource(ReplaySource):
     """MP4/AVI/MKV through OpenCV's FFmpeg backend."""
 
@@ -42,7 +51,7 @@ class VideoFileSource(ReplaySource):
         if not path.is_file():
             raise BadInputError(f"{path}: no such file (expected {EXPECTED})")
         with quiet_opencv():
-            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+            cap = open_video_file(path)
             ok, first = cap.read() if cap.isOpened() else (False, None)
         if not ok or first is None:
             cap.release()
@@ -81,7 +90,7 @@ class VideoFileSource(ReplaySource):
         it lands within LUMA_TOLERANCE grey levels of every pixel. Otherwise (another pixel
         format, a colour matrix that differs, a flat first frame) the BGR decode stays."""
         with quiet_opencv():
-            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+            cap = open_video_file(path)
             cap.set(cv2.CAP_PROP_CONVERT_RGB, 0)
             ok, luma = cap.read() if cap.isOpened() else (False, None)
         if not ok or luma is None or luma.dtype != np.uint8 or luma.shape != grey.shape or grey.dtype != np.uint8:
