@@ -325,3 +325,14 @@ def test_video_decoding_keeps_to_opencvs_thread_budget(tmp_path, threads):
         assert len(drain(source)) == 4
     finally:
         cv2.setNumThreads(before)
+
+
+def test_live_streams_decode_on_one_thread(tmp_path):
+    """FFmpeg's frame threading holds back a frame per extra decoding thread: a live stream
+    (here an MP4, whose decoder threads) is decoded on one."""
+    path = write_video(tmp_path / "live.mp4", scene_frames(4, size=(48, 64)))
+    source = open_source(str(path), kind="live", reconnect_s=0.05)
+    try:
+        assert source._cap.get(cv2.CAP_PROP_N_THREADS) == 1
+    finally:
+        source.stop()
