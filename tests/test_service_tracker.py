@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from guidance.segmentation.preprocess import (
     letterbox_labels,
 )
 from guidance.tracking import TrackerConfig, TrackerState, TrackGeometry, track
+from guidance.tracking import tracker as tracker_module
 
 H, W = 64, 64
 BODY = (16, 44, 16, 40)  # y0, y1, x0, x1: posterior wall at x = 39 (image right)
@@ -373,3 +375,48 @@ def test_tracker_on_the_demo_loops_ground_truth(name):
     window = math.ceil(meta["fps"])
     for kind, onset in onsets.items():
         assert onset <= raised[kind] <= onset + window
+
+
+# The tracker's fast paths must give what the plain OpenCV calls they replace give, bit for bit.
+
+
+def test_shift_by_copy_is_warp_affines_nearest():
+    """Clear of half a pixel the remembered body is moved by a copy; near a half (where
+    warpAffine rounds pixel by pixel) by warpAffine itself. Both read as warpAffine."""
+    rng = np.random.default_rng(0)
+    mask = rng.random((37, 53)) < 0.3
+    shifts = [(3.2, -1.7), (-0.6, 0.2), (12.9, 40.1), (-60.0, 2.0), (1.5, 0.2), (2.505, -3.499), (0.2, -7.51)]
+    for dx, dy in shifts:
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        want = cv2.warpAffine(mask.view(np.uint8), m, (53, 37), flags=cv2.INTER_NEAREST, borderValue=0)
+        assert np.array_equal(tracker_module._shift(mask, dx, dy), want.view(bool)), (dx, dy)
+
+
+def test_labelling_numbers_components_as_opencvs_default():
+    """_label/_label_stats (BBDT) number components as connectedComponents' default does:
+    the treated body and the cement's main blob are picked by argmax, ties to the first."""
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        mask = cv2.dilate((rng.random((61, 47)) < 0.08).view(np.uint8), np.ones((2, 2), np.uint8)).view(bool)
+        count, comp = cv2.connectedComponents(mask.view(np.uint8), connectivity=8)
+        n, c = tracker_module._label(mask)
+        _, _, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+        n2, c2, s2 = tracker_module._label_stats(mask)
+        assert n == n2 == count and np.array_equal(c, comp) and np.array_equal(c2, comp)
+        assert np.array_equal(s2, stats)
+
+
+def test_distance_to_the_hull_on_its_rows_is_the_whole_maps():
+    """The tracker measures the distance to the hull on the rows of the hull and the
+    candidates only (all columns): the same floats as on the whole map."""
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        h, w = rng.integers(8, 120, 2)
+        hull = np.zeros((h, w), np.uint8)
+        corners = np.stack([rng.integers(0, w, 5), rng.integers(0, h, 5)], 1).astype(np.int32)
+        cv2.fillConvexPoly(hull, cv2.convexHull(corners), 1)
+        full = cv2.distanceTransform(1 - hull, cv2.DIST_L2, 5)
+        _, hy, _, hh = cv2.boundingRect(hull)
+        top, bottom = min(hy, int(rng.integers(0, h))), max(hy + hh, int(rng.integers(1, h + 1)))
+        strip = cv2.distanceTransform(np.ascontiguousarray(1 - hull[top:bottom]), cv2.DIST_L2, 5)
+        assert np.array_equal(strip, full[top:bottom])
