@@ -129,7 +129,10 @@ def test_leak_alert_holds_and_latches_until_operator_ack(rig: Rig) -> None:
     (hold,) = rig.wait_commands(MsgType.HOLD)
     assert hold.frame.payload == wire.HOLD_PAYLOAD.pack(HoldReason.CLINICAL_ALERT)
     assert hold.status is AckStatus.APPLIED
-    assert hold.rx_mono_ns > alert["publish_mono_ns"]
+    # the HOLD goes out in the bridge's loop turn that read the alert, not on its next
+    # heartbeat or poll period (bench/bridge_latency.py: 50 ms budget; this bound leaves room
+    # for a loaded 2-core CI machine)
+    assert 0 < (hold.rx_mono_ns - alert["publish_mono_ns"]) / 1e6 < 250
     assert rig.injector_state("held")
     latched = rig.alert_seen("hold_latched")
     assert alert["alert_id"] in latched["message"]

@@ -75,3 +75,18 @@ def test_demo_loops_with_the_shipped_model(tmp_path):
     assert paired["detection"]["overall"]["mcnemar_p"] == 1.0
     cement = paired["dice"]["per_loop"]["cement"]
     assert cement["loops"] == 3 and cement["b_higher"] == cement["a_higher"] == 0 and cement["sign_test_p"] == 1.0
+    # against a run that missed one of those leaks: the pairing finds it, on A's side
+    missed = json.loads((out / "summary.json").read_text())
+    caught = [e for row in missed["loops"] for e in (row["score"] or {}).get("events", []) if e["detected"]]
+    caught[0]["detected"] = False
+    (tmp_path / "missed.json").write_text(json.dumps(missed))
+    proc = subprocess.run(
+        [sys.executable, "-m", "guidance", "compare", str(out), str(tmp_path / "missed.json"), "--json", str(cmp_out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    overall = json.loads(cmp_out.read_text())["detection"]["overall"]
+    assert (overall["both"], overall["a_only"], overall["b_only"]) == (len(caught) - 1, 1, 0)

@@ -4,6 +4,7 @@ number the README quotes. It measures nothing here: speed is the benchmark's job
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,7 +62,12 @@ def test_inference_benchmark_compares_models_side_by_side(tmp_path, stand_in):
     proc = run_python("bench/inference.py", shipped, onnx_path, "--threads", 1, "--runs", 3)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if "p50" in ln]
-    assert len(lines) == 2 and lines[0].endswith("ratio 1.00") and str(onnx_path) in lines[1]
+    assert len(lines) == 2 and str(shipped) in lines[0] and str(onnx_path) in lines[1]
+    # each model's p50 as a ratio of the first's, as printed
+    (p50_a, ratio_a), (p50_b, ratio_b) = [
+        tuple(float(v) for v in re.search(r"p50 ([\d.]+) ms .* ratio ([\d.]+)$", ln).groups()) for ln in lines
+    ]
+    assert ratio_a == 1.0 and ratio_b == pytest.approx(p50_b / p50_a, abs=0.02)  # both printed rounded
     missing = run_python("bench/inference.py", tmp_path / "none.onnx", timeout=60)
     assert missing.returncode == 2 and "none.onnx" in missing.stderr
 

@@ -57,6 +57,9 @@ def test_posterior_leak_end_to_end(tmp_path, stand_in):
     assert len(raised) == 1 and raised[0]["state"] == "raised"
     visible = next(r.index for r in results if r.status.candidate["posterior"])
     assert onset <= visible and raised[0]["frame"] <= visible + 1  # within 2 frames
+    # and the drawn leak (growing from `onset`) is visible to the stand-in within 2 frames:
+    # a tracker that saw it later would still pass the line above
+    assert raised[0]["frame"] <= onset + 3
     assert not any(m["kind"] == "venous_leak" for m in summary.alerts)
     ev = raised[0]["evidence"]
     # the leak is drawn right of the body (x1 = 0.62 w) in the upper part: frame pixels
@@ -85,6 +88,8 @@ def test_venous_leak_and_clean_loop(tmp_path, stand_in):
     summary, _ = replay(venous, offline(stand_in))
     kinds = {(m["kind"], m["state"]) for m in summary.alerts}
     assert ("venous_leak", "raised") in kinds and ("posterior_leak", "raised") not in kinds
+    raised = next(m for m in summary.alerts if m["kind"] == "venous_leak" and m["state"] == "raised")
+    assert 6 <= raised["frame"] <= 6 + 4  # drawn from frame 6, growing
     clean = write_video(tmp_path / "clean.avi", scene_frames(20, leak=None))
     summary, _ = replay(clean, offline(stand_in))
     assert [m["kind"] for m in summary.alerts] == ["calibration_missing"]

@@ -4,6 +4,7 @@ JSON Schemas in guidance/alerts/schemas/."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -144,20 +145,60 @@ def test_late_subscriber_learns_the_whole_state_from_one_heartbeat(zctx):
         pub.close()
 
 
+def _send_statuses(pub: EventPublisher, count: int) -> None:
+    for i in range(count):
+        pub.status(
+            i,
+            time.monotonic_ns(),
+            {},
+            {"posterior": False, "venous": False},
+            {"cement": 0, "posterior": 0, "venous": 0},
+            0.0,
+            "px",
+            0,
+        )
+
+
+def _sends_without_waiting(pub: EventPublisher, count: int, deadline_s: float = 20.0) -> None:
+    """`count` status messages from a thread that must finish: a send that waited on a
+    subscriber would hold it past the deadline."""
+    sender = threading.Thread(target=_send_statuses, args=(pub, count), daemon=True)
+    sender.start()
+    sender.join(deadline_s)
+    assert not sender.is_alive(), "the publisher waited on a subscriber"
+
+
+def test_a_subscriber_that_never_reads_costs_the_sender_nothing(zctx):
+    """20,000 messages to a connected subscriber that reads nothing while they go out: the
+    sender never waits; the subscriber later finds what its queues could not hold missing,
+    as gaps in `seq` (how a console tells loss)."""
+    pub = EventPublisher("tcp://127.0.0.1:*", sndhwm=10, heartbeat_ms=50).open()
+    sub = subscriber(zctx, pub.endpoint)
+    sub.setsockopt(zmq.RCVHWM, 10)
+    try:
+        pub.start_heartbeat()
+        until(sub, lambda m: m["type"] == "heartbeat")  # connected (no sleep for the slow joiner)
+        first = pub.sent
+        _sends_without_waiting(pub, 20000)
+        assert pub.sent - first >= 20000
+        last = pub.sent  # seq of the last status (seq counts every message sent, from 1)
+        seqs: list[int] = []
+        deadline = time.monotonic() + 10
+        # read until a message sent after the statuses (a heartbeat) arrives
+        while (not seqs or seqs[-1] < last) and time.monotonic() < deadline and sub.poll(1000):
+            seqs.append(json.loads(sub.recv_multipart()[1])["seq"])
+        assert seqs and seqs[-1] >= last
+        assert len([q for q in seqs if first < q <= last]) < last - first
+        assert any(b - a > 1 for a, b in zip(seqs, seqs[1:], strict=False))
+    finally:
+        sub.close()
+        pub.close()
+
+
 def test_no_subscriber_never_blocks_and_no_address_binds_nothing(tmp_path):
     pub = EventPublisher("tcp://127.0.0.1:*", sndhwm=10).open()
     try:
-        for i in range(5000):  # nobody listening: PUB drops, the sender never waits
-            pub.status(
-                i,
-                time.monotonic_ns(),
-                {},
-                {"posterior": False, "venous": False},
-                {"cement": 0, "posterior": 0, "venous": 0},
-                0.0,
-                "px",
-                0,
-            )
+        _sends_without_waiting(pub, 5000)  # nobody listening: PUB drops, the sender never waits
         assert pub.sent == 5000
     finally:
         pub.close()

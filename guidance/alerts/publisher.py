@@ -2,8 +2,9 @@
 
 One PUB socket, shared by the loop and the heartbeat thread under one lock (which also makes
 `seq` one counter over all message types and keeps the alert log in seq order). Sends are
-NOBLOCK with explicit SNDHWM and LINGER: a slow or absent console costs the loop nothing; a
-message that would block is dropped and counted. With no address, messages are still built,
+NOBLOCK with explicit SNDHWM and LINGER: a slow or absent console costs the loop nothing (PUB
+drops what a subscriber's queue cannot hold, for that subscriber: a gap in its `seq`); a send
+ZeroMQ refuses outright is dropped and counted. With no address, messages are still built,
 logged and returned, but no socket is bound (offline replays, many in parallel).
 """
 
