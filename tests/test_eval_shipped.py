@@ -60,16 +60,7 @@ def test_demo_loops_with_the_shipped_model(tmp_path):
         "dice_needle",
     ]
     # the run paired with itself (`guidance compare`): every event agrees, no difference
-    cmp_out = tmp_path / "cmp.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "guidance", "compare", str(out), str(out / "summary.json"), "--json", str(cmp_out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    paired = json.loads(cmp_out.read_text())
+    paired = compare_runs(out, out / "summary.json", tmp_path / "cmp.json")
     assert paired["loops_compared"] == 3 and paired["detection"]["overall"]["events"] == 2
     assert paired["detection"]["overall"]["a_only"] == paired["detection"]["overall"]["b_only"] == 0
     assert paired["detection"]["overall"]["mcnemar_p"] == 1.0
@@ -80,13 +71,18 @@ def test_demo_loops_with_the_shipped_model(tmp_path):
     caught = [e for row in missed["loops"] for e in (row["score"] or {}).get("events", []) if e["detected"]]
     caught[0]["detected"] = False
     (tmp_path / "missed.json").write_text(json.dumps(missed))
+    overall = compare_runs(out, tmp_path / "missed.json", tmp_path / "cmp2.json")["detection"]["overall"]
+    assert (overall["both"], overall["a_only"], overall["b_only"]) == (len(caught) - 1, 1, 0)
+
+
+def compare_runs(a: Path, b: Path, json_out: Path) -> dict:
+    """`guidance compare A B --json OUT` as a user runs it -> the paired comparison."""
     proc = subprocess.run(
-        [sys.executable, "-m", "guidance", "compare", str(out), str(tmp_path / "missed.json"), "--json", str(cmp_out)],
+        [sys.executable, "-m", "guidance", "compare", str(a), str(b), "--json", str(json_out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    overall = json.loads(cmp_out.read_text())["detection"]["overall"]
-    assert (overall["both"], overall["a_only"], overall["b_only"]) == (len(caught) - 1, 1, 0)
+    return json.loads(json_out.read_text())
