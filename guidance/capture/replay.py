@@ -39,8 +39,10 @@ def open_video_file(path: Path) -> cv2.VideoCapture:
 
     Left to itself FFmpeg starts a decoding thread per CPU it can see, whatever OpenCV was
     told: an evaluation worker meant to use one core then runs three more threads, and two
-    such workers on two cores take turns with each other's decoders."""
-    return cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, cv2.getNumThreads()])
+    such workers on two cores take turns with each other's decoders. (At most 16, as FFmpeg's
+    own automatic choice: more decoding threads than that only add frames of delay.)"""
+    threads = max(1, min(cv2.getNumThreads(), 16))
+    return cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads])
 
 
 class VideoFileSource(ReplaySource):
