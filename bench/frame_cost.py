@@ -90,9 +90,14 @@ def main() -> int:
                 t = tick("reference registration", t)
                 plane = geometry.crop(model.infer(x, ref))
                 t = tick("inference (1 thread)", t)
+                # as the service's track operator calls it: the registration's scene shift and
+                # the frame as the model read it (the density checks), in grey window units
                 scale = geometry.frame_pixels_per_model_pixel()
-                geo = TrackGeometry(frame_per_px=scale, mm_per_frame_px=labels.pixel_spacing_mm)
-                status, state = track(plane, geo, state, config)
+                shift = reference.scene_shift if model.takes_reference else None
+                geo = TrackGeometry(frame_per_px=scale, mm_per_frame_px=labels.pixel_spacing_mm, scene_shift=shift)
+                norm = model.info.normalization
+                density = geometry.crop(x[0, 0]) * np.float32(norm["std"]) + np.float32(norm["mean"])
+                status, state = track(plane, geo, state, config, None, density)
                 t = tick("tracker", t)
                 truth = masks.frame(i)
                 t = tick("mask read", t)
