@@ -30,6 +30,7 @@ import copy
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -301,9 +302,25 @@ def read_onnx(path: Path):
         raise ValueError(f"{path}: not an ONNX model ({exc})") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def save_checked(model, out: Path, check: Callable[[Path], tuple[float, str | None]]) -> tuple[float, str | None]:
+    """Write `model` to `out` only if `check` finds nothing wrong with it as saved: it is saved
+    beside `out` first, so a failed check replaces nothing (`out` may be the input model).
+    `check(path)` -> (its measure, a complaint or None); returns the same, `out` written when
+    the complaint is None."""
     import onnx
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.onnx")
+    onnx.save(model, str(tmp))
+    measure, problem = check(tmp)
+    if problem is None:
+        tmp.replace(out)
+    else:
+        tmp.unlink()
+    return measure, problem
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("-o", "--out", type=Path, required=True)
@@ -334,15 +351,15 @@ def main(argv: list[str] | None = None) -> int:
                 p.value = json.dumps(meta, sort_keys=True)
     if args.version:
         rewritten.model_version = int(args.version.replace(".", ""))
-    tmp = args.out.with_suffix(".tmp.onnx")
-    onnx.save(rewritten, str(tmp))
-    worst, flips = compare_models(args.model, tmp)
-    if worst > args.tolerance or flips:
-        tmp.unlink()
-        why = f"logits by {worst:.2e}, {flips} pixels' class"
-        print(f"error: the rewritten graph differs ({why}): not written", file=sys.stderr)
+
+    def check(saved: Path) -> tuple[float, str | None]:
+        worst, flips = compare_models(args.model, saved)
+        return worst, (f"logits by {worst:.2e}, {flips} pixels' class" if worst > args.tolerance or flips else None)
+
+    worst, problem = save_checked(rewritten, args.out, check)
+    if problem is not None:
+        print(f"error: the rewritten graph differs ({problem}): not written", file=sys.stderr)
         return 1
-    tmp.replace(args.out)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
     print(f"{args.out}: sha256 {digest}; logits within {worst:.1e} of {args.model.name}, classes identical")
     return 0

@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for b, d in results.items():
             print(f"  bias {b:+.2f}: {d:.4f}{'  <- best' if b == best else ''}")
         return 0
-    import onnx
-
-    from models.graph import read_onnx
+    from models.graph import read_onnx, save_checked
 
     try:
         model = read_onnx(args.model)
@@ -169,16 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError) as exc:
         print(f"error: {args.model}: {exc}", file=sys.stderr)
         return 2
-    tmp = args.out.with_suffix(".tmp.onnx")  # checked before it replaces anything (-o may be --model)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(out, str(tmp))
-    worst = check_shift(args.model, tmp, args.cls, args.apply)
-    if worst > 1e-4:
-        tmp.unlink()
-        why = f"the new logits are not the old ones {args.apply:+g} ({worst:.1e} off)"
-        print(f"error: {why}: not written", file=sys.stderr)
+
+    def check(saved: Path) -> tuple[float, str | None]:
+        worst = check_shift(args.model, saved, args.cls, args.apply)
+        if worst > 1e-4:
+            return worst, f"the new logits are not the old ones {args.apply:+g} ({worst:.1e} off)"
+        return worst, None
+
+    worst, problem = save_checked(out, args.out, check)  # -o may be --model: replaced only once checked
+    if problem is not None:
+        print(f"error: {problem}: not written", file=sys.stderr)
         return 1
-    tmp.replace(args.out)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
     sums = write_sha256sums(args.out, digest)
     print(f"{args.out}: sha256 {digest} (listed in {sums}); {args.cls} logit {args.apply:+g} (checked to {worst:.1e})")
