@@ -95,9 +95,7 @@ def main() -> int:
                 scale = geometry.frame_pixels_per_model_pixel()
                 shift = reference.scene_shift if model.takes_reference else None
                 geo = TrackGeometry(frame_per_px=scale, mm_per_frame_px=labels.pixel_spacing_mm, scene_shift=shift)
-                norm = model.info.normalization
-                density = geometry.crop(x[0, 0]) * np.float32(norm["std"]) + np.float32(norm["mean"])
-                status, state = track(plane, geo, state, config, None, density)
+                status, state = track(plane, geo, state, config, None, model.window_units(x, geometry))
                 t = tick("tracker", t)
                 truth = masks.frame(i)
                 t = tick("mask read", t)

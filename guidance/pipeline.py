@@ -213,8 +213,7 @@ class SegmentOp:
         ctx.detail["preprocess"] = (t1 - t0) * 1e3
         ctx.detail["inference"] = (time.perf_counter() - t1) * 1e3
         ctx.labels, ctx.geometry = labels, geometry
-        norm = self.model.info.normalization  # back to grey window units (0..1) for the tracker
-        ctx.density = geometry.crop(x[0, 0]) * np.float32(norm["std"]) + np.float32(norm["mean"])
+        ctx.density = self.model.window_units(x, geometry)
         if ctx.valid is not None:
             key = (id(ctx.valid), labels.shape)
             if key not in self._label_valid:

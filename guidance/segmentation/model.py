@@ -213,6 +213,13 @@ class Model:
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, LetterboxGeometry]:
         return preprocess(image, self.info.size, self.info.normalization)
 
+    def window_units(self, x: np.ndarray, geometry: LetterboxGeometry) -> np.ndarray:
+        """The preprocessed frame (feed's first channel) back in grey window units (0 at the
+        window's low end, 1 at its high end), cropped to the frame area: the density the
+        tracker's checks read."""
+        norm = self.info.normalization
+        return geometry.crop(x[0, 0]) * np.float32(norm["std"]) + np.float32(norm["mean"])
+
     @property
     def takes_reference(self) -> bool:
         """True when the model reads a reference frame beside the frame (two channels)."""
