@@ -268,10 +268,13 @@ def conv_macs(model) -> int:
     return macs
 
 
-def compare_models(a_path: Path, b_path: Path, runs: int = 4, seed: int = 0) -> tuple[float, int]:
+def compare_models(
+    a_path: Path, b_path: Path, runs: int = 4, seed: int = 0, a_offset: np.ndarray | None = None
+) -> tuple[float, int]:
     """(largest |logit difference|, pixels whose class differs although `a`'s two best logits
     are further apart than that difference) between two models, on random standardised inputs
-    and on flat ones, with onnxruntime's CPU provider. Equivalent graphs give (~1e-6, 0)."""
+    and on flat ones, with onnxruntime's CPU provider. Equivalent graphs give (~1e-6, 0).
+    `a_offset` (one value per class) is added to `a`'s logits first: what `b` should be."""
     import onnxruntime as ort
 
     a = ort.InferenceSession(str(a_path), providers=["CPUExecutionProvider"])
@@ -283,6 +286,8 @@ def compare_models(a_path: Path, b_path: Path, runs: int = 4, seed: int = 0) -> 
     for i in range(runs):
         x = rng.normal(0, 1, shape).astype(np.float32) if i % 2 == 0 else np.full(shape, rng.normal(), np.float32)
         la = a.run(None, {spec.name: x})[0]
+        if a_offset is not None:
+            la = la + np.asarray(a_offset, la.dtype).reshape(1, -1, *([1] * (la.ndim - 2)))
         lb = b.run(None, {spec.name: x})[0]
         diff = float(np.abs(la - lb).max())
         worst = max(worst, diff)
