@@ -56,22 +56,32 @@ class ConvBNReLU(nn.Sequential):
 class LeakUNet(nn.Module):
     """A small U-Net: full-resolution stem for thin needles and veins, separable convs below."""
 
-    def __init__(self, classes: int = len(CLASS_NAMES), width: int = 16, channels: int = 1, full_width: int = 8):
+    def __init__(
+        self,
+        classes: int = len(CLASS_NAMES),
+        width: int = 16,
+        channels: int = 1,
+        full_width: int = 8,
+        deep_widths: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
         w, f = width, full_width
+        # channels at 1/4, 1/8 and 1/16 of the plane (default 2w, 4w, 6w): capacity there costs
+        # little arithmetic, since those planes are small
+        d2, d3, d4 = deep_widths or (2 * w, 4 * w, 6 * w)
         self.channels = channels  # 2: the frame and the run's reference frame (REFERENCE_FIRST_FRAME)
         self.full = ConvBNReLU(channels, f)  # 256
         self.stem = nn.Sequential(ConvBNReLU(channels, w, stride=2), SeparableConv(w, w))  # 128
-        self.down2 = nn.Sequential(SeparableConv(w, 2 * w, 2), SeparableConv(2 * w, 2 * w))  # 64
-        self.down3 = nn.Sequential(SeparableConv(2 * w, 4 * w, 2), SeparableConv(4 * w, 4 * w))  # 32
+        self.down2 = nn.Sequential(SeparableConv(w, d2, 2), SeparableConv(d2, d2))  # 64
+        self.down3 = nn.Sequential(SeparableConv(d2, d3, 2), SeparableConv(d3, d3))  # 32
         self.down4 = nn.Sequential(  # 16, dilated for context over the whole vertebra
-            SeparableConv(4 * w, 6 * w, 2),
-            SeparableConv(6 * w, 6 * w, dilation=2),
-            SeparableConv(6 * w, 6 * w, dilation=4),
+            SeparableConv(d3, d4, 2),
+            SeparableConv(d4, d4, dilation=2),
+            SeparableConv(d4, d4, dilation=4),
         )
-        self.up3 = SeparableConv(6 * w + 4 * w, 4 * w)
-        self.up2 = SeparableConv(4 * w + 2 * w, 2 * w)
-        self.up1 = nn.Sequential(SeparableConv(2 * w + w, w), SeparableConv(w, w))
+        self.up3 = SeparableConv(d4 + d3, d3)
+        self.up2 = SeparableConv(d3 + d2, d2)
+        self.up1 = nn.Sequential(SeparableConv(d2 + w, w), SeparableConv(w, w))
         self.up0 = SeparableConv(w + f, f)
         self.head = nn.Conv2d(f, classes, 1)
 
@@ -304,6 +314,18 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _widths(text: str) -> tuple[int, int, int]:
+    """'64,128,192' -> (64, 128, 192): three channel counts, each a positive multiple of 16
+    (onnxruntime's blocked layout, models.graph)."""
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 3 or any(w < 16 or w % 16 for w in widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected three multiples of 16, e.g. 64,128,192")
+    return widths  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m models.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -316,6 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=8,
         help="channels of the full-resolution path (the exported graph pads it to 16 anyway: models.graph)",
+    )
+    p.add_argument(
+        "--deep-widths",
+        type=_widths,
+        default=None,
+        metavar="D2,D4,D16",
+        help="channels at 1/4, 1/8 and 1/16 of the plane, multiples of 16 (default: 2, 4 and 6 times --width)",
     )
     p.add_argument("--channels", type=int, choices=(1, 2), default=2, help="2: the frame and the run's reference frame")
     p.add_argument("--train-loops", type=int, default=700)
@@ -400,12 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.monotonic() - t0
     print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
 
-    model = LeakUNet(width=args.width, channels=args.channels, full_width=args.full_width)
+    architecture = {"width": args.width, "channels": args.channels, "full_width": args.full_width}
+    if args.deep_widths:
+        architecture["deep_widths"] = args.deep_widths
+    model = LeakUNet(**architecture)
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))
     model = model.to(device).to(memory_format=torch.channels_last)
     params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(LeakUNet(width=args.width, channels=args.channels, full_width=args.full_width), args.size)
+    macs = count_macs(LeakUNet(**architecture), args.size)
     print(f"model: {params} parameters, {macs / 1e6:.1f} M MACs per frame", flush=True)
 
     # class balance: rare classes (cement, needle) weigh more
@@ -506,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             "big_frames": args.big_frames,
             "width": args.width,
             "full_width": args.full_width,
+            **({"deep_widths": list(args.deep_widths)} if args.deep_widths else {}),
             "batch": args.batch,
             "crop": args.crop,
             "lr": args.lr,
@@ -525,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.init:
         meta["training"]["init"] = args.init.name
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out.with_suffix(".pt"))  # to resume or fine-tune from
     digest = export_onnx(model, args.out, args.size, meta)
     sums = write_sha256sums(args.out, digest)

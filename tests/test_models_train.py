@@ -22,7 +22,11 @@ SHIPPED = REPO / "models" / "segmenter.onnx"
 REQUIRED_META = {"name", "version", "input", "resize", "normalization", "classes", "output", "training", "opset"}
 
 
-@pytest.mark.parametrize("options", [[], ["--targets", "soft", "--ema", "0.5"]], ids=["shipped", "soft-ema"])
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--targets", "soft", "--ema", "0.5", "--deep-widths", "32,48,64"]],
+    ids=["shipped", "soft-ema-deep"],
+)
 def test_tiny_training_run_exports_a_working_onnx(tmp_path, options):
     out = tmp_path / "m.onnx"
     res = subprocess.run(
@@ -74,15 +78,21 @@ def test_tiny_training_run_exports_a_working_onnx(tmp_path, options):
     if options:
         assert meta["training"]["labels"] == "area_shares" and meta["training"]["ema"] == 0.5
         assert "val_dice_ema" in log[-1] and set(meta["training"]["val_dice_last_weights"]) == set(CLASS_NAMES[1:])
+        assert meta["training"]["deep_widths"] == [32, 48, 64]
     else:
         assert meta["training"]["labels"] == "area_majority" and "ema" not in meta["training"]
+        assert "deep_widths" not in meta["training"]
 
 
-def test_bad_training_arguments_are_refused():
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["--steps", "0"], "--steps"), (["--deep-widths", "32,40,64"], "--deep-widths"), (["--deep-widths", "32"], "32")],
+)
+def test_bad_training_arguments_are_refused(args, named):
     res = subprocess.run(
-        [sys.executable, "-m", "models.train", "--steps", "0"], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "models.train", *args], cwd=REPO, capture_output=True, text=True, timeout=60
     )
-    assert res.returncode == 2 and "--steps" in res.stderr
+    assert res.returncode == 2 and named in res.stderr and "Traceback" not in res.stderr
 
 
 def test_shipped_model_is_listed_small_and_described():

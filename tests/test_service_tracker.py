@@ -183,8 +183,10 @@ def test_threshold_in_mm_and_in_pixels():
     one = scene()
     one[20, 42] = CEMENT
     assert run([one] * 2)[-1].posterior
-    # under the area threshold: still raised when it lies 2 mm or more behind the wall ...
-    assert run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0))[-1].posterior
+    # under the area threshold: not raised by default (the depth rule is off) ...
+    assert not run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0))[-1].posterior
+    # ... raised with the depth rule on when it lies 2 mm or more behind the wall ...
+    assert run([one] * 2, cfg=TrackerConfig(area_threshold_mm2=2.0, posterior_depth_mm=2.0))[-1].posterior
     # ... and not when that depth rule asks for more than its ~3 mm
     deep_only = TrackerConfig(area_threshold_mm2=2.0, posterior_depth_mm=5.0)
     assert not run([one] * 2, cfg=deep_only)[-1].posterior
@@ -355,18 +357,20 @@ def test_posterior_cement_is_not_held_to_the_density_check():
 
 
 def test_the_depth_rule_raises_on_a_speck_only_where_the_frame_shows_it():
-    """Cement well behind the wall raises even under the area threshold (the model draws a
-    thin epidural leak thinner), but a speck of a pixel or two must then show as added density:
-    the model's specks beside the wall would otherwise raise a high-priority alarm."""
+    """With the depth rule on (posterior_depth_mm), cement well behind the wall raises even
+    under the area threshold, but a speck of a pixel or two must then show as added density:
+    the model's specks beside the wall would otherwise raise a high-priority alarm. Off (the
+    default) such a speck raises nothing, whatever the frame shows."""
     labels = scene()
     labels[20:22, 44] = CEMENT  # 2 px (0.5 mm^2 at 0.5 mm/px), 2.25 mm behind the wall
+    depth_rule = TrackerConfig(posterior_depth_mm=2.0)
 
-    def raised(density) -> bool:
+    def raised(density, cfg: TrackerConfig = depth_rule) -> bool:
         state = TrackerState()
         for _ in range(3):
-            status, state = track(labels, HALF_MM, state, TrackerConfig(), None, density)
-        cfg = TrackerConfig()  # under the area threshold, past the depth rule's line
-        assert status.areas["posterior"] < cfg.area_threshold_mm2 and status.posterior_depth >= cfg.posterior_depth_mm
+            status, state = track(labels, HALF_MM, state, cfg, None, density)
+        # under the area threshold, past the depth rule's line
+        assert status.areas["posterior"] < cfg.area_threshold_mm2 and status.posterior_depth >= 2.0
         return status.posterior
 
     shown = _density(labels, None)
@@ -374,6 +378,8 @@ def test_the_depth_rule_raises_on_a_speck_only_where_the_frame_shows_it():
     hidden[20:22, 44] = 0.3  # as the soft tissue around it
     assert raised(None) and raised(shown) and raised(1.0 - shown)
     assert not raised(hidden) and not raised(1.0 - hidden)
+    assert TrackerConfig().posterior_depth_mm is None
+    assert not raised(None, TrackerConfig()) and not raised(shown, TrackerConfig())
 
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"

@@ -42,7 +42,10 @@ class TrackerConfig:
     hull_tolerance_px: float = 4.0  # frame pixels, when the spacing is unknown
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
-    posterior_depth_mm: float = 2.0  # or this far behind the wall, whatever the area
+    # or this far behind the wall, whatever the area; None: off (the default since model
+    # 0.5.0, whose cement reaches the wall sooner: with the rule on it raised before the
+    # spec's 1 mm^2 onset in a third of the posterior-leak loops, models/CARD.md)
+    posterior_depth_mm: float | None = None
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
     min_leak_depth_mm: float = 1.0  # an extravertebral blob must reach this far from the body
     min_venous_depth_mm: float = 1.5  # venous: a little further (the canal is what must not wait)
@@ -663,7 +666,8 @@ def _track(
             posterior_mask[ey[behind], ex[behind]] = True
             if behind.any():
                 depth = max(0.0, float(dist[behind].max())) * unit
-                if density is not None and geo.mm_per_frame_px and depth >= cfg.posterior_depth_mm:
+                deep_rule = cfg.posterior_depth_mm is not None and depth >= cfg.posterior_depth_mm
+                if density is not None and geo.mm_per_frame_px and deep_rule:
                     # the blobs the depth rule would raise on (checked for density below)
                     deep = np.zeros(count, bool)  # per blob: a lookup, not np.isin's sort
                     deep[ids[behind & (dist * unit >= cfg.posterior_depth_mm)]] = True
@@ -711,7 +715,8 @@ def _track(
             # still under the threshold (the model draws a thin epidural leak thinner)
             # (where the tracker has the frame, only if they show as added density: the model's
             # specks of a pixel or two beside the wall would raise a high-priority alarm)
-            over = over or (depth >= cfg.posterior_depth_mm and depth_shown)
+            deep = cfg.posterior_depth_mm is not None and depth >= cfg.posterior_depth_mm
+            over = over or (deep and depth_shown)
         after = _step(before, over, masks[kind], cfg)
         states[kind] = after
         if after.active != before.active:
