@@ -1,0 +1,67 @@
+"""Inference time after an idle gap (a benchmark, not a timed test): back to back, after a
+sleep, after busy work on the calling thread; onnxruntime spin-waiting off (as the service
+runs it) or on.
+
+    python bench/idle_gap.py            # spin-waiting off
+    python bench/idle_gap.py --spinning
+
+On a VM whose host deschedules idle vCPUs, the first run after a sleep is slower than back to
+back: the guidance loop idles between frames, so its in-loop inference is slower than bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from guidance.capture.simulated import draw_scene  # noqa: E402
+from guidance.segmentation.model import Model  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "models" / "segmenter.onnx"))
+    ap.add_argument("--spinning", action="store_true", help="let onnxruntime's threads spin-wait")
+    ap.add_argument("--gap-ms", type=float, default=40.0, help="idle time before each timed run")
+    ap.add_argument("--runs", type=int, default=60)
+    args = ap.parse_args()
+    model = Model(args.model, threads=2, spinning=args.spinning)
+    image, _ = draw_scene((1024, 1024), 30, "posterior", 20, np.random.default_rng(0))
+    x, _ = model.preprocess(image)
+    feed = {model.info.input_name: model.feed(x, x)}
+    outputs = [model.info.output_name]
+    for _ in range(20):
+        model.session.run(outputs, feed)
+
+    def busy() -> None:
+        end = time.perf_counter() + args.gap_ms / 1e3
+        while time.perf_counter() < end:
+            pass
+
+    gaps = {
+        "back to back": lambda: None,
+        "after a sleep": lambda: time.sleep(args.gap_ms / 1e3),
+        "after busy work": busy,
+    }
+    print(f"{model.describe()}, spin-waiting {'on' if args.spinning else 'off'}, gap {args.gap_ms:g} ms")
+    for name, gap in gaps.items():
+        times = []
+        for _ in range(args.runs):
+            gap()
+            t0 = time.perf_counter()
+            model.session.run(outputs, feed)
+            times.append((time.perf_counter() - t0) * 1e3)
+        p50, p90, p99 = np.percentile(times, [50, 90, 99])
+        print(f"  {name:16s} p50 {p50:5.2f}  p90 {p90:5.2f}  p99 {p99:5.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
