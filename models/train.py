@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "--deep-widths",
         type=_widths,
         default=None,
-        metavar="D2,D4,D16",
+        metavar="D4,D8,D16",
         help="channels at 1/4, 1/8 and 1/16 of the plane, multiples of 16 (default: 2, 4 and 6 times --width)",
     )
     p.add_argument("--channels", type=int, choices=(1, 2), default=2, help="2: the frame and the run's reference frame")
