@@ -43,8 +43,8 @@ class TrackerConfig:
     needle_margin_mm: float = 2.0  # cement this close to the needle is backflow, not venous
     needle_margin_px: float = 8.0
     # or this far behind the wall, whatever the area; None: off (the default since model
-    # 0.5.0, whose cement reaches the wall sooner: with the rule on it raised before the
-    # spec's 1 mm^2 onset in a third of the posterior-leak loops, models/CARD.md)
+    # 0.5.0: with the rule on it raised before the spec's 1 mm^2 onset on 10 of 120
+    # simulated posterior leaks, each a false alert and a miss; models/CARD.md)
     posterior_depth_mm: float | None = None
     min_body_px: int = 30  # smaller body blobs (model pixels) are noise
     min_leak_depth_mm: float = 1.0  # an extravertebral blob must reach this far from the body
