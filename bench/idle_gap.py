@@ -20,6 +20,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from latency import bare_inference  # noqa: E402
 
 from guidance.capture.simulated import draw_scene  # noqa: E402
 from guidance.segmentation.model import Model  # noqa: E402
@@ -34,11 +37,7 @@ def main() -> int:
     args = ap.parse_args()
     model = Model(args.model, threads=2, spinning=args.spinning)
     image, _ = draw_scene((1024, 1024), 30, "posterior", 20, np.random.default_rng(0))
-    x, _ = model.preprocess(image)
-    feed = {model.info.input_name: model.feed(x, x)}
-    outputs = [model.info.output_name]
-    for _ in range(20):
-        model.session.run(outputs, feed)
+    bare_inference(model, image, 20)  # warm-up
 
     def busy() -> None:
         end = time.perf_counter() + args.gap_ms / 1e3
@@ -52,12 +51,7 @@ def main() -> int:
     }
     print(f"{model.describe()}, spin-waiting {'on' if args.spinning else 'off'}, gap {args.gap_ms:g} ms")
     for name, gap in gaps.items():
-        times = []
-        for _ in range(args.runs):
-            gap()
-            t0 = time.perf_counter()
-            model.session.run(outputs, feed)
-            times.append((time.perf_counter() - t0) * 1e3)
+        times = bare_inference(model, image, args.runs, before_each=gap)
         p50, p90, p99 = np.percentile(times, [50, 90, 99])
         print(f"  {name:16s} p50 {p50:5.2f}  p90 {p90:5.2f}  p99 {p99:5.2f} ms")
     return 0

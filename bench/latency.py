@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -59,11 +60,17 @@ def write_loop(path: Path, size: int, frames: int, fps: float) -> Path:
     return path
 
 
-def bare_inference(model: Model, frame: np.ndarray, runs: int) -> np.ndarray:
+def bare_inference(
+    model: Model, frame: np.ndarray, runs: int, before_each: Callable[[], object] | None = None
+) -> np.ndarray:
+    """`runs` timed session.run calls (ms) on the frame's model input; `before_each`, untimed,
+    runs before each of them (bench/idle_gap.py's idle gaps)."""
     x, _ = model.preprocess(frame)
     x = model.feed(x, x)  # the graph alone: its input is ready
     times = []
     for _ in range(runs):
+        if before_each is not None:
+            before_each()
         t0 = time.perf_counter()
         model.session.run([model.info.output_name], {model.info.input_name: x})
         times.append((time.perf_counter() - t0) * 1e3)

@@ -429,9 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.monotonic() - t0
     print(f"  {len(train)} training frames, {len(val)} validation frames in {t_data:.0f} s", flush=True)
 
-    architecture = {"width": args.width, "channels": args.channels, "full_width": args.full_width}
-    if args.deep_widths:
-        architecture["deep_widths"] = args.deep_widths
+    architecture = {
+        "width": args.width,
+        "channels": args.channels,
+        "full_width": args.full_width,
+        "deep_widths": args.deep_widths,
+    }
     model = LeakUNet(**architecture)
     if args.init:
         model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=True))

@@ -534,6 +534,7 @@ def _track(
     empty = np.zeros_like(body)
     posterior_mask, venous_mask, depth = empty, empty, 0.0
     deep_blobs, depth_shown = empty, True  # posterior blobs past posterior_depth_mm; do they show?
+    past_depth_rule = False  # the depth rule is on and the deepest posterior cement is past it
     lateral = geo.view != "ap"
     side, wall = (geo.posterior_side or prev.posterior_side, None) if lateral else (None, None)
     # opening drops 1-px rims and bridges the segmentation leaves along bright edges, which
@@ -666,8 +667,8 @@ def _track(
             posterior_mask[ey[behind], ex[behind]] = True
             if behind.any():
                 depth = max(0.0, float(dist[behind].max())) * unit
-                deep_rule = cfg.posterior_depth_mm is not None and depth >= cfg.posterior_depth_mm
-                if density is not None and geo.mm_per_frame_px and deep_rule:
+                past_depth_rule = cfg.posterior_depth_mm is not None and depth >= cfg.posterior_depth_mm
+                if density is not None and geo.mm_per_frame_px and past_depth_rule:
                     # the blobs the depth rule would raise on (checked for density below)
                     deep = np.zeros(count, bool)  # per blob: a lookup, not np.isin's sort
                     deep[ids[behind & (dist * unit >= cfg.posterior_depth_mm)]] = True
@@ -715,8 +716,7 @@ def _track(
             # still under the threshold (the model draws a thin epidural leak thinner)
             # (where the tracker has the frame, only if they show as added density: the model's
             # specks of a pixel or two beside the wall would raise a high-priority alarm)
-            deep = cfg.posterior_depth_mm is not None and depth >= cfg.posterior_depth_mm
-            over = over or (deep and depth_shown)
+            over = over or (past_depth_rule and depth_shown)
         after = _step(before, over, masks[kind], cfg)
         states[kind] = after
         if after.active != before.active:
