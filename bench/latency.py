@@ -133,13 +133,14 @@ def run_rate(
     rounds: int,
     jitter_s: float = 2.0,
     calibration: Path | None = None,
+    keep_warm: bool = True,
 ) -> dict:
     """`rounds` x (bare inference block, host control job, whole paced loop through the
     pipeline), so all three see the same machine load: side by side, not hours apart."""
     settings = Settings().replace(
         alerts={"address": "tcp://127.0.0.1:*"},
         capture={"pace": True, "fps": fps},
-        loop={"latency_budget_ms": None},
+        loop={"latency_budget_ms": None, "keep_warm": keep_warm},
         calibration={"file": str(calibration) if calibration else None},
     )
     bare_blocks, latency, stages = [], [], {}
@@ -158,7 +159,7 @@ def run_rate(
         model.session.run([model.info.output_name], {model.info.input_name: x})
         paired.append((time.perf_counter() - t0) * 1e3)
 
-    frames_read = processed = dropped = 0
+    frames_read = processed = dropped = rehearsals = overlaps = 0
     wall = 0.0
     alerts = []
     control: list[np.ndarray] = []
@@ -187,6 +188,8 @@ def run_rate(
         frames_read += summary.frames_read
         processed += summary.frames_processed
         dropped += summary.dropped_frames
+        rehearsals += summary.rehearsals
+        overlaps += summary.rehearsal_overlaps
         wall += summary.wall_s
         alerts += [(m["kind"], m["state"], m["frame"]) for m in summary.alerts]
     bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
@@ -196,6 +199,9 @@ def run_rate(
     p50 = float(np.percentile(lat, 50))
     return {
         "fps_target": fps,
+        "keep_warm": keep_warm,
+        "rehearsals": rehearsals,
+        "rehearsal_overlaps": overlaps,
         "rounds": rounds,
         "frames_in_loop": frames_read,
         "frames_processed": processed,
@@ -239,6 +245,40 @@ def _control_summary(blocks: list[np.ndarray], job_ms: float) -> dict | None:
     }
 
 
+def report(r: dict, shape: tuple[int, ...], rounds: int) -> None:
+    lat, bare = r["capture_to_publish_ms"], r["bare_inference_ms"]
+    warm = f"keep-warm on ({r['rehearsals']} passes, {r['rehearsal_overlaps']} frames came during one)"
+    print(
+        f"\n{r['fps_target']:g} fps, {shape[1]}x{shape[0]}, {r['frames_in_loop']} frames in {rounds} rounds, "
+        + (warm if r["keep_warm"] else "keep-warm off")
+        + ":"
+    )
+    print(f"  capture-to-publish  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms")
+    print(
+        f"  sustained {r['sustained_fps']:.1f} fps, dropped {r['dropped_frames']} frames, "
+        f"processed {r['frames_processed']}"
+    )
+    print(f"  bare inference p50 {bare['p50']:.1f} ms (blocks {bare['block_p50s']}), p99 {bare['p99']:.1f} ms")
+    pb = r["paired_bare_inference_ms"]
+    print(
+        f"  bare inference paired with frames (loop idle time, same load): p50 {pb['p50']} ms "
+        f"over {pb['samples']} frames -> overhead ratio {r['overhead_ratio_paired']}"
+    )
+    hc = r["host_control_ms"]
+    if hc:
+        print(
+            f"  host control (a constant {hc['job_ms']:.1f} ms job at the frame period, same rounds): "
+            f"p50 {hc['p50']:.1f} p99 {hc['p99']:.1f} max {hc['max']:.1f} ms, p99/p50 "
+            f"{hc['p99_over_p50']:.2f}; pipeline p99/p50 {lat['p99'] / lat['p50']:.2f}"
+        )
+    for f in r["slowest_frames_ms"]:
+        print("  a slowest frame (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in f.items()))
+    print(
+        f"  overhead ratio {r['overhead_ratio']:.2f}  stages (median ms) "
+        + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_median_ms"].items())
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="ONNX model (default: the shipped one)")
@@ -264,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="FILE|phantom",
         help="correct every frame with this calibration ('phantom': one made from a rendered bead grid)",
+    )
+    p.add_argument(
+        "--keep-warm",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on", "off"],
+        help="the loop's keep-warm pass; both (default): each rate runs with it and without, side by side",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -293,38 +340,21 @@ def main(argv: list[str] | None = None) -> int:
             cap.release()
             assert ok, f"cannot read {loop}"
             frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            r = run_rate(model, loop, fps, args.bare_runs, frame, args.rounds, args.control_seconds, calibration)
-            r["frame_size"] = list(frame.shape)
-            results.append(r)
-            lat, bare = r["capture_to_publish_ms"], r["bare_inference_ms"]
-            print(
-                f"\n{fps:g} fps, {frame.shape[1]}x{frame.shape[0]}, {r['frames_in_loop']} frames "
-                f"in {args.rounds} rounds:"
-            )
-            print(f"  capture-to-publish  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms")
-            print(
-                f"  sustained {r['sustained_fps']:.1f} fps, dropped {r['dropped_frames']} frames, "
-                f"processed {r['frames_processed']}"
-            )
-            print(f"  bare inference p50 {bare['p50']:.1f} ms (blocks {bare['block_p50s']}), p99 {bare['p99']:.1f} ms")
-            pb = r["paired_bare_inference_ms"]
-            print(
-                f"  bare inference paired with frames (loop idle time, same load): p50 {pb['p50']} ms "
-                f"over {pb['samples']} frames -> overhead ratio {r['overhead_ratio_paired']}"
-            )
-            hc = r["host_control_ms"]
-            if hc:
-                print(
-                    f"  host control (a constant {hc['job_ms']:.1f} ms job at the frame period, same rounds): "
-                    f"p50 {hc['p50']:.1f} p99 {hc['p99']:.1f} max {hc['max']:.1f} ms, p99/p50 "
-                    f"{hc['p99_over_p50']:.2f}; pipeline p99/p50 {lat['p99'] / lat['p50']:.2f}"
+            for mode in args.keep_warm:
+                r = run_rate(
+                    model,
+                    loop,
+                    fps,
+                    args.bare_runs,
+                    frame,
+                    args.rounds,
+                    args.control_seconds,
+                    calibration,
+                    keep_warm=mode == "on",
                 )
-            for f in r["slowest_frames_ms"]:
-                print("  a slowest frame (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in f.items()))
-            print(
-                f"  overhead ratio {r['overhead_ratio']:.2f}  stages (median ms) "
-                + ", ".join(f"{k} {v:.2f}" for k, v in r["stage_median_ms"].items())
-            )
+                r["frame_size"] = list(frame.shape)
+                results.append(r)
+                report(r, frame.shape, args.rounds)
     now, peak = rss_mb()
     print(f"\nresident memory: {now:.0f} MB now, {peak:.0f} MB peak (whole benchmark process)")
     if args.json:

@@ -6,7 +6,7 @@ flags. Sections are named after the parts they configure:
     [segmentation]  model, sha256sums, provider, threads, warmup_runs, reference_min_correlation
     [tracker]       posterior_side, view, raise_frames, clear_frames, area_threshold_mm2, ...
     [alerts]        address, heartbeat_ms, sndhwm, linger_ms, log, injector_address
-    [loop]          max_frames, latency_budget_ms, overrun_frames, print_every_s
+    [loop]          max_frames, latency_budget_ms, overrun_frames, print_every_s, keep_warm
 
 e.g. `GUIDANCE_ALERTS_ADDRESS=tcp://127.0.0.1:6000`, or `address = "none"` for no socket.
 """
@@ -101,6 +101,10 @@ class LoopSettings:
     latency_budget_ms: float | None = 50.0  # c2p over this for overrun_frames -> alert; None: off
     overrun_frames: int = 5
     print_every_s: float = 1.0
+    # live and paced sources: run the last frame through the pipeline again (nothing published,
+    # no state changed) just before the next one is due, so that frame finds the caches warm
+    # (GuidanceLoop._rehearse); one frame's CPU time more per frame
+    keep_warm: bool = True
 
 
 @dataclass

@@ -190,6 +190,11 @@ class Source:
         return self._slot.exhausted
 
     @property
+    def realtime(self) -> bool:
+        """Frames come at the source's own pace (live, paced replay), not when the loop asks."""
+        return self._slot.lossy
+
+    @property
     def dropped_frames(self) -> int:
         return self._slot.dropped
 

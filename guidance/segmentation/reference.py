@@ -183,3 +183,12 @@ class ReferenceFrame:
         self.taken += 1
         self.last_reason = reason
         return self.plane
+
+    def rehearse(self, x: np.ndarray) -> np.ndarray:
+        """What `for_frame` computes for x with the reference held now, changing nothing: the
+        loop's keep-warm pass (the frame is judged for real when it comes)."""
+        if self._registration is None or x.shape != self.plane.shape:
+            return x
+        moved, _ = register(self._registration, x)
+        _ = _scene_vector(x) @ _scene_vector(moved)
+        return moved

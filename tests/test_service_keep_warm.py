@@ -1,0 +1,108 @@
+"""The loop's keep-warm pass: between frames of a live or paced source the last frame runs
+through the pipeline again (nothing published, no state changed) just before the next is due.
+Real onnxruntime (the shipped two-channel model, whose reference frame is state), real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import scene_frames, write_video
+
+from guidance.alerts import EventPublisher
+from guidance.capture import Frame, open_source
+from guidance.pipeline import GuidanceLoop, compose, run_replay
+from guidance.segmentation.model import Model
+from guidance.settings import Settings, default_model
+
+DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
+
+
+@pytest.fixture(scope="module")
+def shipped_model() -> Model:
+    model = Model(default_model())
+    model.warm_up(1)
+    return model
+
+
+def demo_frames(name: str, count: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(DEMO / f"{name}.mp4"))
+    frames = []
+    while len(frames) < count:
+        ok, image = cap.read()
+        assert ok, f"{name}.mp4 has fewer than {count} frames"
+        frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+    cap.release()
+    return frames
+
+
+def test_a_rehearsal_changes_nothing_the_frames_after_it_see(shipped_model):
+    """Two pipelines over the posterior demo's first 64 frames (its leak raises at 63): one
+    rehearses each frame right after processing it, the other never does. Every status,
+    class map, reference and alert is the same; each rehearsal segments its frame as the frame
+    itself was segmented (it ran for real)."""
+    settings = Settings().replace(alerts={"address": None})
+    source = open_source(str(DEMO / "posterior_leak.mp4"), pace=False)
+    info = source.info
+    source.stop()
+    runs = {}
+    for rehearsing in (True, False):
+        publisher = EventPublisher(None).open()
+        pipeline = compose(settings, source, shipped_model, publisher)
+        seen, same_labels = [], []
+        for index, image in enumerate(demo_frames("posterior_leak", 64)):
+            frame = Frame(index, 0, image, info)
+            ctx = pipeline.process(frame)
+            alerts = [(m["kind"], m["state"], m["frame"]) for m in ctx.messages if m["type"] == "alert"]
+            seen.append((ctx.status, ctx.labels, ctx.reference_frame, ctx.scene_shift, alerts))
+            if rehearsing:
+                again = pipeline.rehearse(frame)
+                same_labels.append(np.array_equal(again.labels, ctx.labels))
+        publisher.close()
+        runs[rehearsing] = seen, same_labels
+    (with_, same), (without, _) = runs[True], runs[False]
+    assert sum(same) >= 62  # all but where a reference was taken (registered onto itself)
+    for a, b in zip(with_, without, strict=True):
+        assert a[0] == b[0] and np.array_equal(a[1], b[1]) and a[2:] == b[2:]
+    raised = [alert for *_, alerts in with_ for alert in alerts if alert[0] == "posterior_leak"]
+    assert raised and raised[0][1] == "raised"  # the comparison covered an alert
+
+
+def run_paced(path, stand_in, keep_warm: bool, pace: bool = True):
+    onnx_path, sums = stand_in
+    settings = Settings().replace(
+        segmentation={"model": str(onnx_path), "sha256sums": str(sums)},
+        alerts={"address": None},
+        loop={"keep_warm": keep_warm, "latency_budget_ms": None},
+    )
+    return run_replay(open_source(str(path), pace=pace), settings)
+
+
+def test_keep_warm_rehearses_between_frames_of_a_paced_source_only(tmp_path, stand_in):
+    path = write_video(tmp_path / "loop.mp4", scene_frames(16, leak="posterior", onset=4), fps=30.0)
+    warm = run_paced(path, stand_in, keep_warm=True)
+    # a 64 px stand-in takes ~1 ms of a 33 ms period: time for a pass after nearly every frame
+    assert warm.frames_processed == 16 and warm.rehearsals >= 8
+    off = run_paced(path, stand_in, keep_warm=False)
+    fast = run_paced(path, stand_in, keep_warm=True, pace=False)
+    assert off.rehearsals == 0 and fast.rehearsals == 0  # off, and no idle time to fill
+    kinds = [[(m["kind"], m["state"], m["frame"]) for m in s.alerts] for s in (warm, off, fast)]
+    assert kinds[0] == kinds[1] == kinds[2] and ("posterior_leak", "raised") in [k[:2] for k in kinds[0]]
+
+
+def test_a_failing_rehearsal_turns_keep_warm_off_and_the_loop_goes_on(tmp_path, stand_in):
+    path = write_video(tmp_path / "loop.mp4", scene_frames(4), fps=30.0)
+    source = open_source(str(path), pace=True)
+    model = Model(*stand_in)
+    publisher = EventPublisher(None).open()
+    try:
+        loop = GuidanceLoop(Settings().replace(alerts={"address": None}), source, model, publisher)
+        assert loop.keep_warm
+        loop._rehearse(Frame(0, 0, np.zeros((2, 2), np.uint8), source.info))  # too small: malformed
+        assert not loop.keep_warm and loop.summary.rehearsals == 0
+        summary = loop.run()
+    finally:
+        publisher.close()
+    assert summary.frames_processed == 4 and summary.rehearsals == 0
