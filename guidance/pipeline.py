@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,6 +417,26 @@ class RunSummary:
         }
 
 
+class FramePeriod:
+    """The time between a source's frames as they come: the median of the last few capture
+    intervals once there are four, before that the source's nominal fps (0: unknown). A grabber
+    that reports no frame rate, or the wrong one, is still followed."""
+
+    def __init__(self, fps: float | None) -> None:
+        self.nominal_ns = int(1e9 / fps) if fps else 0
+        self._intervals: deque[int] = deque(maxlen=9)
+        self._last_ns: int | None = None
+
+    def observe(self, capture_ns: int) -> int:
+        """Take a frame's capture time; returns the period (ns) as now known."""
+        if self._last_ns is not None and capture_ns > self._last_ns:
+            self._intervals.append(capture_ns - self._last_ns)
+        self._last_ns = capture_ns
+        if len(self._intervals) >= 4:
+            return int(statistics.median(self._intervals))
+        return self.nominal_ns
+
+
 class GuidanceLoop:
     """Owns the loop around a composed pipeline: technical alerts, counters, stop."""
 
@@ -444,9 +466,8 @@ class GuidanceLoop:
         )
         self._overruns = 0
         self._in_budget = 0
-        fps = source.info.fps or 0.0
-        self.keep_warm = settings.loop.keep_warm and source.realtime and fps > 0
-        self._period_ns = int(1e9 / fps) if fps > 0 else 0
+        self.keep_warm = settings.loop.keep_warm and source.realtime
+        self._period = FramePeriod(source.info.fps)
         self._rehearsal_ns = 0  # decaying maximum of a keep-warm pass's (or a frame's) time
         self._rehearsal_end_ns = 0
 
@@ -556,13 +577,14 @@ class GuidanceLoop:
     def _warm_at(self, frame: Frame, process_ns: int) -> int:
         """When to rehearse `frame`, processed in `process_ns`, so that the pass ends about
         1.5 ms before the next frame is due; 0 when there is no time for one."""
-        if not self.keep_warm or frame.image is None:
+        period_ns = self._period.observe(frame.capture_mono_ns)
+        if not self.keep_warm or frame.image is None or not period_ns:
             return 0
         if frame.capture_mono_ns < self._rehearsal_end_ns:  # it came during the pass: start earlier
             self.summary.rehearsal_overlaps += 1
             self._rehearsal_ns += self._rehearsal_end_ns - frame.capture_mono_ns
         self._rehearsal_ns = self._rehearsal_ns or process_ns  # before the first pass: a frame's time
-        at = frame.capture_mono_ns + self._period_ns - self._rehearsal_ns - 1_500_000
+        at = frame.capture_mono_ns + period_ns - self._rehearsal_ns - 1_500_000
         return at if at > time.monotonic_ns() else 0
 
     def _rehearse(self, frame: Frame) -> None:

@@ -13,7 +13,7 @@ from conftest import scene_frames, write_video
 
 from guidance.alerts import EventPublisher
 from guidance.capture import Frame, open_source
-from guidance.pipeline import GuidanceLoop, compose, run_replay
+from guidance.pipeline import FramePeriod, GuidanceLoop, compose, run_replay
 from guidance.segmentation.model import Model
 from guidance.settings import Settings, default_model
 
@@ -106,3 +106,17 @@ def test_a_failing_rehearsal_turns_keep_warm_off_and_the_loop_goes_on(tmp_path, 
     finally:
         publisher.close()
     assert summary.frames_processed == 4 and summary.rehearsals == 0
+
+
+def test_the_frame_period_follows_the_frames_as_they_come():
+    """The nominal rate until four intervals are seen, then their median: a grabber that
+    reports no rate (or a wrong one) is followed, and one dropped frame does not move it."""
+    ms = 1_000_000
+    reported = FramePeriod(30.0)  # says 30 fps, delivers 25
+    unknown = FramePeriod(None)
+    got = []
+    for i, t in enumerate([0, 40, 80, 120, 200, 240, 280]):  # 160 -> 200: a frame dropped
+        got.append((reported.observe(t * ms), unknown.observe(t * ms)))
+        if i < 4:
+            assert got[-1] == (33_333_333, 0)
+    assert got[4:] == [(40 * ms, 40 * ms)] * 3
