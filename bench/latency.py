@@ -150,8 +150,9 @@ def run_rate(
     def paired_bare(result) -> None:
         """Right after a frame is published, in the loop's idle time before the next one
         (the replay decodes only once the loop waits again): one bare inference on that
-        very frame, under the same machine load."""
-        if result.index % every:
+        very frame, under the same machine load. Not with keep-warm: it would take the slot
+        the loop's own pass runs in (and warm the next frame itself)."""
+        if keep_warm or result.index % every:
             return
         x, _ = model.preprocess(result.image)
         x = model.feed(x, x)
@@ -260,10 +261,11 @@ def report(r: dict, shape: tuple[int, ...], rounds: int) -> None:
     )
     print(f"  bare inference p50 {bare['p50']:.1f} ms (blocks {bare['block_p50s']}), p99 {bare['p99']:.1f} ms")
     pb = r["paired_bare_inference_ms"]
-    print(
-        f"  bare inference paired with frames (loop idle time, same load): p50 {pb['p50']} ms "
-        f"over {pb['samples']} frames -> overhead ratio {r['overhead_ratio_paired']}"
-    )
+    if pb["samples"]:
+        print(
+            f"  bare inference paired with frames (loop idle time, same load): p50 {pb['p50']} ms "
+            f"over {pb['samples']} frames -> overhead ratio {r['overhead_ratio_paired']}"
+        )
     hc = r["host_control_ms"]
     if hc:
         print(

@@ -357,11 +357,14 @@ class Pipeline:
             ctx.timings[op.name] = (time.perf_counter() - t0) * 1e3
         return ctx
 
-    def rehearse(self, frame: Frame) -> Context:
+    def rehearse(self, frame: Frame, cut_short: Callable[[], bool] | None = None) -> Context:
         """Run an already processed frame through every operator again but publish, changing
-        no operator's state: the keep-warm pass (GuidanceLoop). Nothing is sent."""
+        no operator's state: the keep-warm pass (GuidanceLoop). Nothing is sent. Before each
+        operator `cut_short()` may end the pass (a new frame has come: it goes first)."""
         ctx = Context(frame=frame, picked_ns=time.monotonic_ns())
         for op in self.operators:
+            if cut_short is not None and cut_short():
+                break
             if hasattr(op, "rehearse"):
                 op.rehearse(ctx)
         return ctx
@@ -592,11 +595,12 @@ class GuidanceLoop:
         go cold meanwhile and the next frame's inference runs up to 2x slower than back to
         back (bench/idle_gap.py). Running the last frame through the pipeline again (nothing
         published, no state changed) just before the next is due makes that frame find
-        them warm, for one frame's CPU time more per frame. Optional: if it fails, it is
-        turned off for the run and the loop goes on."""
+        them warm, for one frame's CPU time more per frame; a frame that comes during the
+        pass cuts it short at the next operator. Optional: if it fails, it is turned off for
+        the run and the loop goes on."""
         t0 = time.monotonic_ns()
         try:
-            self.pipeline.rehearse(frame)
+            self.pipeline.rehearse(frame, cut_short=lambda: self.source.frame_waiting)
         except Exception as exc:  # noqa: BLE001 - the frame itself was processed; this is extra
             self.keep_warm = False
             log.warning("keep-warm pass failed, turned off for this run: %s", exc)

@@ -120,3 +120,24 @@ def test_the_frame_period_follows_the_frames_as_they_come():
         if i < 4:
             assert got[-1] == (33_333_333, 0)
     assert got[4:] == [(40 * ms, 40 * ms)] * 3
+
+
+def test_a_frame_that_comes_cuts_the_pass_short(tmp_path, stand_in):
+    """Checked before each operator: the new frame goes first, the rest of the pass is dropped."""
+    path = write_video(tmp_path / "loop.mp4", scene_frames(2), fps=30.0)
+    source = open_source(str(path), pace=False)
+    source.stop()
+    publisher = EventPublisher(None).open()
+    pipeline = compose(Settings().replace(alerts={"address": None}), source, Model(*stand_in), publisher)
+    frame = Frame(0, 0, scene_frames(1)[0], source.info)
+    pipeline.process(frame)
+
+    def after(n: int):  # cut_short says yes from its (n + 1)th question on
+        asked = []
+        return lambda: asked.append(1) or len(asked) > n
+
+    whole, none, calibrated = (pipeline.rehearse(frame, after(n)) for n in (9, 0, 1))
+    publisher.close()
+    assert whole.status is not None and whole.labels is not None
+    assert none.image is None and none.labels is None  # cut before the first operator
+    assert calibrated.image is not None and calibrated.labels is None  # after calibrate only

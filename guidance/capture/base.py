@@ -134,6 +134,12 @@ class NewestFrameSlot:
                 self._cond.wait(min(left, 0.05))
 
     @property
+    def ready(self) -> bool:
+        """A frame is waiting to be read."""
+        with self._cond:
+            return self._frame is not None
+
+    @property
     def exhausted(self) -> bool:
         with self._cond:
             return self._closed and self._frame is None
@@ -188,6 +194,11 @@ class Source:
     @property
     def ended(self) -> bool:
         return self._slot.exhausted
+
+    @property
+    def frame_waiting(self) -> bool:
+        """A frame has come and not been read yet (read() would return it at once)."""
+        return self._slot.ready
 
     @property
     def realtime(self) -> bool:
