@@ -7,6 +7,10 @@ bare model inference time (session.run alone, same session, measured right befor
 after the pipeline run: side by side) and the overhead ratio = pipeline p50 / bare p50;
 then the process's peak resident memory.
 
+Keep-warm (the loop's pass that re-runs the last frame just before the next is due): each
+rate runs with it and without, alternating within every round (`--keep-warm on off`, the
+default), so the two are compared under the same load.
+
 Host control, side by side: before each round a fixed single-thread job (numpy arithmetic on a
 1024x1024 plane, about as long as the pipeline's median frame) runs at the loop's frame period. Its
 p99/p50 is what the machine alone does to a constant job's timing (a shared VM preempts); the
@@ -133,80 +137,97 @@ def run_rate(
     rounds: int,
     jitter_s: float = 2.0,
     calibration: Path | None = None,
-    keep_warm: bool = True,
-) -> dict:
-    """`rounds` x (bare inference block, host control job, whole paced loop through the
-    pipeline), so all three see the same machine load: side by side, not hours apart."""
-    settings = Settings().replace(
-        alerts={"address": "tcp://127.0.0.1:*"},
-        capture={"pace": True, "fps": fps},
-        loop={"latency_budget_ms": None, "keep_warm": keep_warm},
-        calibration={"file": str(calibration) if calibration else None},
-    )
-    bare_blocks, latency, stages = [], [], {}
-    paired: list[float] = []
-    every = 1 if fps <= 15 else 3  # leave the loop its idle time at higher rates
-
-    def paired_bare(result) -> None:
-        """Right after a frame is published, in the loop's idle time before the next one
-        (the replay decodes only once the loop waits again): one bare inference on that
-        very frame, under the same machine load. Not with keep-warm: it would take the slot
-        the loop's own pass runs in (and warm the next frame itself)."""
-        if keep_warm or result.index % every:
-            return
-        x, _ = model.preprocess(result.image)
-        x = model.feed(x, x)
-        t0 = time.perf_counter()
-        model.session.run([model.info.output_name], {model.info.input_name: x})
-        paired.append((time.perf_counter() - t0) * 1e3)
-
-    frames_read = processed = dropped = rehearsals = overlaps = 0
-    wall = 0.0
-    alerts = []
+    keep_warm_modes: tuple[bool, ...] = (True, False),
+) -> list[dict]:
+    """`rounds` x (bare inference block, host control job, the whole paced loop through the
+    pipeline once per keep-warm mode, their order alternating between rounds), so all of them
+    see the same machine load: side by side, not hours apart. One result per mode."""
+    bare_blocks: list[np.ndarray] = []
     control: list[np.ndarray] = []
     control_ms = work_ms = 0.0
-    slowest: list[dict[str, float]] = []  # every frame's stages, trimmed to the slowest below
-    for _ in range(rounds):
+    runs: dict[bool, list] = {mode: [] for mode in keep_warm_modes}
+    paired: dict[bool, list[float]] = {mode: [] for mode in keep_warm_modes}
+    every = 1 if fps <= 15 else 3  # leave the loop its idle time at higher rates
+
+    def paired_bare(into: list[float], keep_warm: bool):
+        def on_result(result) -> None:
+            """Right after a frame is published, in the loop's idle time before the next one
+            (the replay decodes only once the loop waits again): one bare inference on that
+            very frame, under the same machine load. Not with keep-warm: it would take the
+            slot the loop's own pass runs in (and warm the next frame itself)."""
+            if keep_warm or result.index % every:
+                return
+            x, _ = model.preprocess(result.image)
+            x = model.feed(x, x)
+            t0 = time.perf_counter()
+            model.session.run([model.info.output_name], {model.info.input_name: x})
+            into.append((time.perf_counter() - t0) * 1e3)
+
+        return on_result
+
+    for round_index in range(rounds):
         bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
         if jitter_s > 0:  # one size for every round: the pipeline's median frame is ~2.5 bare runs
             work_ms = work_ms or 2.5 * float(np.median(bare_blocks[0]))
             times, control_ms = host_jitter(jitter_s, 1.0 / fps, work_ms)
             control.append(times)
-        source = open_source(str(loop), pace=True, fps=fps)
-        publisher = EventPublisher("tcp://127.0.0.1:*").open()
-        publisher.start_heartbeat()
-        try:
-            runner = GuidanceLoop(settings, source, model, publisher, on_result=paired_bare)
-            summary = runner.run()
-        finally:
-            publisher.close()
+        order = keep_warm_modes if round_index % 2 == 0 else keep_warm_modes[::-1]
+        for keep_warm in order:
+            settings = Settings().replace(
+                alerts={"address": "tcp://127.0.0.1:*"},
+                capture={"pace": True, "fps": fps},
+                loop={"latency_budget_ms": None, "keep_warm": keep_warm},
+                calibration={"file": str(calibration) if calibration else None},
+            )
+            source = open_source(str(loop), pace=True, fps=fps)
+            publisher = EventPublisher("tcp://127.0.0.1:*").open()
+            publisher.start_heartbeat()
+            try:
+                on_result = paired_bare(paired[keep_warm], keep_warm)
+                runs[keep_warm].append(GuidanceLoop(settings, source, model, publisher, on_result=on_result).run())
+            finally:
+                publisher.close()
+    bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
+    bare = np.concatenate(bare_blocks)
+    bare_summary = {
+        "p50": round(float(np.percentile(bare, 50)), 2),
+        "p99": round(float(np.percentile(bare, 99)), 2),
+        "block_p50s": [round(float(np.median(b)), 2) for b in bare_blocks],
+    }
+    control_summary = _control_summary(control, control_ms)
+    return [
+        _mode_result(fps, rounds, keep_warm, runs[keep_warm], paired[keep_warm], bare_summary, control_summary)
+        for keep_warm in keep_warm_modes
+    ]
+
+
+def _mode_result(
+    fps: float, rounds: int, keep_warm: bool, summaries: list, paired: list[float], bare: dict, control: dict | None
+) -> dict:
+    """One keep-warm mode's runs of a rate, pooled."""
+    latency: list[float] = []
+    stages: dict[str, list[float]] = {}
+    slowest: list[dict[str, float]] = []  # every frame's stages, trimmed to the slowest below
+    for summary in summaries:
         per_frame = summary.latency_ms["capture_to_publish"]
         aligned = {k: v for k, v in summary.latency_ms.items() if len(v) == len(per_frame)}
         slowest += [{k: round(float(v[i]), 2) for k, v in aligned.items()} for i in range(len(per_frame))]
         latency += per_frame
         for k, v in summary.latency_ms.items():
             stages.setdefault(k, []).extend(v)
-        frames_read += summary.frames_read
-        processed += summary.frames_processed
-        dropped += summary.dropped_frames
-        rehearsals += summary.rehearsals
-        overlaps += summary.rehearsal_overlaps
-        wall += summary.wall_s
-        alerts += [(m["kind"], m["state"], m["frame"]) for m in summary.alerts]
-    bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
-    bare = np.concatenate(bare_blocks)
     lat = np.asarray(latency)
-    bare_p50 = float(np.percentile(bare, 50))
     p50 = float(np.percentile(lat, 50))
+    wall = sum(s.wall_s for s in summaries)
+    processed = sum(s.frames_processed for s in summaries)
     return {
         "fps_target": fps,
         "keep_warm": keep_warm,
-        "rehearsals": rehearsals,
-        "rehearsal_overlaps": overlaps,
+        "rehearsals": sum(s.rehearsals for s in summaries),
+        "rehearsal_overlaps": sum(s.rehearsal_overlaps for s in summaries),
         "rounds": rounds,
-        "frames_in_loop": frames_read,
+        "frames_in_loop": sum(s.frames_read for s in summaries),
         "frames_processed": processed,
-        "dropped_frames": dropped,
+        "dropped_frames": sum(s.dropped_frames for s in summaries),
         "sustained_fps": round(processed / wall, 2) if wall else 0.0,
         "capture_to_publish_ms": {
             "p50": round(p50, 2),
@@ -214,20 +235,16 @@ def run_rate(
             "max": round(float(lat.max()), 2),
         },
         "stage_median_ms": {k: round(float(np.median(v)), 2) for k, v in stages.items() if v},
-        "bare_inference_ms": {
-            "p50": round(bare_p50, 2),
-            "p99": round(float(np.percentile(bare, 99)), 2),
-            "block_p50s": [round(float(np.median(b)), 2) for b in bare_blocks],
-        },
-        "overhead_ratio": round(p50 / bare_p50, 3),
+        "bare_inference_ms": bare,
+        "overhead_ratio": round(p50 / bare["p50"], 3),
         "paired_bare_inference_ms": {
             "p50": round(float(np.median(paired)), 2) if paired else None,
             "samples": len(paired),
         },
         "overhead_ratio_paired": round(p50 / float(np.median(paired)), 3) if paired else None,
-        "host_control_ms": _control_summary(control, control_ms),
+        "host_control_ms": control,
         "slowest_frames_ms": sorted(slowest, key=lambda f: -f["capture_to_publish"])[:3],
-        "alerts": alerts,
+        "alerts": [(m["kind"], m["state"], m["frame"]) for s in summaries for m in s.alerts],
     }
 
 
@@ -342,18 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             cap.release()
             assert ok, f"cannot read {loop}"
             frame = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
-            for mode in args.keep_warm:
-                r = run_rate(
-                    model,
-                    loop,
-                    fps,
-                    args.bare_runs,
-                    frame,
-                    args.rounds,
-                    args.control_seconds,
-                    calibration,
-                    keep_warm=mode == "on",
-                )
+            modes = tuple(dict.fromkeys(mode == "on" for mode in args.keep_warm))
+            for r in run_rate(
+                model, loop, fps, args.bare_runs, frame, args.rounds, args.control_seconds, calibration, modes
+            ):
                 r["frame_size"] = list(frame.shape)
                 results.append(r)
                 report(r, frame.shape, args.rounds)

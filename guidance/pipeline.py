@@ -29,7 +29,7 @@ import numpy as np
 from guidance.alerts.publisher import EventPublisher
 from guidance.capture import Frame, Source, SourceInfo, open_source
 from guidance.errors import GuidanceError
-from guidance.segmentation.model import Model
+from guidance.segmentation.model import Model, RehearsalCut
 from guidance.segmentation.preprocess import LetterboxGeometry
 from guidance.segmentation.reference import ReferenceFrame
 from guidance.settings import Settings
@@ -220,10 +220,13 @@ class SegmentOp:
             if self.reference.taken != taken:
                 log.info("reference frame %d (%s)", ctx.frame.index, self.reference.last_reason)
         t1 = time.perf_counter()
-        try:
-            labels = geometry.crop(self.model.infer(x, reference))
-        except Exception as exc:  # onnxruntime raises its own types  # noqa: BLE001
-            raise ModelRunError(f"model failed on the frame: {exc}") from exc
+        if rehearsal:  # a failure here is the keep-warm pass's (a cut one raises RehearsalCut)
+            labels = geometry.crop(self.model.infer(x, reference, rehearsal=True))
+        else:
+            try:
+                labels = geometry.crop(self.model.infer(x, reference))
+            except Exception as exc:  # onnxruntime raises its own types  # noqa: BLE001
+                raise ModelRunError(f"model failed on the frame: {exc}") from exc
         ctx.detail["preprocess"] = (t1 - t0) * 1e3
         ctx.detail["inference"] = (time.perf_counter() - t1) * 1e3
         ctx.labels, ctx.geometry = labels, geometry
@@ -360,13 +363,17 @@ class Pipeline:
     def rehearse(self, frame: Frame, cut_short: Callable[[], bool] | None = None) -> Context:
         """Run an already processed frame through every operator again but publish, changing
         no operator's state: the keep-warm pass (GuidanceLoop). Nothing is sent. Before each
-        operator `cut_short()` may end the pass (a new frame has come: it goes first)."""
+        operator `cut_short()` may end the pass (a new frame has come: it goes first), and
+        Model.cut_rehearsal() ends its inference."""
         ctx = Context(frame=frame, picked_ns=time.monotonic_ns())
         for op in self.operators:
             if cut_short is not None and cut_short():
                 break
             if hasattr(op, "rehearse"):
-                op.rehearse(ctx)
+                try:
+                    op.rehearse(ctx)
+                except RehearsalCut:
+                    break
         return ctx
 
 
@@ -420,6 +427,9 @@ class RunSummary:
         }
 
 
+KEEP_WARM_MARGIN_NS = 3_000_000  # a keep-warm pass is planned to end this long before the next frame
+
+
 class FramePeriod:
     """The time between a source's frames as they come: the median of the last few capture
     intervals once there are four, before that the source's nominal fps (0: unknown). A grabber
@@ -471,7 +481,8 @@ class GuidanceLoop:
         self._in_budget = 0
         self.keep_warm = settings.loop.keep_warm and source.realtime
         self._period = FramePeriod(source.info.fps)
-        self._rehearsal_ns = 0  # decaying maximum of a keep-warm pass's (or a frame's) time
+        self._pass_ns: deque[int] = deque(maxlen=16)  # the last keep-warm passes' times
+        self._last_pass_ns = 0
         self._rehearsal_end_ns = 0
 
     def _emit(self, msg: dict | None, into: list[dict] | None = None) -> None:
@@ -578,16 +589,19 @@ class GuidanceLoop:
             )
 
     def _warm_at(self, frame: Frame, process_ns: int) -> int:
-        """When to rehearse `frame`, processed in `process_ns`, so that the pass ends about
-        1.5 ms before the next frame is due; 0 when there is no time for one."""
+        """When to rehearse `frame`, processed in `process_ns`, so that the pass ends
+        KEEP_WARM_MARGIN_NS before the next frame is due; 0 when there is no time for one.
+        A pass runs after the idle gap, as cold as a frame would: its time varies, so it is
+        planned by nearly the longest of the last passes (at first, by the frame's own time)."""
         period_ns = self._period.observe(frame.capture_mono_ns)
         if not self.keep_warm or frame.image is None or not period_ns:
             return 0
-        if frame.capture_mono_ns < self._rehearsal_end_ns:  # it came during the pass: start earlier
+        if frame.capture_mono_ns < self._rehearsal_end_ns:  # it came during the pass, which needed longer
             self.summary.rehearsal_overlaps += 1
-            self._rehearsal_ns += self._rehearsal_end_ns - frame.capture_mono_ns
-        self._rehearsal_ns = self._rehearsal_ns or process_ns  # before the first pass: a frame's time
-        at = frame.capture_mono_ns + period_ns - self._rehearsal_ns - 1_500_000
+            self._pass_ns.append(self._last_pass_ns + self._rehearsal_end_ns - frame.capture_mono_ns)
+        # the second longest of the last 16 (one host hiccup does not hold for 16 frames)
+        lead = sorted(self._pass_ns)[-2] if len(self._pass_ns) >= 2 else process_ns
+        at = frame.capture_mono_ns + period_ns - lead - KEEP_WARM_MARGIN_NS
         return at if at > time.monotonic_ns() else 0
 
     def _rehearse(self, frame: Frame) -> None:
@@ -599,14 +613,20 @@ class GuidanceLoop:
         pass cuts it short at the next operator. Optional: if it fails, it is turned off for
         the run and the loop goes on."""
         t0 = time.monotonic_ns()
+        self.model.arm_rehearsal()
+        self.source.on_frame = self.model.cut_rehearsal
         try:
             self.pipeline.rehearse(frame, cut_short=lambda: self.source.frame_waiting)
         except Exception as exc:  # noqa: BLE001 - the frame itself was processed; this is extra
             self.keep_warm = False
             log.warning("keep-warm pass failed, turned off for this run: %s", exc)
             return
+        finally:
+            self.source.on_frame = None
         self._rehearsal_end_ns = time.monotonic_ns()
-        self._rehearsal_ns = max(int(0.9 * self._rehearsal_ns), self._rehearsal_end_ns - t0)
+        self._last_pass_ns = self._rehearsal_end_ns - t0
+        if not self.source.frame_waiting:  # whole: a cut one is counted when its frame is taken
+            self._pass_ns.append(self._last_pass_ns)
         self.summary.rehearsals += 1
 
     def run(self) -> RunSummary:

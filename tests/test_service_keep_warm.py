@@ -14,7 +14,7 @@ from conftest import scene_frames, write_video
 from guidance.alerts import EventPublisher
 from guidance.capture import Frame, open_source
 from guidance.pipeline import FramePeriod, GuidanceLoop, compose, run_replay
-from guidance.segmentation.model import Model
+from guidance.segmentation.model import Model, RehearsalCut
 from guidance.settings import Settings, default_model
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -141,3 +141,31 @@ def test_a_frame_that_comes_cuts_the_pass_short(tmp_path, stand_in):
     assert whole.status is not None and whole.labels is not None
     assert none.image is None and none.labels is None  # cut before the first operator
     assert calibrated.image is not None and calibrated.labels is None  # after calibrate only
+
+
+def test_a_cut_rehearsal_inference_ends_and_the_model_runs_on(shipped_model):
+    """Model.cut_rehearsal() (the reader thread calls it as a frame comes) ends the pass's
+    onnxruntime run at its next node; the frame's own inference is never cut."""
+    x, _ = shipped_model.preprocess(demo_frames("clean", 1)[0])
+    whole = shipped_model.infer(x, x)
+    shipped_model.arm_rehearsal()
+    assert np.array_equal(shipped_model.infer(x, x, rehearsal=True), whole)
+    shipped_model.cut_rehearsal()
+    with pytest.raises(RehearsalCut):
+        shipped_model.infer(x, x, rehearsal=True)
+    assert np.array_equal(shipped_model.infer(x, x), whole)  # a frame's run ignores the cut
+    shipped_model.arm_rehearsal()
+    assert np.array_equal(shipped_model.infer(x, x, rehearsal=True), whole)
+
+
+def test_the_source_calls_its_frame_hook_as_each_frame_comes(tmp_path):
+    path = write_video(tmp_path / "loop.mp4", scene_frames(5), fps=30.0)
+    source = open_source(str(path), pace=False)
+    came = []
+    source.on_frame = lambda: came.append(source.frames_read)
+    source.start()
+    read = 0
+    while source.read(1.0) is not None:
+        read += 1
+    source.stop()
+    assert read == 5 and came == [1, 2, 3, 4, 5]  # once per frame, after it was handed over

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import cv2
@@ -161,6 +161,9 @@ class Source:
         self._thread: threading.Thread | None = None
         self.frames_read = 0  # every frame that left the device, dropped or not
         self.connected = False  # False while a live device is lost
+        # called on the reader thread as each frame comes (the loop cuts its keep-warm pass
+        # short with it): must be quick and must not raise
+        self.on_frame: Callable[[], None] | None = None
 
     # -- to implement -------------------------------------------------------------------
     def connect(self) -> SourceInfo:
@@ -187,6 +190,9 @@ class Source:
     def _deliver(self, frame: Frame) -> None:
         self.frames_read += 1
         self._slot.put(frame, self._stop)
+        hook = self.on_frame
+        if hook is not None:
+            hook()
 
     def read(self, timeout_s: float = 0.1) -> Frame | None:
         return self._slot.get(timeout_s)

@@ -152,6 +152,10 @@ def argmax_classes(logits: np.ndarray) -> np.ndarray:
     return labels
 
 
+class RehearsalCut(Exception):
+    """A rehearsal's inference ended early by Model.cut_rehearsal() (a frame came)."""
+
+
 class Model:
     """Model(onnx_path, sha256sums_path) -> verified, loaded, ready after warm_up()."""
 
@@ -202,6 +206,8 @@ class Model:
             )
         self.cement_class = self.info.classes.index("cement")
         self.warm = False
+        # the keep-warm pass's runs, which another thread may end early (cut_rehearsal)
+        self._rehearsal = ort.RunOptions()
 
     @property
     def size(self) -> int:
@@ -234,12 +240,31 @@ class Model:
             return x
         return np.concatenate([x, x if reference is None else reference], axis=1)
 
-    def infer(self, x: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
-        """Preprocessed frame [and reference] (feed) -> class map (S, S) uint8 at model resolution."""
-        out = self.session.run([self.info.output_name], {self.info.input_name: self.feed(x, reference)})[0]
+    def infer(self, x: np.ndarray, reference: np.ndarray | None = None, rehearsal: bool = False) -> np.ndarray:
+        """Preprocessed frame [and reference] (feed) -> class map (S, S) uint8 at model resolution.
+        `rehearsal`: a keep-warm run, which cut_rehearsal() ends early (RehearsalCut)."""
+        feed = {self.info.input_name: self.feed(x, reference)}
+        if not rehearsal:
+            out = self.session.run([self.info.output_name], feed)[0]
+        else:
+            try:
+                out = self.session.run([self.info.output_name], feed, self._rehearsal)[0]
+            except Exception:  # onnxruntime's own Fail  # noqa: BLE001
+                if self._rehearsal.terminate:
+                    raise RehearsalCut from None
+                raise
         if self.info.output_kind == "labels":
             return np.asarray(out).reshape(self.info.size, self.info.size).astype(np.uint8)
         return argmax_classes(out[0])
+
+    def arm_rehearsal(self) -> None:
+        """Before a keep-warm pass: its inference runs to the end unless cut."""
+        self._rehearsal.terminate = False
+
+    def cut_rehearsal(self) -> None:
+        """End the keep-warm inference now running (from any thread; onnxruntime stops at
+        its next node, within a millisecond): the frame that came goes first."""
+        self._rehearsal.terminate = True
 
     def segment(
         self, image: np.ndarray, reference_image: np.ndarray | None = None
