@@ -196,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
         f"{summary.frames_skipped} skipped, {summary.dropped_frames} dropped, "
         f"{summary.fps:.1f} fps, capture-to-publish p50 {lat['p50']:.1f} ms "
         f"p99 {lat['p99']:.1f} ms, "
-        f"{len(summary.alerts)} alert messages"
+        f"{len(summary.alerts)} alert messages, "
+        f"{summary.rehearsals} keep-warm passes ({summary.rehearsal_overlaps} met a frame)"
     )
     sys.stdout.flush()
     return 0

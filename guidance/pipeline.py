@@ -260,13 +260,10 @@ class TrackOp:
         self.view = t.view if t.view != "auto" else (info.view or "lateral")
         self.state = TrackerState()
 
+    # no rehearse(): the keep-warm pass leaves the tracker out (short, last, and its warmth
+    # was worth less than starting the pass 1.7 ms later: bench/latency.py, session 13)
+
     def compute(self, ctx: Context) -> None:
-        ctx.status, self.state = self._track(ctx)
-
-    def rehearse(self, ctx: Context) -> None:
-        ctx.status, _ = self._track(ctx)  # the tracker is pure: the state held is untouched
-
-    def _track(self, ctx: Context) -> tuple[TrackStatus, TrackerState]:
         geo = TrackGeometry(
             frame_per_px=ctx.geometry.frame_pixels_per_model_pixel() * ctx.image_scale,
             mm_per_frame_px=ctx.mm_per_px,
@@ -274,7 +271,7 @@ class TrackOp:
             scene_shift=ctx.scene_shift,
             view=self.view,
         )
-        return track(ctx.labels, geo, self.state, self.config, ctx.label_valid, ctx.density)
+        ctx.status, self.state = track(ctx.labels, geo, self.state, self.config, ctx.label_valid, ctx.density)
 
 
 KIND_ALERT = {"posterior": "posterior_leak", "venous": "venous_leak"}
@@ -361,8 +358,9 @@ class Pipeline:
         return ctx
 
     def rehearse(self, frame: Frame, cut_short: Callable[[], bool] | None = None) -> Context:
-        """Run an already processed frame through every operator again but publish, changing
-        no operator's state: the keep-warm pass (GuidanceLoop). Nothing is sent. Before each
+        """Run an already processed frame again through the operators that rehearse
+        (calibrate, segment: the costly part), changing no operator's state: the keep-warm
+        pass (GuidanceLoop). Nothing is sent. Before each
         operator `cut_short()` may end the pass (a new frame has come: it goes first), and
         Model.cut_rehearsal() ends its inference."""
         ctx = Context(frame=frame, picked_ns=time.monotonic_ns())
@@ -607,10 +605,10 @@ class GuidanceLoop:
     def _rehearse(self, frame: Frame) -> None:
         """The keep-warm pass. The loop idles between frames; on a shared machine its caches
         go cold meanwhile and the next frame's inference runs up to 2x slower than back to
-        back (bench/idle_gap.py). Running the last frame through the pipeline again (nothing
-        published, no state changed) just before the next is due makes that frame find
-        them warm, for one frame's CPU time more per frame; a frame that comes during the
-        pass cuts it short at the next operator. Optional: if it fails, it is turned off for
+        back (bench/idle_gap.py). Running the last frame through calibration and segmentation
+        again (nothing published, no state changed) just before the next is due makes that
+        frame find them warm, for most of one frame's CPU time more per frame; a frame that
+        comes during the pass cuts it short (at the next operator, or inside inference). Optional: if it fails, it is turned off for
         the run and the loop goes on."""
         t0 = time.monotonic_ns()
         self.model.arm_rehearsal()

@@ -101,9 +101,9 @@ class LoopSettings:
     latency_budget_ms: float | None = 50.0  # c2p over this for overrun_frames -> alert; None: off
     overrun_frames: int = 5
     print_every_s: float = 1.0
-    # live and paced sources: run the last frame through the pipeline again (nothing published,
-    # no state changed) just before the next one is due, so that frame finds the caches warm
-    # (GuidanceLoop._rehearse); one frame's CPU time more per frame
+    # live and paced sources: run the last frame through calibration and segmentation again
+    # (nothing published, no state changed) just before the next one is due, so that frame
+    # finds the caches warm (GuidanceLoop._rehearse); most of a frame's CPU time more per frame
     keep_warm: bool = True
 
 
