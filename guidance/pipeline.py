@@ -608,8 +608,8 @@ class GuidanceLoop:
         back (bench/idle_gap.py). Running the last frame through calibration and segmentation
         again (nothing published, no state changed) just before the next is due makes that
         frame find them warm, for most of one frame's CPU time more per frame; a frame that
-        comes during the pass cuts it short (at the next operator, or inside inference). Optional: if it fails, it is turned off for
-        the run and the loop goes on."""
+        comes during the pass cuts it short (at the next operator, or inside inference).
+        Optional: if it fails, it is turned off for the run and the loop goes on."""
         t0 = time.monotonic_ns()
         self.model.arm_rehearsal()
         self.source.on_frame = self.model.cut_rehearsal

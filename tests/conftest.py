@@ -205,6 +205,7 @@ def write_dicom(
     syntax: str = "explicit",
     frame_time_ms: float | None = 66.67,
     spacing: float | None = 0.3,
+    frame_time_vector_ms: list[float] | None = None,
 ) -> Path:
     """A multi-frame (or single-frame when one frame) XA-like DICOM file. bits: stored bits
     (values are scaled from the 8-bit scene); MONOCHROME1 stores inverted values;
@@ -246,6 +247,8 @@ def write_dicom(
         ds.NumberOfFrames = len(frames)
     if frame_time_ms:
         ds.FrameTime = f"{frame_time_ms:.2f}"
+    if frame_time_vector_ms is not None:
+        ds.FrameTimeVector = [f"{v:g}" for v in frame_time_vector_ms]
     if spacing:
         ds.PixelSpacing = [spacing, spacing]
     data = pixels if len(frames) > 1 else pixels[0]

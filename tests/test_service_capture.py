@@ -272,6 +272,39 @@ def test_paced_replay_follows_the_loop_fps(tmp_path):
     assert span_ms <= 5 * 100.0
 
 
+def test_paced_dicom_replay_keeps_the_recorded_frame_times(tmp_path):
+    """A Frame Time Vector (0018,1065) gives the gaps between frames as acquired (pulsed
+    fluoroscopy is uneven): paced replay releases each frame at its own recorded time; the
+    frame rate is their mean; a forced --fps replays at that rate instead."""
+    vector = [0, 30, 30, 150, 30]  # ms: a 150 ms pause between frames 2 and 3
+    path = write_dicom(
+        tmp_path / "cine.dcm", scene_frames(5, size=(32, 32)), frame_time_ms=None, frame_time_vector_ms=vector
+    )
+    source = open_source(str(path), pace=True)
+    assert source.frame_offsets_ns == [0, 30_000_000, 60_000_000, 210_000_000, 240_000_000]
+    assert source.info.fps == pytest.approx(4 * 1000 / 240) and source.info.extra["timing"] == "Frame Time Vector"
+    before_ns = time.monotonic_ns()
+    got = drain(source)
+    assert [f.index for f in got] == list(range(5))
+    for frame in got:  # never released before its recorded time (exact lower bound)
+        assert frame.capture_mono_ns - before_ns >= source.frame_offsets_ns[frame.index], frame.index
+    # at 16.7 fps evenly, frame 3 would be due at 180 ms: it waits for its 210
+    forced = open_source(str(path), pace=True, fps=50.0)
+    assert forced.frame_offsets_ns is None and forced.info.fps == 50.0
+    forced.stop()
+
+
+@pytest.mark.parametrize("vector", [[0, 30, 30], [0, 30, -5, 30, 30], [0, 30, 30, 30, 30, 30]])
+def test_a_frame_time_vector_that_does_not_fit_is_left_for_the_frame_rate(tmp_path, vector):
+    path = write_dicom(
+        tmp_path / "cine.dcm", scene_frames(5, size=(32, 32)), frame_time_ms=40.0, frame_time_vector_ms=vector
+    )
+    source = open_source(str(path), pace=True)
+    assert source.frame_offsets_ns is None and source.info.fps == pytest.approx(25.0)
+    assert source.info.extra["timing"] == "fps"
+    source.stop()
+
+
 def test_simulated_source(tmp_path):
     source = open_source("simulated:venous", pace=False)
     assert source.info.kind == "simulated"

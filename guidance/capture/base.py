@@ -247,6 +247,9 @@ class ReplaySource(Source):
         self.inline = inline
         self._fps_override = fps
         self._inline_frames: Iterator[np.ndarray | Exception] | None = None
+        # the recording's own frame times (ns from its first frame), where it carries them and
+        # no fps was forced: paced replay keeps them (a pulsed run's uneven gaps included)
+        self.frame_offsets_ns: list[int] | None = None
 
     def _decode(self) -> Iterator[np.ndarray | Exception]:
         raise NotImplementedError
@@ -278,12 +281,13 @@ class ReplaySource(Source):
     def _run(self) -> None:
         fps = self.info.fps or 0.0
         period_ns = int(1e9 / fps) if (self.pace and fps > 0) else 0
+        offsets = self.frame_offsets_ns if period_ns else None
         frames = iter(self._decode())
         decode_ns = 0  # running estimate of one frame's decode time
         t0 = time.monotonic_ns()
         index = 0
         while not self._stop.is_set():
-            due = t0 + index * period_ns
+            due = t0 + (offsets[index] if offsets and index < len(offsets) else index * period_ns)
             if period_ns and index:
                 # A grabber delivers decoded frames without taking CPU from the loop; a file
                 # must be decoded. Decode while the loop idles, or just in time if it never

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,12 +196,17 @@ class DicomSource(ReplaySource):
         self._ds = ds
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         fps = self._fps_override
+        offsets_ms = None if fps else dicom_frame_offsets_ms(ds, frames)
+        if offsets_ms is not None:
+            self.frame_offsets_ns = [int(round(t * 1e6)) for t in offsets_ms]
         if fps is None and getattr(ds, "FrameTime", None):
             fps = 1000.0 / float(ds.FrameTime)
         if fps is None and getattr(ds, "CineRate", None):
             fps = float(ds.CineRate)
         if fps is None and getattr(ds, "RecommendedDisplayFrameRate", None):
             fps = float(ds.RecommendedDisplayFrameRate)
+        if fps is None and offsets_ms is not None and offsets_ms[-1] > 0:
+            fps = (frames - 1) * 1000.0 / offsets_ms[-1]  # the mean rate of the recorded times
         side = sidecar_metadata(path)
         self.info = SourceInfo(
             name=str(path),
@@ -214,6 +221,7 @@ class DicomSource(ReplaySource):
             extra={
                 "photometric": str(ds.get("PhotometricInterpretation", "")),
                 "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
+                "timing": "Frame Time Vector" if offsets_ms is not None else "fps",
             },
         )
         # decode the first frame now, so an undecodable syntax is refused before the loop starts
@@ -247,6 +255,23 @@ class DicomSource(ReplaySource):
 # View Position (0018,5101): which way the beam crossed the patient
 _LATERAL_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"}
 _AP_POSITIONS = {"AP", "PA"}
+
+
+def dicom_frame_offsets_ms(ds, frames: int) -> list[float] | None:
+    """Each frame's time from the first (ms), from the Frame Time Vector (0018,1065): the
+    increments between frames as acquired, the first 0. None when absent, or when it does not
+    fit the frames (wrong length, negative or not a number): then the frame rate paces."""
+    vector = ds.get("FrameTimeVector")
+    if vector is None or frames < 2:
+        return None
+    try:
+        values = list(vector) if hasattr(vector, "__iter__") and not isinstance(vector, str) else [vector]
+        steps = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    if len(steps) != frames or not all(math.isfinite(v) and v >= 0 for v in steps):
+        return None
+    return list(itertools.accumulate(steps[1:], initial=0.0))
 
 
 def dicom_view(ds) -> str | None:
