@@ -425,7 +425,7 @@ class RunSummary:
         }
 
 
-KEEP_WARM_MARGIN_NS = 3_000_000  # a keep-warm pass is planned to end this long before the next frame
+KEEP_WARM_MARGIN_NS = 1_500_000  # a keep-warm pass is planned to end this long before the next frame
 
 
 class FramePeriod:
