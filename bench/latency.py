@@ -146,6 +146,8 @@ def run_rate(
     control: list[np.ndarray] = []
     control_ms = work_ms = 0.0
     runs: dict[bool, list] = {mode: [] for mode in keep_warm_modes}
+    # the process's CPU time (all threads) during the runs, less the paired measurements'
+    cpu_s: dict[bool, float] = {mode: 0.0 for mode in keep_warm_modes}
     paired: dict[bool, list[float]] = {mode: [] for mode in keep_warm_modes}
     every = 1 if fps <= 15 else 3  # leave the loop its idle time at higher rates
 
@@ -157,11 +159,13 @@ def run_rate(
             slot the loop's own pass runs in (and warm the next frame itself)."""
             if keep_warm or result.index % every:
                 return
+            cpu0 = time.process_time()
             x, _ = model.preprocess(result.image)
             x = model.feed(x, x)
             t0 = time.perf_counter()
             model.session.run([model.info.output_name], {model.info.input_name: x})
             into.append((time.perf_counter() - t0) * 1e3)
+            cpu_s[keep_warm] -= time.process_time() - cpu0  # the loop's CPU, not this measurement's
 
         return on_result
 
@@ -184,7 +188,9 @@ def run_rate(
             publisher.start_heartbeat()
             try:
                 on_result = paired_bare(paired[keep_warm], keep_warm)
+                cpu0 = time.process_time()
                 runs[keep_warm].append(GuidanceLoop(settings, source, model, publisher, on_result=on_result).run())
+                cpu_s[keep_warm] += time.process_time() - cpu0
             finally:
                 publisher.close()
     bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
@@ -196,13 +202,22 @@ def run_rate(
     }
     control_summary = _control_summary(control, control_ms)
     return [
-        _mode_result(fps, rounds, keep_warm, runs[keep_warm], paired[keep_warm], bare_summary, control_summary)
+        _mode_result(
+            fps, rounds, keep_warm, runs[keep_warm], paired[keep_warm], bare_summary, control_summary, cpu_s[keep_warm]
+        )
         for keep_warm in keep_warm_modes
     ]
 
 
 def _mode_result(
-    fps: float, rounds: int, keep_warm: bool, summaries: list, paired: list[float], bare: dict, control: dict | None
+    fps: float,
+    rounds: int,
+    keep_warm: bool,
+    summaries: list,
+    paired: list[float],
+    bare: dict,
+    control: dict | None,
+    cpu_s: float,
 ) -> dict:
     """One keep-warm mode's runs of a rate, pooled."""
     latency: list[float] = []
@@ -229,6 +244,7 @@ def _mode_result(
         "frames_processed": processed,
         "dropped_frames": sum(s.dropped_frames for s in summaries),
         "sustained_fps": round(processed / wall, 2) if wall else 0.0,
+        "cpu_ms_per_frame": round(1e3 * cpu_s / processed, 2) if processed else None,
         "capture_to_publish_ms": {
             "p50": round(p50, 2),
             "p99": round(float(np.percentile(lat, 99)), 2),
@@ -274,7 +290,7 @@ def report(r: dict, shape: tuple[int, ...], rounds: int) -> None:
     print(f"  capture-to-publish  p50 {lat['p50']:.1f} ms  p99 {lat['p99']:.1f} ms  max {lat['max']:.1f} ms")
     print(
         f"  sustained {r['sustained_fps']:.1f} fps, dropped {r['dropped_frames']} frames, "
-        f"processed {r['frames_processed']}"
+        f"processed {r['frames_processed']}, CPU {r['cpu_ms_per_frame']:.1f} ms a frame (all threads)"
     )
     print(f"  bare inference p50 {bare['p50']:.1f} ms (blocks {bare['block_p50s']}), p99 {bare['p99']:.1f} ms")
     pb = r["paired_bare_inference_ms"]

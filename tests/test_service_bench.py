@@ -34,6 +34,7 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
     assert "keep-warm on (" in proc.stdout and "keep-warm off:" in proc.stdout
     for r in (on, off):
         assert r["frames_processed"] + r["dropped_frames"] == r["frames_in_loop"] == 15
+        assert r["cpu_ms_per_frame"] > 0
         assert set(r["capture_to_publish_ms"]) == {"p50", "p99", "max"}
         assert r["bare_inference_ms"]["p50"] > 0 and r["overhead_ratio"] > 0
         # paired with frames only without keep-warm (it would take the pass's slot)
