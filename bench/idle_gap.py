@@ -4,6 +4,7 @@ runs it) or on.
 
     python bench/idle_gap.py            # spin-waiting off
     python bench/idle_gap.py --spinning
+    python bench/idle_gap.py --threads 1   # no thread pool: is it the pool waking, or the caches?
 
 On a VM whose host deschedules idle vCPUs, the first run after a sleep is slower than back to
 back: the guidance loop idles between frames, so its in-loop inference is slower than bare.
@@ -34,8 +35,9 @@ def main() -> int:
     ap.add_argument("--spinning", action="store_true", help="let onnxruntime's threads spin-wait")
     ap.add_argument("--gap-ms", type=float, default=40.0, help="idle time before each timed run")
     ap.add_argument("--runs", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (1: no thread pool to wake)")
     args = ap.parse_args()
-    model = Model(args.model, threads=2, spinning=args.spinning)
+    model = Model(args.model, threads=args.threads, spinning=args.spinning)
     image, _ = draw_scene((1024, 1024), 30, "posterior", 20, np.random.default_rng(0))
     bare_inference(model, image, 20)  # warm-up
 
@@ -49,7 +51,8 @@ def main() -> int:
         "after a sleep": lambda: time.sleep(args.gap_ms / 1e3),
         "after busy work": busy,
     }
-    print(f"{model.describe()}, spin-waiting {'on' if args.spinning else 'off'}, gap {args.gap_ms:g} ms")
+    spin = "on" if args.spinning else "off"
+    print(f"{model.describe()}, {args.threads} thread(s), spin-waiting {spin}, gap {args.gap_ms:g} ms")
     for name, gap in gaps.items():
         times = bare_inference(model, image, args.runs, before_each=gap)
         p50, p90, p99 = np.percentile(times, [50, 90, 99])
