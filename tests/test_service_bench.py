@@ -99,9 +99,9 @@ def test_frame_cost_benchmark_times_every_part_of_an_evaluated_frame():
 
 
 def test_idle_gap_benchmark_times_inference_after_each_kind_of_gap():
-    proc = run_python("bench/idle_gap.py", "--runs", 3, "--gap-ms", 2, "--spinning", timeout=120)
+    proc = run_python("bench/idle_gap.py", "--runs", 3, "--gap-ms", 2, "--spinning", "--threads", 1, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "spin-waiting on, gap 2 ms" in proc.stdout
+    assert "1 thread(s), spin-waiting on, gap 2 ms" in proc.stdout
     rows = {ln.split(" p50")[0].strip(): ln for ln in proc.stdout.splitlines() if " p50 " in ln}
     assert list(rows) == ["back to back", "after a sleep", "after busy work"]
     for line in rows.values():
