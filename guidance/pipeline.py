@@ -360,9 +360,9 @@ class Pipeline:
     def rehearse(self, frame: Frame, cut_short: Callable[[], bool] | None = None) -> Context:
         """Run an already processed frame again through the operators that rehearse
         (calibrate, segment: the costly part), changing no operator's state: the keep-warm
-        pass (GuidanceLoop). Nothing is sent. Before each
-        operator `cut_short()` may end the pass (a new frame has come: it goes first), and
-        Model.cut_rehearsal() ends its inference."""
+        pass (GuidanceLoop). Nothing is sent. Before each operator `cut_short()` may end the
+        pass (a new frame has come: it goes first), and Model.cut_rehearsal() ends its
+        inference."""
         ctx = Context(frame=frame, picked_ns=time.monotonic_ns())
         for op in self.operators:
             if cut_short is not None and cut_short():
@@ -408,7 +408,7 @@ class RunSummary:
     wall_s: float = 0.0
     stopped_by: str = "end"  # end | signal | max_frames
     rehearsals: int = 0  # keep-warm passes run (GuidanceLoop.keep_warm)
-    rehearsal_overlaps: int = 0  # frames that arrived while one ran (they waited for its end)
+    rehearsal_overlaps: int = 0  # frames that came while one ran (it was cut short for them)
 
     @property
     def fps(self) -> float:

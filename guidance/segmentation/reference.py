@@ -190,5 +190,5 @@ class ReferenceFrame:
         if self._registration is None or x.shape != self.plane.shape:
             return x
         moved, _ = register(self._registration, x)
-        _ = _scene_vector(x) @ _scene_vector(moved)
+        _ = _scene_vector(x) @ _scene_vector(moved)  # for_frame's scene check, run for its warmth
         return moved
