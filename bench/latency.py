@@ -151,23 +151,16 @@ def run_rate(
     paired: dict[bool, list[float]] = {mode: [] for mode in keep_warm_modes}
     every = 1 if fps <= 15 else 3  # leave the loop its idle time at higher rates
 
-    def paired_bare(into: list[float], keep_warm: bool):
-        def on_result(result) -> None:
-            """Right after a frame is published, in the loop's idle time before the next one
-            (the replay decodes only once the loop waits again): one bare inference on that
-            very frame, under the same machine load. Not with keep-warm: it would take the
-            slot the loop's own pass runs in (and warm the next frame itself)."""
-            if keep_warm or result.index % every:
-                return
-            cpu0 = time.process_time()
-            x, _ = model.preprocess(result.image)
-            x = model.feed(x, x)
-            t0 = time.perf_counter()
-            model.session.run([model.info.output_name], {model.info.input_name: x})
-            into.append((time.perf_counter() - t0) * 1e3)
-            cpu_s[keep_warm] -= time.process_time() - cpu0  # the loop's CPU, not this measurement's
-
-        return on_result
+    def paired_bare(result) -> None:
+        """Right after a frame is published, in the loop's idle time before the next one
+        (the replay decodes only once the loop waits again): one bare inference on that very
+        frame, under the same machine load. Only without keep-warm: it would take the slot the
+        loop's own pass runs in (and warm the next frame itself)."""
+        if result.index % every:
+            return
+        cpu0 = time.process_time()
+        paired[False].extend(bare_inference(model, result.image, 1))
+        cpu_s[False] -= time.process_time() - cpu0  # the loop's CPU, not this measurement's
 
     for round_index in range(rounds):
         bare_blocks.append(bare_inference(model, frame, max(10, bare_runs // rounds)))
@@ -187,7 +180,7 @@ def run_rate(
             publisher = EventPublisher("tcp://127.0.0.1:*").open()
             publisher.start_heartbeat()
             try:
-                on_result = paired_bare(paired[keep_warm], keep_warm)
+                on_result = None if keep_warm else paired_bare
                 cpu0 = time.process_time()
                 runs[keep_warm].append(GuidanceLoop(settings, source, model, publisher, on_result=on_result).run())
                 cpu_s[keep_warm] += time.process_time() - cpu0

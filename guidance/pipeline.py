@@ -591,8 +591,10 @@ class GuidanceLoop:
         KEEP_WARM_MARGIN_NS before the next frame is due; 0 when there is no time for one.
         A pass runs after the idle gap, as cold as a frame would: its time varies, so it is
         planned by nearly the longest of the last passes (at first, by the frame's own time)."""
+        if not self.keep_warm:
+            return 0
         period_ns = self._period.observe(frame.capture_mono_ns)
-        if not self.keep_warm or frame.image is None or not period_ns:
+        if frame.image is None or not period_ns:
             return 0
         if frame.capture_mono_ns < self._rehearsal_end_ns:  # it came during the pass, which needed longer
             self.summary.rehearsal_overlaps += 1
