@@ -48,8 +48,14 @@ def test_latency_benchmark_reports_every_number(tmp_path, stand_in):
         assert len(slowest) == 3 and {"capture", "segment", "track"} <= set(slowest[0])
         worst = [f["capture_to_publish"] for f in slowest]
         assert worst == sorted(worst, reverse=True) and worst[0] == r["capture_to_publish_ms"]["max"]
+        # the same loop back to back (unpaced), every frame of each round, shared by both modes
+        b2b = r["back_to_back"]
+        assert b2b == on["back_to_back"] and b2b["frames"] == 15 and b2b["processing_p50_ms"] > 0
+        assert b2b["overhead_ratio"] == pytest.approx(
+            b2b["processing_p50_ms"] / r["bare_inference_ms"]["p50"], rel=0.02
+        )
     assert report["rss_mb"]["peak"] > 0 and "CPU" in report["machine"]
-    assert "overhead ratio" in proc.stdout and "host control" in proc.stdout
+    assert "overhead ratio" in proc.stdout and "host control" in proc.stdout and "back to back" in proc.stdout
 
 
 def test_latency_benchmark_with_a_phantom_calibration(tmp_path, stand_in):
