@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,46 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 15.0, fourcc:
     for f in frames:
         writer.write(cv2.cvtColor(f, cv2.COLOR_GRAY2BGR) if f.ndim == 2 else f)
     writer.release()
+    return path
+
+
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl"}
+
+
+def _mp4_box_chain(data: bytes, kind: bytes, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """(offset, size) of each box from the top down to the first `kind` box, or []."""
+    offset, end = start, len(data) if end is None else end
+    while offset + 8 <= end:
+        size, name = struct.unpack(">I4s", data[offset : offset + 8])
+        if name == kind:
+            return [(offset, size)]
+        if name in _MP4_CONTAINERS:
+            inner = _mp4_box_chain(data, kind, offset + 8, offset + size)
+            if inner:
+                return [(offset, size), *inner]
+        offset += size
+    return []
+
+
+def retime_mp4(path: Path, deltas: list[int]) -> Path:
+    """Give an MP4 (as OpenCV's writer makes it: one track, media data before the index)
+    variable frame timing: its time-to-sample table (stts) rewritten with one duration per
+    frame, in the track's timescale, summing to the same total (so the edit list and the
+    durations still hold). What a recorder of pulsed fluoroscopy writes."""
+    data = bytearray(path.read_bytes())
+    assert data.find(b"mdat") < data.find(b"moov"), "index before media data: chunk offsets would move"
+    chain = _mp4_box_chain(data, b"stts")
+    assert chain, f"{path}: no stts box"
+    offset, size = chain[-1]
+    (entries,) = struct.unpack(">I", data[offset + 12 : offset + 16])
+    runs = [struct.unpack(">II", data[offset + 16 + 8 * i : offset + 24 + 8 * i]) for i in range(entries)]
+    assert len(deltas) == sum(n for n, _ in runs) and sum(deltas) == sum(n * d for n, d in runs), runs
+    body = struct.pack(">4sII", b"stts", 0, len(deltas)) + b"".join(struct.pack(">II", 1, d) for d in deltas)
+    box = struct.pack(">I", 4 + len(body)) + body
+    for parent, parent_size in chain[:-1]:  # every enclosing box grows by as much
+        data[parent : parent + 4] = struct.pack(">I", parent_size + len(box) - size)
+    data[offset : offset + size] = box
+    path.write_bytes(bytes(data))
     return path
 
 

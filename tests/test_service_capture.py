@@ -7,7 +7,7 @@ import time
 import cv2
 import numpy as np
 import pytest
-from conftest import scene_frames, write_dicom, write_labels, write_pngs, write_video
+from conftest import retime_mp4, scene_frames, write_dicom, write_labels, write_pngs, write_video
 
 from guidance.capture import open_source
 from guidance.capture.base import NewestFrameSlot
@@ -292,6 +292,52 @@ def test_paced_dicom_replay_keeps_the_recorded_frame_times(tmp_path):
     forced = open_source(str(path), pace=True, fps=50.0)
     assert forced.frame_offsets_ns is None and forced.info.fps == 50.0
     forced.stop()
+
+
+def test_paced_video_replay_keeps_the_videos_own_frame_times(tmp_path):
+    """An MP4 with variable frame timing (a 200 ms pause between frames 2 and 3, as a recorder
+    of pulsed fluoroscopy writes it): paced replay releases each frame at its own timestamp;
+    a forced --fps, or an fps in the labels sidecar, replays evenly instead."""
+    path = write_video(tmp_path / "pulsed.mp4", scene_frames(6, size=(32, 32)), fps=15.0)
+    # OpenCV writes a 15 fps track in 1/15360 s: 1024 a frame; these keep the total
+    retime_mp4(path, [256, 256, 3072, 256, 256, 2048])
+    source = open_source(str(path), pace=True)
+    assert source.info.extra["timing"] == "video timestamps" and source.info.fps == pytest.approx(15.0)
+    before_ns = time.monotonic_ns()
+    got = drain(source)
+    assert [f.index for f in got] == list(range(6))
+    recorded_ms = [0, 1000 / 60, 2000 / 60, 14000 / 60, 15000 / 60, 16000 / 60]
+    assert source.frame_offsets_ns == [pytest.approx(t * 1e6, abs=1e3) for t in recorded_ms]
+    for frame in got:  # never released before its recorded time (exact lower bound)
+        assert frame.capture_mono_ns - before_ns >= source.frame_offsets_ns[frame.index], frame.index
+    # evenly at 15 fps frame 3 would be due at 200 ms: it waited for its 233
+    assert got[3].capture_mono_ns - before_ns >= 233e6
+    forced = open_source(str(path), pace=True, fps=50.0)
+    assert forced.frame_offsets_ns is None and forced.info.extra["timing"] == "fps"
+    forced.stop()
+    write_labels(tmp_path / "pulsed", fps=15.0)
+    beside = open_source(str(path), pace=True)
+    assert beside.frame_offsets_ns is None and beside.info.extra["timing"] == "fps"
+    beside.stop()
+    unpaced = open_source(str(path), pace=False)
+    assert unpaced.frame_offsets_ns is None and len(drain(unpaced)) == 6
+
+
+def test_broken_video_timestamps_leave_the_rest_of_the_loop_to_its_frame_rate(tmp_path):
+    """A timestamp that repeats (or goes back, or jumps more than 10 s) is not a frame time:
+    from that frame on the loop is paced at its frame rate, one period after the last good."""
+    path = write_video(tmp_path / "broken.mp4", scene_frames(6, size=(32, 32)), fps=15.0)
+    retime_mp4(path, [1024, 0, 2048, 1024, 1024, 1024])  # frames 1 and 2 both at 66.7 ms
+    source = open_source(str(path), pace=True)
+    before_ns = time.monotonic_ns()
+    got = drain(source)
+    assert [f.index for f in got] == list(range(6))
+    period_ns = 1e9 / 15
+    due = [source._offset_ns(i, int(period_ns)) for i in range(6)]
+    assert due == [pytest.approx(i * period_ns, abs=1e3) for i in range(6)]
+    assert source.info.extra["timing"] == "video timestamps to frame 1, then fps"
+    for frame in got:
+        assert frame.capture_mono_ns - before_ns >= due[frame.index], frame.index
 
 
 @pytest.mark.parametrize("vector", [[0, 30, 30], [0, 30, -5, 30, 30], [0, 30, 30, 30, 30, 30]])

@@ -254,6 +254,17 @@ class ReplaySource(Source):
     def _decode(self) -> Iterator[np.ndarray | Exception]:
         raise NotImplementedError
 
+    def _offset_ns(self, index: int, period_ns: int) -> int:
+        """When frame `index` is due, from the replay's start: its recorded time where the
+        recording gives one (a video's once that frame is decoded), else one frame period
+        after the last time known."""
+        offsets = self.frame_offsets_ns
+        if not offsets:
+            return index * period_ns
+        if index < len(offsets):
+            return offsets[index]
+        return offsets[-1] + (index - len(offsets) + 1) * period_ns
+
     def _frame(self, index: int, item: np.ndarray | Exception) -> Frame:
         stamp = time.monotonic_ns()
         if isinstance(item, Exception):
@@ -281,13 +292,12 @@ class ReplaySource(Source):
     def _run(self) -> None:
         fps = self.info.fps or 0.0
         period_ns = int(1e9 / fps) if (self.pace and fps > 0) else 0
-        offsets = self.frame_offsets_ns if period_ns else None
         frames = iter(self._decode())
         decode_ns = 0  # running estimate of one frame's decode time
         t0 = time.monotonic_ns()
         index = 0
         while not self._stop.is_set():
-            due = t0 + (offsets[index] if offsets and index < len(offsets) else index * period_ns)
+            due = t0 + self._offset_ns(index, period_ns)
             if period_ns and index:
                 # A grabber delivers decoded frames without taking CPU from the loop; a file
                 # must be decoded. Decode while the loop idles, or just in time if it never
@@ -299,6 +309,7 @@ class ReplaySource(Source):
                 return
             decode_ns = max(int(0.9 * decode_ns), time.monotonic_ns() - start)
             if period_ns:  # release it at the instant the grabber would have delivered it
+                due = t0 + self._offset_ns(index, period_ns)  # a video's frame time: known now
                 while (now := time.monotonic_ns()) < due:
                     if self._stop.wait((due - now) / 1e9):
                         return

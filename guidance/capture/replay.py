@@ -18,6 +18,8 @@ from guidance.errors import BadInputError
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv")
 EXPECTED = "a DICOM file, an MP4/AVI/MKV video or a folder of 000000.png frames"
 LUMA_TOLERANCE = 3  # grey levels the luma fast path may differ from the BGR decode's grey
+# a longer gap between a video's frame timestamps is taken for a broken timestamp, not a pause
+MAX_TIMESTAMP_GAP_NS = 10_000_000_000
 
 
 def sidecar_metadata(path: Path) -> dict:
@@ -48,7 +50,13 @@ def open_video_file(path: Path) -> cv2.VideoCapture:
 
 
 class VideoFileSource(ReplaySource):
-    """MP4/AVI/MKV through OpenCV's FFmpeg backend."""
+    """MP4/AVI/MKV through OpenCV's FFmpeg backend.
+
+    Paced replay follows the video's own frame timestamps (a recorder that writes variable
+    timing, pulsed fluoroscopy's uneven gaps), as each frame is decoded, unless an fps is given
+    (`--fps`, or the labels sidecar: a recording that needs one does not carry its timing).
+    Timestamps that go backwards, repeat or jump by more than MAX_TIMESTAMP_GAP_NS are broken:
+    from there on the loop keeps its frame rate."""
 
     def connect(self) -> SourceInfo:
         path = Path(self.path)
@@ -65,6 +73,10 @@ class VideoFileSource(ReplaySource):
         fps = self._fps_override or side.get("fps") or (cap.get(cv2.CAP_PROP_FPS) or None)
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
         self._cap, self._luma_to_grey = cap, None
+        # its own frame times, when pacing and nothing overrides them (recorded as decoded)
+        self._timestamps = self.pace and not (self._fps_override or side.get("fps"))
+        self._first_ms: float | None = None
+        self.frame_offsets_ns = [] if self._timestamps else None
         luma = self._open_luma(path, to_grey(first))
         if luma is not None:  # the same grey for less: FFmpeg's luma plane, no BGR in between
             cap.release()
@@ -79,7 +91,10 @@ class VideoFileSource(ReplaySource):
             posterior_side=side.get("posterior_side"),
             view=side.get("view"),
             frame_count=count if count and count > 0 else None,
-            extra={"decode": "luma" if self._luma_to_grey is not None else "bgr"},
+            extra={
+                "decode": "luma" if self._luma_to_grey is not None else "bgr",
+                "timing": "video timestamps" if self._timestamps else "fps",
+            },
         )
         return self.info
 
@@ -132,8 +147,27 @@ class VideoFileSource(ReplaySource):
                     ok, image = self._cap.read()
             if not ok:
                 return  # FFmpeg skips undecodable packets itself; a read failure is the end
+            if self._timestamps:
+                self._record_time(self._cap.get(cv2.CAP_PROP_POS_MSEC))
             # the spec: colour video is converted to grey (the luma plane already is)
             yield to_grey(image) if table is None else cv2.LUT(image, table)
+
+    def _record_time(self, stamp_ms: float) -> None:
+        """The decoded frame's time from the first frame's, while the video's timestamps hold."""
+        offsets = self.frame_offsets_ns
+        if self._first_ms is None:
+            self._first_ms = stamp_ms
+            offsets.append(0)
+            return
+        last = offsets[-1]
+        offset = int(round((stamp_ms - self._first_ms) * 1e6))
+        if last < offset <= last + MAX_TIMESTAMP_GAP_NS:
+            offsets.append(offset)
+            return
+        # broken (backwards, repeated, a jump): this frame and the rest one frame period apart
+        self._timestamps = False
+        self.info.extra["timing"] = f"video timestamps to frame {len(offsets) - 1}, then fps"
+        offsets.append(last + (int(1e9 / self.info.fps) if self.info.fps else 0))
 
     def _release(self) -> None:
         cap = getattr(self, "_cap", None)
