@@ -29,6 +29,7 @@ import argparse
 import copy
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,20 @@ REWRITE_NAME = "blocked-layout"
 
 class GraphRewriteError(ValueError):
     """The graph has a shape this rewrite does not know how to keep equivalent."""
+
+
+def version_type(text: str) -> str:
+    """argparse type of a model's --version: MAJOR.MINOR.PATCH in digits (also the ONNX
+    model_version, `onnx_model_version`)."""
+    if not re.fullmatch(r"\d+\.\d+\.\d+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MAJOR.MINOR.PATCH in digits")
+    return text
+
+
+def onnx_model_version(version: str) -> int:
+    """The ONNX file's integer model_version for a MAJOR.MINOR.PATCH version: its digits
+    ("0.5.0" -> 50), as the shipped files carry it."""
+    return int(version_type(version).replace(".", ""))
 
 
 def _round_up(c: int, block: int) -> int:
@@ -329,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)
     ap.add_argument("-o", "--out", type=Path, required=True)
-    ap.add_argument("--version", help="new version for the metadata (default: keep)")
+    ap.add_argument("--version", type=version_type, help="new version for the metadata (default: keep)")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="largest logit difference accepted")
     args = ap.parse_args(argv)
     try:
@@ -355,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             if p.key == "guidance":
                 p.value = json.dumps(meta, sort_keys=True)
     if args.version:
-        rewritten.model_version = int(args.version.replace(".", ""))
+        rewritten.model_version = onnx_model_version(args.version)
 
     def check(saved: Path) -> tuple[float, str | None]:
         worst, flips = compare_models(args.model, saved)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from guidance.segmentation.model import write_sha256sums
 from guidance.segmentation.preprocess import CLASS_NAMES
+from models.graph import onnx_model_version, version_type
 
 TUNING_SEED_BASE = 7_500_000  # models.evaluate's held-out loops start at 7,000,000
 BIASES = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5)
@@ -90,7 +90,7 @@ def with_logit_bias(model, cls: str, bias: float, version: str | None, note: str
     old = meta.get("version")
     if version:
         meta["version"] = version
-        out.model_version = int(version.replace(".", ""))
+        out.model_version = onnx_model_version(version)
     meta.setdefault("history", []).append(f"{old} -> {meta.get('version')}: {cls} logit {bias:+g} ({note})")
     props["guidance"].value = json.dumps(meta, sort_keys=True)
     return out
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--condition", default="as_drawn", help="a models.evaluate condition (default as_drawn)")
     ap.add_argument("--apply", type=float, help="write a model with this bias added to the class's logit")
     ap.add_argument("-o", "--out", type=Path)
-    ap.add_argument("--version")
+    ap.add_argument("--version", type=version_type, help="version of the written model (MAJOR.MINOR.PATCH)")
     ap.add_argument("--note", default="Dice-optimal on the tuning loops")
     args = ap.parse_args(argv)
     if args.tune == (args.apply is not None):
@@ -130,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--apply needs -o OUT.onnx")
     if args.loops < 1:
         ap.error("--loops must be at least 1")
-    if args.version and not re.fullmatch(r"\d+\.\d+\.\d+", args.version):
-        ap.error(f"--version {args.version!r}: expected MAJOR.MINOR.PATCH in digits (the ONNX model_version)")
     from models.evaluate import CONDITIONS
 
     if args.condition not in CONDITIONS:

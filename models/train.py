@@ -27,9 +27,19 @@ from guidance.segmentation.model import REFERENCE_FIRST_FRAME, write_sha256sums
 from guidance.segmentation.preprocess import CLASS_NAMES, DEFAULT_NORMALIZATION
 from guidance.segmentation.reference import register
 from models import dataset
-from models.graph import BLOCK, REWRITE_NAME, blocked_layout_graph, compare_models, conv_macs
+from models.graph import (
+    BLOCK,
+    REWRITE_NAME,
+    blocked_layout_graph,
+    compare_models,
+    conv_macs,
+    onnx_model_version,
+    version_type,
+)
 
-MODEL_VERSION = "0.4.1"
+# a freshly trained model is a candidate: it gets a release version when it is shipped
+# (models.operating_point --version, models.graph --version) unless --version names one
+CANDIDATE_VERSION = "0.0.0"
 OPSET = 17
 TRAIN_SEED_BASE = 1_000_000
 VAL_SEED_BASE = 9_000_000
@@ -301,7 +311,7 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict) -> str:
     entry = proto.metadata_props.add()
     entry.key, entry.value = "guidance", json.dumps(meta, sort_keys=True)
     proto.producer_name = "cement-guidance models.train"
-    proto.model_version = int(MODEL_VERSION.replace(".", ""))
+    proto.model_version = onnx_model_version(meta["version"])
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     with tempfile.TemporaryDirectory() as tmp:
@@ -389,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--log", type=Path, default=None, help="write the training log (JSON lines) here")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (a .pt written by a run)")
+    p.add_argument(
+        "--version",
+        type=version_type,
+        default=CANDIDATE_VERSION,
+        help=f"version in the exported model's metadata (default {CANDIDATE_VERSION}: a candidate, not yet shipped)",
+    )
     args = p.parse_args(argv)
     if not 0.0 <= args.big_frames <= 1.0:
         p.error("--big-frames must be a share within 0..1")
@@ -512,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         val_dice = evaluate_torch(model, val, device)
     meta = {
         "name": "segmenter",
-        "version": MODEL_VERSION,
+        "version": args.version,
         "input": {
             "name": "image",
             "size": args.size,

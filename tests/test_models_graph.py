@@ -14,7 +14,14 @@ from conftest import run_python
 
 torch = pytest.importorskip("torch")
 
-from models.graph import BLOCK, REWRITE_NAME, blocked_layout_graph, channel_counts, compare_models  # noqa: E402
+from models.graph import (  # noqa: E402
+    BLOCK,
+    REWRITE_NAME,
+    blocked_layout_graph,
+    channel_counts,
+    compare_models,
+    onnx_model_version,
+)
 from models.train import LeakUNet  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +91,14 @@ def test_cli_rewrites_and_stamps_the_version(tmp_path):
     assert meta["history"] == ["9.9.0 -> 9.9.1: graph rewritten for the blocked layout, same weights"]
     first = json.loads({p.key: p.value for p in onnx.load(str(src)).metadata_props}["guidance"])
     assert first["graph"]["macs_as_run"] > 0
+
+
+def test_a_version_that_is_not_major_minor_patch_is_refused_before_anything_is_written(tmp_path):
+    for version in ("1.2", "v1.2.3", "1.2.3-rc1"):
+        res = run_python("-m", "models.graph", tmp_path / "in.onnx", "-o", tmp_path / "o.onnx", "--version", version)
+        assert res.returncode == 2 and "MAJOR.MINOR.PATCH" in res.stderr and version in res.stderr
+    assert not (tmp_path / "o.onnx").exists()
+    assert onnx_model_version("0.5.0") == 50 and onnx_model_version("1.2.3") == 123
 
 
 def test_cli_refuses_a_file_that_is_not_onnx(tmp_path):
