@@ -20,7 +20,7 @@ import pytest
 from guidance.errors import BadInputError
 from guidance.evaluation.discovery import LoopRef
 from guidance.evaluation.labels import Event
-from guidance.evaluation.report import render_report
+from guidance.evaluation.report import latency_histogram_svg, render_report
 from guidance.evaluation.runner import base_result
 from guidance.evaluation.scoring import AlertRaise, DiceCounter, score_loop
 from guidance.evaluation.summary import (
@@ -261,3 +261,24 @@ def test_report_renders_in_headless_chromium(results, tmp_path):
     assert int(((b > 150) & (r < 100)).sum()) >= 30  # venous marks
     dark = (shot.max(axis=2) < 90).mean()
     assert 0.002 < dark < 0.5  # text drawn, page not black
+
+
+@pytest.mark.parametrize("spread", [1.0, 0.05], ids=["apart", "close"])
+def test_latency_histogram_text_stays_inside_and_apart(spread):
+    """The axis title below the tick labels, both inside the drawing (a baseline on its bottom
+    edge cut the title's descenders); the p50 and p99 labels on rows of their own (close
+    percentiles overlapped), each inside the drawing (a p99 near the right edge ran off it)."""
+    svg = latency_histogram_svg(list(np.random.default_rng(0).normal(12.0, spread, 270)))
+    height = int(svg.split('height="', 1)[1].split('"', 1)[0])
+    width = int(svg.split('width="', 1)[1].split('"', 1)[0])
+    texts = [
+        (float(t.split('x="', 1)[1].split('"', 1)[0]), float(t.split('y="', 1)[1].split('"', 1)[0]), t)
+        for t in svg.split("<text ")[1:]
+    ]
+    title = next(y for _, y, t in texts if "per-frame latency" in t)
+    ticks = {y for _, y, t in texts if 'text-anchor="middle">' in t and "per-frame" not in t}
+    assert len(ticks) == 1 and title - ticks.pop() >= 10 and title <= height - 3
+    p50, p99 = (next((x, y, t) for x, y, t in texts if f">p{q} " in t) for q in (50, 99))
+    assert p99[1] - p50[1] >= 10
+    for x, _, t in (p50, p99):
+        assert 0 <= x <= width and ('text-anchor="end"' in t or x <= width - 60)

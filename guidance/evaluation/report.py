@@ -148,7 +148,8 @@ def latency_histogram_svg(latencies: Sequence[float], width: int = 560, height: 
     counts = [0] * bins
     for v in vals:
         counts[min(bins - 1, int(v / hi * bins))] += 1
-    left, bottom, plot_w, plot_h = 40, height - 24, width - 50, height - 40
+    # the plot, the tick labels below it, and the axis title below them (clear of the edge)
+    left, bottom, plot_w, plot_h = 40, height - 34, width - 50, height - 50
     top_count = max(counts)
     bw = plot_w / bins
     for i, c in enumerate(counts):
@@ -158,23 +159,25 @@ def latency_histogram_svg(latencies: Sequence[float], width: int = 560, height: 
             f'height="{h:.1f}" fill="#4c72b0"><title>{i * hi / bins:.1f}-{(i + 1) * hi / bins:.1f} ms: '
             f"{c}</title></rect>"
         )
-    for q, colour in ((50, "#2ca02c"), (99, "#d62728")):
+    for row, (q, colour) in enumerate(((50, "#2ca02c"), (99, "#d62728"))):
         v = float(np.percentile(vals, q))  # as in the summary (linear interpolation)
         x = left + min(v, hi) / hi * plot_w
         out.append(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{bottom - plot_h}" y2="{bottom}" '
             f'stroke="{colour}" stroke-dasharray="3 2"/>'
         )
+        # each label on its own row (the two lines may be close), right of its line or, where
+        # it would run off the plot, left of it
+        tx, anchor = (x + 2, "start") if x < width - 70 else (x - 2, "end")
         out.append(
-            f'<text x="{x + 2:.1f}" y="{bottom - plot_h + 10}" font-size="10" fill="{colour}">p{q} {v:.1f} ms</text>'
+            f'<text x="{tx:.1f}" y="{bottom - plot_h + 10 + 12 * row}" font-size="10" fill="{colour}" '
+            f'text-anchor="{anchor}">p{q} {v:.1f} ms</text>'
         )
     for i in range(0, 5):
-        v = hi * i / 4
-        out.append(
-            f'<text x="{left + plot_w * i / 4:.1f}" y="{height - 8}" font-size="10" text-anchor="middle">{v:.0f}</text>'
-        )
+        x = left + plot_w * i / 4
+        out.append(f'<text x="{x:.1f}" y="{bottom + 12}" font-size="10" text-anchor="middle">{hi * i / 4:.0f}</text>')
     out.append(
-        f'<text x="{left + plot_w / 2}" y="{height}" font-size="10" text-anchor="middle">'
+        f'<text x="{left + plot_w / 2}" y="{height - 4}" font-size="10" text-anchor="middle">'
         "per-frame latency (picked -> published), ms</text></svg>"
     )
     return "".join(out)
