@@ -103,7 +103,7 @@ def main() -> int:
                 t = tick("Dice", t)
                 size = overlay.fit_size(*image.shape[:2], 512)
                 flags = {"posterior": status.posterior, "venous": status.venous}
-                bgr = overlay.render(image, plane, size, flags, [(f"frame {i}", overlay.WHITE)])
+                bgr = overlay.render(image, plane, size, flags, [(f"frame {i}", overlay.WHITE)], status)
                 t = tick("overlay render", t)
                 video.write(bgr)
                 tick("overlay encode", t)

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -282,3 +283,47 @@ def test_latency_histogram_text_stays_inside_and_apart(spread):
     assert p99[1] - p50[1] >= 10
     for x, _, t in (p50, p99):
         assert 0 <= x <= width and ('text-anchor="end"' in t or x <= width - 60)
+
+
+def test_overlay_marks_the_trackers_wall_line_and_leaks():
+    """The tracker's findings on the overlay (class-map pixels scaled to the overlay): the
+    leaks' pixels in their kind's colour inside a box of that colour, the wall line along the
+    body in light grey; nothing of it where the status has none."""
+    from guidance.evaluation import overlay
+    from guidance.tracking import TrackStatus
+
+    frame = np.full((256, 256), 100, np.uint8)
+    labels = np.zeros((64, 64), np.uint8)
+    body = np.zeros((64, 64), bool)
+    body[20:40, 10:30] = True  # the treated body; its posterior wall the line x = 29.5
+    posterior, venous = np.zeros_like(body), np.zeros_like(body)
+    posterior[28:30, 40:42] = True
+    venous[50:52, 50:53] = True
+    status = TrackStatus(
+        posterior=True,
+        venous=False,
+        areas={"cement": 0.0, "posterior": 4.0, "venous": 6.0},
+        posterior_depth=4.0,
+        units="px",
+        candidate={"posterior": True, "venous": True},
+        evidence={"posterior": None, "venous": None},
+        events=(),
+        body_found=True,
+        posterior_side="right",
+        wall=(0.0, 1.0, 29.5, 30.0, 1.0, 0.0),
+        masks={"posterior": posterior, "venous": venous, "body": body},
+    )
+    plain = overlay.render(frame, labels, (256, 256), {}, [])
+    out = overlay.render(frame, labels, (256, 256), {}, [], status)
+    # 4 overlay px per class-map px: the posterior pixels at rows 112..119, columns 160..167
+    assert (out[113:119, 161:167] == overlay.RED).all() and (out[201:207, 201:211] == overlay.BLUE).all()
+    # boxed: the box's sides, clear of the pixels, in the same colour
+    red = (out == overlay.RED).all(axis=2)
+    assert red[105:125, 145:152].any() and red[105:125, 176:183].any()
+    # the wall line: x = 29.5 class-map px -> 120 overlay px, along the body's rows (80..160)
+    wall = (np.abs(out.astype(int) - overlay.WALL_COLOUR).sum(axis=2) < 60)[:, 116:124]
+    assert wall[84:156].any(axis=1).mean() > 0.9 and not wall[:70].any() and not wall[170:].any()
+    changed = (out != plain).any(axis=2)
+    assert not changed[:, :100].any()  # nothing else drawn
+    none = overlay.render(frame, labels, (256, 256), {}, [], replace(status, wall=None, masks={}))
+    assert (none == plain).all()

@@ -1,14 +1,17 @@
-"""Overlay frames: masks coloured over the grey frame, flags and alerts written on it.
-Used for the overlay video (cv2.VideoWriter, mp4v) and the report thumbnails."""
+"""Overlay frames: masks coloured over the grey frame, the tracker's wall line and leaks
+marked, flags and alerts written on it. Used for the overlay video (cv2.VideoWriter, mp4v)
+and the report thumbnails."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from guidance.evaluation.scoring import labels_at_mask_resolution
+from guidance.tracking import TrackStatus
 
 # BGR, per class id: vertebral body green, cement yellow, needle cyan
 CLASS_COLOURS = np.array([[0, 0, 0], [80, 200, 60], [0, 220, 255], [255, 200, 0]], dtype=np.float32)
@@ -47,8 +50,10 @@ def render(
     size: tuple[int, int],
     flags: dict,
     lines: list[tuple[str, tuple[int, int, int]]],
+    status: TrackStatus | None = None,
 ) -> np.ndarray:
-    """BGR uint8 of `size` (h, w): frame, coloured classes, a flag bar and text lines."""
+    """BGR uint8 of `size` (h, w): frame, coloured classes, a flag bar and text lines; with the
+    tracker's `status` (its masks and wall line are in `labels`' pixels), what it found."""
     h, w = size
     if image.shape[:2] != (h, w):
         # scaled down first: windowing a 16-bit 1024 px frame at full size cost 6-11 ms a
@@ -65,6 +70,8 @@ def render(
         colour = _nearest(cv2.LUT(cv2.merge([small, small, small]), _COLOUR_LUT), h, w)
         blended = cv2.addWeighted(out, 1.0 - ALPHA, colour, ALPHA, 0.0)
         cv2.copyTo(blended, lab, out)  # only where a class is (mask: lab != 0)
+        if status is not None:
+            draw_findings(out, status, labels.shape[:2])
     scale = max(0.35, h / 900)
     thick = 1 if h < 700 else 2
     bar = max(12, int(22 * scale / 0.6))
@@ -82,6 +89,48 @@ def render(
         cv2.putText(out, text, (4, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thick)
         y += int(20 * scale / 0.5)
     return out
+
+
+LEAK_COLOURS = {"posterior": RED, "venous": BLUE}
+WALL_COLOUR = (230, 230, 230)
+
+
+def draw_findings(out: np.ndarray, status: TrackStatus, plane_shape: tuple[int, int]) -> None:
+    """What the tracker saw, on the overlay `out` (class-map pixels scaled to its size): the
+    posterior wall line it fitted (light grey, along the body), and each leak as it called it,
+    its pixels in the kind's colour with a box around them so a speck is found at a glance.
+    Everything is done on the masks' boxes: a leak is a few pixels of a large plane."""
+    h, w = out.shape[:2]
+    ph, pw = plane_shape
+    sx, sy = w / pw, h / ph
+    body = status.masks.get("body")
+    if status.wall is not None and body is not None:
+        u8 = np.ascontiguousarray(body).view(np.uint8)
+        bx, by, bw, bh = cv2.boundingRect(u8)
+        if bw:
+            found = cv2.findContours(u8[by : by + bh, bx : bx + bw], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+            vx, vy, x0, y0 = status.wall[:4]
+            # the wall's stretch along the body: its outline's extent along the line
+            outline = np.concatenate(found).reshape(-1, 2).astype(np.float32) + (bx - x0, by - y0)
+            along = outline @ np.float32([vx, vy])
+            ends = [((x0 + vx * t + 0.5) * sx, (y0 + vy * t + 0.5) * sy) for t in (along.min(), along.max())]
+            cv2.line(out, *[(round(x), round(y)) for x, y in ends], WALL_COLOUR, 1, cv2.LINE_AA)
+    pad = max(4, round(3 * sx))
+    for kind, colour in LEAK_COLOURS.items():
+        mask = status.masks.get(kind)
+        if mask is None:
+            continue
+        x, y, bw, bh = cv2.boundingRect(np.ascontiguousarray(mask).view(np.uint8))
+        if not bw:
+            continue
+        # the overlay pixels whose nearest class-map pixel (as cv2.INTER_NEAREST picks it: the
+        # floor of the scaled coordinate) lies in the mask's box
+        x0, x1, y0, y1 = math.ceil(x * sx), math.ceil((x + bw) * sx), math.ceil(y * sy), math.ceil((y + bh) * sy)
+        cols = np.minimum((np.arange(x0, x1) * (pw / w)).astype(np.intp), pw - 1)
+        rows = np.minimum((np.arange(y0, y1) * (ph / h)).astype(np.intp), ph - 1)
+        out[y0:y1, x0:x1][mask[np.ix_(rows, cols)]] = colour
+        corner, far = (max(0, x0 - pad), max(0, y0 - pad)), (min(w - 1, x1 + pad), min(h - 1, y1 + pad))
+        cv2.rectangle(out, corner, far, colour, 1)
 
 
 def _nearest(plane: np.ndarray, h: int, w: int) -> np.ndarray:

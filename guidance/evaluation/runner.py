@@ -162,7 +162,7 @@ class _Collector:
             ]
             max_side = self.task.overlay_max_side
             size = overlay.fit_size(self.size[0], self.size[1], max_side)
-            bgr = overlay.render(fr.image, np.asarray(fr.labels), size, flags, lines)
+            bgr = overlay.render(fr.image, np.asarray(fr.labels), size, flags, lines, fr.status)
             if self.video is not None:
                 self.video.write(bgr)
             if reasons and len(self.thumbnails) < MAX_CANDIDATES:
