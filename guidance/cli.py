@@ -25,7 +25,20 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def requested_command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line, or None where the whole parser is wanted
+    (help or version asked before one, none named, or an unknown one: argparse says so)."""
+    for arg in argv:
+        if arg in ("-h", "--help", "--version"):
+            return None
+        if not arg.startswith("-"):
+            return arg if arg in SUBCOMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only the module that owns it is imported (the others'
+    imports would only delay it: `guidance evaluate` starts its workers sooner)."""
     parser = argparse.ArgumentParser(
         prog="guidance",
         description="Fluoroscopic cement-injection guidance. " + DISCLAIMER,
@@ -35,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     registered: set[str] = set()
     for name, module_name in SUBCOMMANDS.items():
-        if module_name in registered:
+        if module_name in registered or (command is not None and name != command):
             continue
         try:
             module = importlib.import_module(module_name)
@@ -45,12 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.add_parser(sub)
         registered.add(module_name)
-        del name
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(requested_command(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,

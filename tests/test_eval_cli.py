@@ -5,6 +5,7 @@ summary validated against its JSON Schema, report, videos, exit codes, executors
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -271,6 +272,48 @@ def test_bad_arguments_and_missing_inputs(archive, model, tmp_path, capsys, monk
     err = main_error(archive / "sim", "--out", tmp_path / "o", "--model", model, "--dask", "tcp://127.0.0.1:9")
     assert "--dask tcp://127.0.0.1:9" in err
     assert "none.onnx" in main_error(archive / "sim", "--out", tmp_path / "o", "--model", tmp_path / "none.onnx")
+    # with local workers, started before the model is checked: refused all the same, and the
+    # workers are gone when it returns
+    none = tmp_path / "none.onnx"
+    assert "none.onnx" in main_error(archive / "sim", "--out", tmp_path / "o", "--model", none, "--workers", "2")
+    assert multiprocessing.active_children() == []
+
+
+def loaded_models() -> int:
+    """In a worker: how many models it holds loaded."""
+    from guidance.evaluation import runner
+
+    return len(runner._MODELS)
+
+
+def test_a_worker_pool_starts_its_workers_at_once_and_loads_the_model_before_any_loop(model):
+    from guidance.evaluation.executors import WorkerPool
+
+    settings = for_evaluation(load_settings(overrides={"segmentation": {"model": str(model)}}))
+    pool = WorkerPool(2, 1, settings)
+    try:
+        assert len(multiprocessing.active_children()) >= 2  # both spawned, no loop submitted
+        assert pool.submit(loaded_models).result(timeout=120) == 1
+    finally:
+        pool.shutdown()
+    assert multiprocessing.active_children() == []
+
+
+def test_the_command_line_imports_only_the_part_it_runs():
+    """`guidance evaluate` builds its own parser only: the service's module (OpenCV, the
+    pipeline) is not imported before the evaluation starts its workers."""
+    from guidance.cli import requested_command
+
+    assert requested_command(["evaluate", "x", "--out", "o"]) == "evaluate"
+    assert requested_command(["-v", "evaluate", "-h"]) == "evaluate"
+    assert requested_command(["-h", "evaluate"]) is None and requested_command([]) is None
+    assert requested_command(["nope", "evaluate"]) is None  # argparse names the bad one
+    code = (
+        "import sys; from guidance import cli; cli.build_parser('evaluate'); "
+        "print(sorted({'guidance.app', 'cv2', 'onnxruntime'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_orphan_labels_are_a_failed_row(archive, model, tmp_path):

@@ -92,13 +92,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guidance.evaluation.discovery import discover, estimate_frames
-    from guidance.evaluation.executors import Progress, run_all
-    from guidance.evaluation.labels import load_labels
-    from guidance.evaluation.report import render_report
-    from guidance.evaluation.runner import LoopTask, shared_model
-    from guidance.evaluation.summary import build_summary, check_fail_under, exit_code, parse_fail_under
-    from guidance.pipeline import load_model
+    from guidance.evaluation.discovery import discover
+    from guidance.evaluation.executors import WorkerPool
 
     t_start = time.perf_counter()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -108,16 +103,35 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--threads-per-worker must be >= 1, got {args.threads_per_worker}")
     if args.overlay_size < 16:
         raise BadInputError(f"--overlay-size must be >= 16 px, got {args.overlay_size}")
-    thresholds = parse_fail_under(args.fail_under)
-
     refs, orphans = discover(args.paths)
     if not refs and not orphans:
         raise BadInputError(
             f"no loops under {', '.join(args.paths)} (expected NAME.dcm, NAME.mp4/.avi/.mkv or NAME/000000.png ...)"
         )
+    settings = eval_settings.build(args)
+    # local workers start now, before this process imports the pipeline: they import it and
+    # load the model while the labels and the model are checked here (WorkerPool)
+    workers = min(args.workers, len(refs))
+    pool = WorkerPool(workers, args.threads_per_worker, settings) if workers > 1 and not args.dask else None
+    try:
+        return _evaluate(args, refs, orphans, settings, pool, t_start, started)
+    finally:
+        if pool is not None:
+            pool.shutdown()  # done already after the loops; here also when a check refused the run
+
+
+def _evaluate(args, refs, orphans, settings, pool, t_start: float, started: str) -> int:
+    from guidance.evaluation.discovery import estimate_frames
+    from guidance.evaluation.executors import Progress, run_all
+    from guidance.evaluation.labels import load_labels
+    from guidance.evaluation.report import render_report
+    from guidance.evaluation.runner import LoopTask, shared_model
+    from guidance.evaluation.summary import build_summary, check_fail_under, exit_code, parse_fail_under
+    from guidance.pipeline import load_model
+
+    thresholds = parse_fail_under(args.fail_under)
     # every labels file is validated before any loop runs: a broken ground truth stops here
     labels = {r.loop_id: load_labels(r.labels) if r.labels else None for r in refs}
-    settings = eval_settings.build(args)
     # a missing, corrupt or unlisted model is refused here, naming the file, before any loop
     # runs; serial runs reuse this loaded, warmed model, workers load their own
     if args.workers > 1 or args.dask:
@@ -151,7 +165,12 @@ def run(args: argparse.Namespace) -> int:
         progress.frames.refresh()
     try:
         results = run_all(
-            tasks, workers=args.workers, threads=args.threads_per_worker, dask_address=args.dask, progress=progress
+            tasks,
+            workers=args.workers,
+            threads=args.threads_per_worker,
+            dask_address=args.dask,
+            progress=progress,
+            pool=pool,
         )
     finally:
         progress.close()

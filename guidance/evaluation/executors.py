@@ -7,15 +7,23 @@ result dicts, so the summary does not depend on which ran them (timing fields as
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
 
 from guidance.errors import BadInputError
-from guidance.evaluation.runner import LoopTask, base_result, evaluate_loop
+
+if TYPE_CHECKING:
+    from guidance.evaluation.runner import LoopTask
+    from guidance.settings import Settings
+
+# The pipeline (OpenCV, onnxruntime) is imported where loops run, not here: `guidance evaluate`
+# starts its worker processes before it imports any of it (WorkerPool).
 
 DASK_CONNECT_TIMEOUT_S = 10.0
 
@@ -61,6 +69,8 @@ def limit_threads(threads: int) -> None:
 
 
 def run_serial(tasks: list[LoopTask], progress: Progress) -> Iterator[dict]:
+    from guidance.evaluation.runner import evaluate_loop
+
     for task in tasks:
         task.progress = progress
         result = evaluate_loop(task)
@@ -69,16 +79,55 @@ def run_serial(tasks: list[LoopTask], progress: Progress) -> Iterator[dict]:
         yield result
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, settings: Settings | None) -> None:
+    """In each new worker: its thread budget, then (given the run's settings) the model loaded
+    and warmed, before its first loop arrives. A model that fails here is left for the loop
+    to report."""
     limit_threads(threads)
+    if settings is None:
+        return
+    from guidance.evaluation.runner import shared_model
+
+    with contextlib.suppress(Exception):  # evaluate_loop reports it, with the loop it failed
+        shared_model(settings)
 
 
-def run_processes(tasks: list[LoopTask], workers: int, threads: int, progress: Progress) -> Iterator[dict]:
-    """Spawned processes (no fork: onnxruntime and OpenCV thread pools do not survive it).
+class WorkerPool:
+    """Spawned worker processes (no fork: onnxruntime and OpenCV thread pools do not survive
+    it), all started at once: `guidance evaluate` makes one as soon as it knows how many loops
+    there are, so the workers import the pipeline and load the model while it is still
+    checking every labels file and the model (about a third of a second a worker, otherwise
+    spent before the first loop starts)."""
+
+    def __init__(self, workers: int, threads: int, settings: Settings | None = None) -> None:
+        self.workers = workers
+        self.executor = cf.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(threads, settings),
+        )
+        # the executor spawns a worker per submitted call while none is idle: one each now
+        for _ in range(workers):
+            self.executor.submit(os.getpid)
+
+    def submit(self, fn: Callable, *args) -> cf.Future:
+        return self.executor.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def run_processes(
+    tasks: list[LoopTask], workers: int, threads: int, progress: Progress, pool: WorkerPool | None = None
+) -> Iterator[dict]:
+    """Loops on local worker processes: `pool` (already started) or a new WorkerPool.
 
     A worker that dies (crash, out of memory) breaks the whole pool, so the loops caught in
     it are retried in a fresh pool, then each alone; only the loop that kills its own
     process is reported failed."""
+    from guidance.evaluation.runner import evaluate_loop
+
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         q = manager.Queue()
@@ -92,11 +141,9 @@ def run_processes(tasks: list[LoopTask], workers: int, threads: int, progress: P
             for batch in batches:
                 for t in batch:
                     t.progress = q
-                n = 1 if isolate else min(workers, len(batch))
-                with cf.ProcessPoolExecutor(
-                    max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
-                ) as pool:
-                    futures = {pool.submit(evaluate_loop, t): t for t in batch}
+                current, pool = pool or WorkerPool(1 if isolate else min(workers, len(batch)), threads), None
+                try:
+                    futures = {current.submit(evaluate_loop, t): t for t in batch}
                     pending = set(futures)
                     while pending:
                         done, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_COMPLETED)
@@ -110,6 +157,8 @@ def run_processes(tasks: list[LoopTask], workers: int, threads: int, progress: P
                             _drain(q, progress)
                             progress.loop_done(result)
                             yield result
+                finally:
+                    current.shutdown()
                 for t in batch:
                     t.progress = None
 
@@ -125,6 +174,8 @@ def _drain(q, progress: Progress) -> None:
 
 
 def _result_or_failure(fut, task: LoopTask) -> dict:
+    from guidance.evaluation.runner import base_result
+
     try:
         return fut.result()
     except Exception as exc:  # the worker process died (crash, out of memory) on this loop
@@ -147,6 +198,8 @@ def run_dask(tasks: list[LoopTask], address: str, progress: Progress) -> Iterato
         raise BadInputError(
             f"--dask {address}: cannot connect to the scheduler ({type(exc).__name__}: {exc})"
         ) from None
+    from guidance.evaluation.runner import evaluate_loop
+
     try:
         futures = {}
         for t in tasks:
@@ -169,11 +222,13 @@ def run_all(
     dask_address: str | None,
     progress: Progress,
     on_result: Callable[[dict], None] | None = None,
+    pool: WorkerPool | None = None,
 ) -> list[dict]:
+    """Every task's result, by Dask, local processes (`pool` where already started) or here."""
     if dask_address:
         it: Iterable[dict] = run_dask(tasks, dask_address, progress)
     elif workers > 1:
-        it = run_processes(tasks, workers, threads, progress)
+        it = run_processes(tasks, workers, threads, progress, pool)
     else:
         limit_threads(threads)
         it = run_serial(tasks, progress)
