@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -277,6 +278,30 @@ def test_bad_arguments_and_missing_inputs(archive, model, tmp_path, capsys, monk
     none = tmp_path / "none.onnx"
     assert "none.onnx" in main_error(archive / "sim", "--out", tmp_path / "o", "--model", none, "--workers", "2")
     assert multiprocessing.active_children() == []
+
+
+def test_workers_auto_is_one_per_usable_cpu(archive, model, tmp_path):
+    """--workers auto: the CPUs the process may use (its affinity, as taskset sets it) over
+    --threads-per-worker; `--workers x` is refused by argparse."""
+    cpus = sorted(os.sched_getaffinity(0))
+    cases = [(cpus[:1], 1, "serial"), (cpus[:2], 2, "serial")]
+    if len(cpus) >= 2:
+        cases.append((cpus[:2], 1, "processes x2"))
+    for allowed, threads, executor in cases:
+        out = tmp_path / f"out{len(allowed)}{threads}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "guidance", "evaluate", archive / "sim", "--out", out, "--model", model]
+            + ["--no-video", "-q", "--workers", "auto", "--threads-per-worker", str(threads)],
+            cwd=ROOT,
+            preexec_fn=lambda allowed=allowed: os.sched_setaffinity(0, allowed),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert read_summary(out)["run"]["executor"] == executor, (allowed, threads)
+    bad = evaluate(archive / "sim", "--out", tmp_path / "bad", "--workers", "x")
+    assert bad.returncode == 2 and "'x': expected a number of workers or 'auto'" in bad.stderr
 
 
 def loaded_models() -> int:

@@ -55,10 +55,11 @@ def add_parser(subparsers) -> None:
     scale = p.add_mutually_exclusive_group()
     scale.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=1,
         metavar="N",
-        help="local worker processes, one loop each at a time (default 1)",
+        help="local worker processes, one loop each at a time (default 1; auto: one per usable "
+        "CPU, divided by --threads-per-worker)",
     )
     scale.add_argument(
         "--dask",
@@ -91,12 +92,31 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of workers or 'auto'") from None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as taskset or a container sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def run(args: argparse.Namespace) -> int:
     from guidance.evaluation.discovery import discover
     from guidance.evaluation.executors import WorkerPool
 
     t_start = time.perf_counter()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    if args.workers == "auto":
+        args.workers = max(1, usable_cpus() // max(1, args.threads_per_worker))
     if args.workers < 1:
         raise BadInputError(f"--workers must be >= 1, got {args.workers}")
     if args.threads_per_worker < 1:
