@@ -141,7 +141,10 @@ def run_processes(
             for batch in batches:
                 for t in batch:
                     t.progress = q
-                current, pool = pool or WorkerPool(1 if isolate else min(workers, len(batch)), threads), None
+                if pool is not None:  # started early by the caller: it serves the first batch
+                    current, pool = pool, None
+                else:
+                    current = WorkerPool(1 if isolate else min(workers, len(batch)), threads)
                 try:
                     futures = {current.submit(evaluate_loop, t): t for t in batch}
                     pending = set(futures)
