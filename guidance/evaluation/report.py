@@ -341,6 +341,10 @@ def render_report(summary: dict, details: dict[str, dict], latencies: Sequence[f
         f"<span><i class=sw style='background:{KIND_COLOUR['venous']}'></i>venous</span>"
         "<span>dashed: labelled onset, shaded: detection window</span>"
         "<span>▼ raise (hollow: false alert), ● technical alert</span></p>"
+        "<p class=legend>Thumbnails and overlay videos: vertebral body green, cement yellow, "
+        "needle cyan; the posterior wall line the tracker fitted light grey; cement it calls a "
+        "posterior leak red, a venous leak blue, each boxed; a red or blue bar while the alert "
+        "flag is set.</p>"
     )
     for row in summary["loops"]:
         parts.append(_loop_section(row, details.get(row["loop_id"], {"slug": row["loop_id"]})))
