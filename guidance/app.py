@@ -138,9 +138,12 @@ def run(args: argparse.Namespace) -> int:
         publisher.start_heartbeat()  # "starting" while the model warms up
         info = source.info
         _say(f"guidance: {DISCLAIMER}")
+        # a recording paced at its own frame times says so (its fps is then their mean rate)
+        timing = info.extra.get("timing", "fps") if c.pace else "fps"
+        paced = f", paced at its {timing}" if timing not in ("fps", "") else ""
         _say(
             f"source {info.name} ({info.kind}, {info.width}x{info.height}, "
-            f"{info.fps or '?'} fps, spacing {info.pixel_spacing_mm or '?'} mm)"
+            f"{info.fps or '?'} fps{paced}, spacing {info.pixel_spacing_mm or '?'} mm)"
         )
         warm_ms = model.warm_up(settings.segmentation.warmup_runs)
         _say(f"model {model.describe()}, warm ({warm_ms:.1f} ms/run)")

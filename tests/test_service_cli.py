@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import scene_frames, validate_message, write_video
+from conftest import retime_mp4, scene_frames, validate_message, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,3 +159,22 @@ def test_bad_flag_values_exit_2(tmp_path, stand_in):
     proc = guidance("--config", str(toml), *model_args(stand_in))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "heartbeat_ms" in err and "Traceback" not in err
+
+
+def test_run_says_when_a_recording_is_paced_at_its_own_frame_times(tmp_path, stand_in):
+    """A video with variable frame timing replays at its timestamps, and the start line says
+    so; the same file with --fps replays evenly and says nothing of it."""
+    loop = retime_mp4(write_video(tmp_path / "pulsed.mp4", scene_frames(6), fps=15.0), [512, 1536] * 3)
+    for extra, paced in (([], True), (["--fps", "15"], False)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "guidance", "run", "--source", str(loop), *model_args(stand_in)]
+            + ["--address", "tcp://127.0.0.1:*", *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        source_line = next(line for line in proc.stdout.splitlines() if line.startswith("source "))
+        assert ("paced at its video timestamps" in source_line) == paced, source_line
+        assert "6 frames processed" in proc.stdout
