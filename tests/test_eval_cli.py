@@ -371,9 +371,12 @@ class Bomb:
         self.__dict__.update(state)
 
 
-def test_a_worker_that_dies_fails_only_its_loop(archive, model):
+@pytest.mark.parametrize("early", [False, True], ids=["own-pool", "early-pool"])
+def test_a_worker_that_dies_fails_only_its_loop(archive, model, early):
+    """Also when the first batch runs on a pool started before the loops were known (as
+    `guidance evaluate` does): the crash breaks it, the others are retried in fresh ones."""
     from guidance.evaluation.discovery import discover
-    from guidance.evaluation.executors import Progress, run_processes
+    from guidance.evaluation.executors import Progress, WorkerPool, run_processes
     from guidance.evaluation.runner import LoopTask
 
     refs, _ = discover([archive / "sim"])
@@ -383,7 +386,9 @@ def test_a_worker_that_dies_fails_only_its_loop(archive, model):
         LoopTask(ref=r, labels=load_labels(r.labels), settings=settings, out_dir="/nowhere", video=False) for r in good
     ]
     tasks.insert(1, LoopTask(ref=refs[-1], labels=None, settings=Bomb(), out_dir="/nowhere", video=False, slug="bomb"))
-    results = list(run_processes(tasks, workers=2, threads=1, progress=Progress(3, None, True)))
+    pool = WorkerPool(2, 1, settings) if early else None
+    results = list(run_processes(tasks, workers=2, threads=1, progress=Progress(3, None, True), pool=pool))
+    assert multiprocessing.active_children() == []  # every pool shut down, the early one too
     by_id = {r["loop_id"]: r for r in results}
     assert len(results) == 3
     assert by_id[refs[-1].loop_id]["status"] == "failed"
