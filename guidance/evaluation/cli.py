@@ -24,8 +24,9 @@ from guidance.evaluation import settings as eval_settings
 if TYPE_CHECKING:
     from guidance.evaluation.runner import LoopTask
 
-# The dispatcher imports every subcommand module to build its parser: what evaluation needs
-# (OpenCV, onnxruntime, the pipeline) is imported in run(), so `guidance bridge` never pays.
+# What evaluation needs (OpenCV, onnxruntime, the pipeline) is imported in run(), after the
+# worker processes are started, and `guidance --help` (which builds every subcommand's
+# parser) never pays for it.
 METRICS_HELP = (
     "sensitivity, sensitivity_lower95 (its 95 % interval's low end), dice (lowest class), "
     "dice_vertebral_body|cement|needle (lower bounds); false_alerts_per_min, "
