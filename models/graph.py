@@ -45,10 +45,12 @@ class GraphRewriteError(ValueError):
     """The graph has a shape this rewrite does not know how to keep equivalent."""
 
 
+VERSION = re.compile(r"\d+\.\d+\.\d+")  # a model's version: MAJOR.MINOR.PATCH in digits
+
+
 def version_type(text: str) -> str:
-    """argparse type of a model's --version: MAJOR.MINOR.PATCH in digits (also the ONNX
-    model_version, `onnx_model_version`)."""
-    if not re.fullmatch(r"\d+\.\d+\.\d+", text):
+    """argparse type of a model's --version (VERSION; also its ONNX model_version)."""
+    if not VERSION.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r}: expected MAJOR.MINOR.PATCH in digits")
     return text
 
@@ -56,7 +58,9 @@ def version_type(text: str) -> str:
 def onnx_model_version(version: str) -> int:
     """The ONNX file's integer model_version for a MAJOR.MINOR.PATCH version: its digits
     ("0.5.0" -> 50), as the shipped files carry it."""
-    return int(version_type(version).replace(".", ""))
+    if not VERSION.fullmatch(version):
+        raise ValueError(f"model version {version!r}: expected MAJOR.MINOR.PATCH in digits")
+    return int(version.replace(".", ""))
 
 
 def _round_up(c: int, block: int) -> int:
