@@ -50,11 +50,19 @@ def export(net: torch.nn.Module, path: Path, size: int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize(
-    ("width", "deep_widths"), [(16, None), (8, None), (12, None), (16, (48, 96, 144)), (8, (32, 48, 64))]
+    ("width", "deep_widths", "upsample"),
+    [
+        (16, None, "bilinear"),
+        (8, None, "bilinear"),
+        (12, None, "bilinear"),
+        (16, (48, 96, 144), "bilinear"),
+        (8, (32, 48, 64), "bilinear"),
+        (16, (64, 128, 192), "nearest"),
+    ],
 )
-def test_rewrite_keeps_the_function_and_leaves_whole_blocks(tmp_path, width, deep_widths):
+def test_rewrite_keeps_the_function_and_leaves_whole_blocks(tmp_path, width, deep_widths, upsample):
     torch.manual_seed(width)
-    net = LeakUNet(width=width, channels=2, deep_widths=deep_widths)
+    net = LeakUNet(width=width, channels=2, deep_widths=deep_widths, upsample=upsample)
     with torch.no_grad():  # batch-norm statistics away from the identity, as after training
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):

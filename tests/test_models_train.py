@@ -25,7 +25,21 @@ REQUIRED_META = {"name", "version", "input", "resize", "normalization", "classes
 
 @pytest.mark.parametrize(
     "options",
-    [[], ["--targets", "soft", "--ema", "0.5", "--deep-widths", "32,48,64", "--version", "1.2.3"]],
+    [
+        [],
+        [
+            "--targets",
+            "soft",
+            "--ema",
+            "0.5",
+            "--deep-widths",
+            "32,48,64",
+            "--version",
+            "1.2.3",
+            "--upsample",
+            "nearest",
+        ],
+    ],
     ids=["shipped", "soft-ema-deep"],
 )
 def test_tiny_training_run_exports_a_working_onnx(tmp_path, options):
@@ -81,6 +95,9 @@ def test_tiny_training_run_exports_a_working_onnx(tmp_path, options):
     # what the run trained on and exported is in the file
     if options:
         assert meta["training"]["labels"] == "area_shares" and meta["training"]["ema"] == 0.5
+        assert meta["training"]["upsample"] == "nearest"
+        resizes = [n for n in onnx.load(str(out)).graph.node if n.op_type == "Resize"]
+        assert len(resizes) == 4 and all(b"nearest" in [a.s for a in n.attribute] for n in resizes)
         assert "val_dice_ema" in log[-1] and set(meta["training"]["val_dice_last_weights"]) == set(CLASS_NAMES[1:])
         assert meta["training"]["deep_widths"] == [32, 48, 64]
     else:
