@@ -65,7 +65,11 @@ class ConvBNReLU(nn.Sequential):
 
 # how the decoder brings coarse features up to the next scale: bilinear (0.5.0), or nearest,
 # which onnxruntime runs in a fraction of the time (the shipped graph with its four Resize
-# nodes made nearest: 7.9 -> 7.0 ms a frame on one thread, weights unchanged, session 14)
+# nodes made nearest: 7.9 -> 7.0 ms a frame on one thread, weights unchanged). Session 14
+# fine-tuned 0.5.0 with nearest (2,500 steps from run20's weights, same data, -2.0 cement
+# logit): the same validation and held-out Dice, but in the six service sets of models/CARD.md
+# posterior 107 of 120 raised with 13 false alerts and venous 111 of 114 with 10, against
+# 0.5.0's 110 / 8 and 112 / 3: blockier edges make more specks outside the body. Not shipped.
 UPSAMPLING = ("bilinear", "nearest")
 
 
