@@ -100,7 +100,6 @@ class WorkerPool:
     spent before the first loop starts)."""
 
     def __init__(self, workers: int, threads: int, settings: Settings | None = None) -> None:
-        self.workers = workers
         self.executor = cf.ProcessPoolExecutor(
             max_workers=workers,
             mp_context=mp.get_context("spawn"),
